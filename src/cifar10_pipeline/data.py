@@ -1,0 +1,200 @@
+"""Data access shared by the stages: checksums, all-or-nothing outputs, raw Parquet, processed arrays."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from cifar10_pipeline import IMAGE_SHAPE, NUM_CLASSES
+
+SPLITS = ("train", "test")
+PROCESSED_SPLITS = ("train", "val", "test")
+CHECKSUM_FILE = "SHA256SUMS"
+
+
+class DataError(RuntimeError):
+    """The data on disk is missing, corrupt or not what the pipeline expects."""
+
+
+def file_digest(path: Path, algorithm: str = "sha256", chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checksums(path: Path) -> dict[str, str]:
+    """Parse a ``sha256sum``-style file into {file name: hex digest}."""
+    if not path.is_file():
+        raise DataError(f"checksum file {path} is missing")
+    sums: dict[str, str] = {}
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise DataError(f"{path}:{line_number}: expected '<sha256>  <file name>', got {line!r}")
+        sums[parts[1].lstrip("*")] = parts[0].lower()
+    return sums
+
+
+def write_checksums(directory: Path, names: list[str]) -> None:
+    lines = [f"{file_digest(directory / name)}  {name}" for name in sorted(names)]
+    (directory / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
+
+
+def verify_checksums(directory: Path) -> dict[str, str]:
+    """Check every file listed in ``directory/SHA256SUMS``; raise on the first mismatch."""
+    expected = read_checksums(directory / CHECKSUM_FILE)
+    for name, digest in expected.items():
+        path = directory / name
+        if not path.is_file():
+            raise DataError(f"{path} is listed in {CHECKSUM_FILE} but missing")
+        actual = file_digest(path)
+        if actual != digest:
+            raise DataError(
+                f"checksum mismatch for {path}: expected sha256 {digest}, got {actual}. "
+                "The file is corrupt or was changed; fetch it again."
+            )
+    return expected
+
+
+@contextlib.contextmanager
+def atomic_output(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; move it into place only if the block succeeds.
+
+    A crash or an exception leaves ``target`` as it was before (no half-written outputs for DVC to cache).
+    Works for files and directories alike.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staged = scratch / target.name
+    try:
+        yield staged
+        if not staged.exists():
+            raise RuntimeError(f"nothing was written to the staged output for {target}")
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        staged.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def remove_outputs(*paths: Path) -> None:
+    """Delete stale outputs so a failed stage leaves nothing DVC could mistake for a result."""
+    for path in paths:
+        path = Path(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def split_files(raw_dir: Path, split: str) -> list[Path]:
+    files = sorted(Path(raw_dir).glob(f"{split}-*.parquet"))
+    if not files:
+        raise DataError(
+            f"no Parquet files for split {split!r} in {raw_dir} (expected {split}-*.parquet); "
+            "run the download stage first: dvc repro download"
+        )
+    return files
+
+
+def read_raw_split(raw_dir: Path, split: str) -> pa.Table:
+    """Read one split's Parquet shards, in order, as a table with ``image_bytes`` and ``label`` columns."""
+    tables = []
+    for path in split_files(raw_dir, split):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{path} is not a readable Parquet file: {exc}") from None
+        missing = {"img", "label"} - set(table.column_names)
+        if missing:
+            raise DataError(f"{path} lacks column(s) {sorted(missing)}; expected the uoft-cs/cifar10 schema")
+        image_column = table.column("img")
+        if not pa.types.is_struct(image_column.type):
+            raise DataError(f"{path}: column 'img' must be a struct with a 'bytes' field")
+        images = pa.chunked_array([chunk.field("bytes") for chunk in image_column.chunks])
+        tables.append(pa.table({"image_bytes": images, "label": table.column("label")}))
+    return pa.concat_tables(tables)
+
+
+def decode_png(data: bytes | None, where: str) -> np.ndarray:
+    """Decode one stored image to an (H, W, C) uint8 array, keeping its true channel count."""
+    if data is None:
+        raise DataError(f"{where}: image bytes are null")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return np.asarray(image)
+    except Exception as exc:  # Pillow raises many types for corrupt input
+        raise DataError(f"{where}: image does not decode ({type(exc).__name__}: {exc})") from None
+
+
+def decode_split(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a raw split to (N, 32, 32, 3) uint8 images and int64 labels, failing loudly on any bad row."""
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    if table.column("label").null_count:
+        raise DataError(f"{name}: {table.column('label').null_count} null label(s)")
+    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    if bad.size:
+        raise DataError(f"{name}: label {labels[bad[0]]} at row {bad[0]} is outside 0..{NUM_CLASSES - 1}")
+    images = np.empty((len(labels), *IMAGE_SHAPE), dtype=np.uint8)
+    for row, data in enumerate(table.column("image_bytes").to_pylist()):
+        array = decode_png(data, f"{name} row {row}")
+        if array.shape != IMAGE_SHAPE:
+            raise DataError(f"{name} row {row}: image has shape {array.shape}, expected {IMAGE_SHAPE}")
+        images[row] = array
+    return images, labels.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ArraySplit:
+    """Decoded images (N, 32, 32, 3) uint8, labels (N,) int64 and each image's row in its raw split."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source_rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> ArraySplit:
+        return ArraySplit(self.images[:n], self.labels[:n], self.source_rows[:n])
+
+
+def save_split(path: Path, split: ArraySplit) -> None:
+    with open(path, "wb") as handle:  # np.savez would append .npz to a bare path
+        np.savez(handle, images=split.images, labels=split.labels, source_rows=split.source_rows)
+
+
+def load_split(path: Path) -> ArraySplit:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the preprocess stage first: dvc repro preprocess")
+    with np.load(path) as arrays:
+        split = ArraySplit(arrays["images"], arrays["labels"], arrays["source_rows"])
+    if split.images.dtype != np.uint8 or split.images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(
+            f"{path}: images must be uint8 (N, 32, 32, 3), got {split.images.dtype} {split.images.shape}"
+        )
+    return split
+
+
+def load_processed(directory: Path) -> dict[str, ArraySplit]:
+    return {name: load_split(Path(directory) / f"{name}.npz") for name in PROCESSED_SPLITS}

@@ -1,0 +1,131 @@
+"""The one path from uint8 pixels to logits, shared by training-time validation, evaluation, the CLI and the
+web service, so what is served is exactly what was measured (no train/serve skew).
+
+Every model saved by this project carries in its config the normalisation (``image_mean``/``image_std``), the
+input size (``image_size``) and the test-time augmentation level (``tta_level``) it expects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from cifar10_pipeline import IMAGE_SHAPE
+
+# Pillow refuses images above this many pixels (a decompression bomb guard); 32x32 inputs need nothing close.
+MAX_IMAGE_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+class ImageInputError(ValueError):
+    """An input is not an image Pillow can decode, or is too large to decode safely."""
+
+
+def image_to_array(source: str | Path | bytes) -> np.ndarray:
+    """Decode any image Pillow reads and bring it to the network's 32x32 RGB uint8 form.
+
+    Images already 32x32 pass through untouched (the training data); any other size is resized with
+    Pillow's antialiased bicubic filter, the same way for every caller.
+    """
+    where = "image bytes" if isinstance(source, bytes) else str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError(f"{where}: image is too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageInputError(f"{where}: not a readable image ({type(exc).__name__}: {exc})") from None
+    if rgb.size != IMAGE_SHAPE[1::-1]:
+        rgb = rgb.resize(IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) standardised, in channels_last memory layout."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    x = images.permute(0, 3, 1, 2).float()
+    return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+def fit_input_size(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Resize on the device to the checkpoint's input size (e.g. 224 for ViT); a no-op at 32."""
+    if x.shape[-1] == image_size and x.shape[-2] == image_size:
+        return x
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+
+def _logits(model: PreTrainedModel, x: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=fit_input_size(x, model.config.image_size)).logits.float()
+
+
+def tta_logits(model: PreTrainedModel, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Average logits over views: 0 = the image, 1 = + its mirror, 2 = + both shifted by one pixel."""
+    logits = _logits(model, x)
+    if level == 0:
+        return logits
+    logits = 0.5 * (logits + _logits(model, x.flip(-1)))
+    if level == 1:
+        return logits
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    h, w = x.shape[-2:]
+    shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+    shifted_logits = torch.stack(
+        [0.5 * (_logits(model, s) + _logits(model, s.flip(-1))) for s in shifted]
+    ).mean(0)
+    return 0.5 * logits + 0.5 * shifted_logits
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+@torch.no_grad()
+def predict_logits(
+    model: PreTrainedModel,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 500,
+    tta_level: int | None = None,
+    precision: str = "bf16",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Logits (N, num_labels) on the CPU for uint8 (N, 32, 32, 3) images, with the model's own TTA level."""
+    device = next(model.parameters()).device
+    level = model.config.tta_level if tta_level is None else tta_level
+    images = torch.as_tensor(images)
+    if images.ndim != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE or images.dtype != torch.uint8:
+        raise ImageInputError(
+            f"expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} {tuple(images.shape)}"
+        )
+    was_training = model.training
+    model.eval()
+    out = []
+    for part in tqdm(
+        list(batches(len(images), batch_size)), desc="predict", disable=not progress, leave=False
+    ):
+        x = normalize(
+            images[part].to(device, non_blocking=True), model.config.image_mean, model.config.image_std
+        )
+        with autocast(device, precision):
+            out.append(tta_logits(model, x, level).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, model.config.num_labels)

@@ -1,0 +1,233 @@
+"""The built-in CIFAR-10 network, as a transformers model, and the one way every stage loads a model.
+
+The network follows the published descriptions of the fastest CIFAR-10 training runs (Page's "How to train
+your ResNet", hlb-CIFAR10, Jordan 2024 "94% on CIFAR-10 in 3.29 seconds"): a frozen first layer that whitens
+2x2 patches (initialised from the training data), three conv groups of conv-pool-BN-GELU-conv-BN-GELU with
+no residuals, a global max-pool and a linear head whose logits are scaled down. Written from those
+descriptions for this project.
+
+Because it is a ``PreTrainedModel`` registered with the Auto classes, evaluation, serving and the model card
+load it exactly like a Hub checkpoint: ``AutoModelForImageClassification.from_pretrained(path)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from cifar10_pipeline import CLASS_NAMES
+
+# Per-channel statistics of the CIFAR-10 training split (pixel/255), from the data card.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+BUILTIN_MODEL = "cifar_convnet"
+
+
+@strict
+class CifarConvNetConfig(PreTrainedConfig):
+    model_type = "cifar_convnet"
+
+    num_channels: int = 3
+    image_size: int = 32
+    widths: list[int] | tuple[int, ...] = (64, 256, 256)
+    whiten_kernel_size: int = 2
+    batchnorm_momentum: float = 0.6  # weight of the old running statistics (0.6 = fast-moving)
+    logit_scale: float = 1 / 9  # small logits early on act like a temperature and speed up training
+    image_mean: list[float] | tuple[float, ...] = CIFAR10_MEAN
+    image_std: list[float] | tuple[float, ...] = CIFAR10_STD
+    tta_level: int = 0  # test-time augmentation every consumer applies (see inference.py)
+
+    def __post_init__(self, **kwargs):
+        self.widths = list(self.widths)
+        self.image_mean = list(self.image_mean)
+        self.image_std = list(self.image_std)
+        super().__post_init__(**kwargs)
+
+
+class ConvGroup(nn.Module):
+    """conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU: halves the resolution, no residual."""
+
+    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding="same", bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = FrozenScaleBatchNorm(out_channels, bn_momentum)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding="same", bias=False)
+        self.norm2 = FrozenScaleBatchNorm(out_channels, bn_momentum)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class FrozenScaleBatchNorm(nn.BatchNorm2d):
+    """Batch norm with a learned shift only: the scale stays 1 (the next conv can absorb any scale)."""
+
+    def __init__(self, num_features: int, momentum: float):
+        # torch's momentum is the weight of the *new* batch statistics.
+        super().__init__(num_features, eps=1e-12, momentum=1 - momentum)
+        self.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 whatever the autocast dtype: bf16 running variances drift.
+        return super().forward(x.float()).to(x.dtype)
+
+
+class CifarConvNetPreTrainedModel(PreTrainedModel):
+    config_class = CifarConvNetConfig
+    base_model_prefix = "cifar_convnet"
+    main_input_name = "pixel_values"
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=5**0.5)  # torch's default for conv
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            if module.kernel_size == (3, 3):
+                # Identity on the first in_channels filters: the group starts close to a pass-through,
+                # which trains faster without residual connections.
+                in_channels = module.weight.shape[1]
+                init.dirac_(module.weight[:in_channels])
+        elif isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+
+
+class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
+    def __init__(self, config: CifarConvNetConfig):
+        super().__init__(config)
+        w1, w2, w3 = config.widths
+        k = config.whiten_kernel_size
+        whiten_width = 2 * config.num_channels * k * k  # each eigen-filter and its negation
+        self.whiten = nn.Conv2d(config.num_channels, whiten_width, k, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        self.act = nn.GELU()
+        self.group1 = ConvGroup(whiten_width, w1, config.batchnorm_momentum)
+        self.group2 = ConvGroup(w1, w2, config.batchnorm_momentum)
+        self.group3 = ConvGroup(w2, w3, config.batchnorm_momentum)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.classifier = nn.Linear(w3, config.num_labels, bias=False)
+        self.post_init()
+
+    @torch.no_grad()
+    def init_whitening(self, pixel_values: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the first layer to ZCA-like whitening of the training images' k x k patches.
+
+        Eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negations (so the GELU
+        after it passes both signs). The layer's weights stay frozen afterwards.
+        """
+        k = self.config.whiten_kernel_size
+        # F.unfold orders each patch as (channel, row, col): the layout of a conv weight's (C, k, k).
+        patches = F.unfold(pixel_values.float(), k).transpose(1, 2).flatten(0, 1)
+        patches = patches - patches.mean(dim=0)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        filters = eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]
+        filters = filters.reshape(-1, pixel_values.shape[1], k, k)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight.dtype))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        x = self.act(self.whiten(pixel_values))
+        x = self.group3(self.group2(self.group1(x)))
+        features = self.pool(x).flatten(1)
+        logits = self.classifier(features) * self.config.logit_scale
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def register_auto_classes() -> None:
+    """Let AutoConfig / AutoModelForImageClassification resolve ``model_type: cifar_convnet``."""
+    try:
+        AutoConfig.register(CifarConvNetConfig.model_type, CifarConvNetConfig)
+        AutoModelForImageClassification.register(CifarConvNetConfig, CifarConvNetForImageClassification)
+    except ValueError:
+        pass  # already registered in this process
+
+
+def label_maps() -> tuple[dict[int, str], dict[str, int]]:
+    id2label = dict(enumerate(CLASS_NAMES))
+    return id2label, {name: index for index, name in id2label.items()}
+
+
+def build_cifar_convnet(widths: list[int], tta_level: int) -> CifarConvNetForImageClassification:
+    id2label, label2id = label_maps()
+    config = CifarConvNetConfig(widths=widths, tta_level=tta_level, id2label=id2label, label2id=label2id)
+    return CifarConvNetForImageClassification(config)
+
+
+def _checkpoint_normalisation(name_or_path: str) -> tuple[list[float], list[float]]:
+    """The checkpoint's own image normalisation, read from its preprocessor_config.json when present."""
+    from huggingface_hub import hf_hub_download
+
+    local = Path(name_or_path) / "preprocessor_config.json"
+    try:
+        path = local if local.is_file() else Path(hf_hub_download(name_or_path, "preprocessor_config.json"))
+        processor = json.loads(path.read_text())
+        return list(processor["image_mean"]), list(processor["image_std"])
+    except Exception:
+        # ViT-style checkpoints without a processor file were trained on [-1, 1] inputs.
+        return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+
+
+def build_finetune_model(name_or_path: str, image_size: int, tta_level: int) -> PreTrainedModel:
+    """Load any image-classification checkpoint with a fresh 10-class head (``id2label`` set).
+
+    ``image_size`` must match what the checkpoint was trained at (position embeddings of a ViT are sized
+    for it); images are resized to it on the device.
+    """
+    id2label, label2id = label_maps()
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            name_or_path,
+            num_labels=len(id2label),
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=True,  # the checkpoint's own head has another number of classes
+        )
+    except OSError as exc:
+        raise OSError(
+            f"could not load the checkpoint {name_or_path!r}: {exc}\n"
+            "Give a Hugging Face Hub id (needs network access or a filled HF cache) or a local directory "
+            "written by save_pretrained, or set train.model: cifar_convnet to train the built-in network."
+        ) from None
+    mean, std = _checkpoint_normalisation(name_or_path)
+    model.config.image_mean = mean
+    model.config.image_std = std
+    model.config.image_size = image_size
+    model.config.tta_level = tta_level
+    return model
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Load a trained model for inference, whichever architecture it is."""
+    register_auto_classes()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path} (config.json missing); train one first: dvc repro train")
+    model = AutoModelForImageClassification.from_pretrained(path)
+    return model.to(device).eval()

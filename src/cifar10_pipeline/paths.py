@@ -1,0 +1,31 @@
+"""Where each stage reads and writes, relative to the project root (DVC runs every stage from there).
+
+dvc.yaml declares the same paths; keeping them in one module means a stage cannot quietly write somewhere
+that DVC does not track.
+"""
+
+from pathlib import Path
+
+PARAMS_FILE = Path("params.yaml")
+
+RAW_DIR = Path("data/raw")
+PROCESSED_DIR = Path("data/processed")
+MODEL_DIR = Path("models/cifar10")
+
+METRICS_DIR = Path("metrics")
+REPORTS_DIR = Path("reports")
+
+DATA_SOURCE = METRICS_DIR / "data_source.json"
+VALIDATION_METRICS = METRICS_DIR / "validation.json"
+DATA_DOCS_DIR = REPORTS_DIR / "data_docs"
+TRAIN_METRICS = METRICS_DIR / "train.json"
+TRAIN_HISTORY = METRICS_DIR / "train_history.csv"
+TRAIN_CURVES = REPORTS_DIR / "training_curves.png"
+EVAL_METRICS = METRICS_DIR / "eval.json"
+CONFUSION_PAIRS = METRICS_DIR / "confusion.csv"
+PER_CLASS_METRICS = METRICS_DIR / "per_class.csv"
+EVAL_FIGURES_DIR = REPORTS_DIR / "figures"
+STAGE_EMISSIONS_DIR = METRICS_DIR / "emissions"
+EMISSIONS_METRICS = METRICS_DIR / "emissions.json"
+EMISSIONS_REPORT = REPORTS_DIR / "emissions.md"
+MODEL_CARD = REPORTS_DIR / "model_card.md"

@@ -1,0 +1,96 @@
+"""Stage 6, emissions: add up what codecarbon measured in the compute stages (train, evaluate).
+
+Writes ``metrics/emissions.json`` (per stage and total: kg CO2eq, kWh, seconds; the hardware codecarbon
+detected and the grid country used) and the human-readable ``reports/emissions.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cifar10_pipeline.data import DataError, atomic_output
+from cifar10_pipeline.emissions import STAGE_FIELDS
+from cifar10_pipeline.params import load_params
+from cifar10_pipeline.paths import EMISSIONS_METRICS, EMISSIONS_REPORT, STAGE_EMISSIONS_DIR
+
+COMPUTE_STAGES = ("train", "evaluate")
+
+
+def aggregate(stage_dir: Path = STAGE_EMISSIONS_DIR) -> dict:
+    stages = {}
+    for stage in COMPUTE_STAGES:
+        path = Path(stage_dir) / f"{stage}.json"
+        if not path.is_file():
+            raise DataError(f"{path} is missing: run the {stage} stage first (dvc repro {stage})")
+        stages[stage] = json.loads(path.read_text())
+    total = {field: sum(record[field] or 0.0 for record in stages.values()) for field in STAGE_FIELDS}
+    first = stages[COMPUTE_STAGES[0]]
+    return {
+        **{field: total[field] for field in ("emissions_kg", "energy_kwh", "duration_s")},
+        "stages": {
+            name: {field: record[field] for field in STAGE_FIELDS} for name, record in stages.items()
+        },
+        "total": total,
+        "hardware": {
+            "cpu_model": first["cpu_model"],
+            "cpu_count": first["cpu_count"],
+            "gpu_model": first["gpu_model"],
+            "gpu_count": first["gpu_count"],
+        },
+        "country_iso_code": first["country_iso_code"],
+        "country_name": first["country_name"],
+        "tracking_mode": first["tracking_mode"],
+        "codecarbon_version": first["codecarbon_version"],
+    }
+
+
+def render_report(summary: dict) -> str:
+    hw = summary["hardware"]
+    gpu = f"{hw['gpu_count']} x {hw['gpu_model']}" if hw["gpu_model"] else "none"
+    rows = "\n".join(
+        f"| {name} | {s['duration_s']:.1f} | {s['energy_kwh'] * 1000:.3f} | {s['emissions_kg'] * 1000:.3f} |"
+        for name, s in summary["stages"].items()
+    )
+    t = summary["total"]
+    return f"""# Emissions of the last `dvc repro`
+
+Measured with codecarbon {summary["codecarbon_version"]} (`OfflineEmissionsTracker`, {summary["tracking_mode"]}
+mode) around each compute stage. Carbon intensity: the average grid of {summary["country_name"]}
+({summary["country_iso_code"]}, set by `emissions.country_iso_code` in params.yaml).
+
+Hardware detected: CPU {hw["cpu_model"]} ({hw["cpu_count"]} cores), GPU {gpu}.
+
+| stage | duration (s) | energy (Wh) | emissions (g CO2eq) |
+|---|---:|---:|---:|
+{rows}
+| **total** | **{t["duration_s"]:.1f}** | **{t["energy_kwh"] * 1000:.3f}** | **{t["emissions_kg"] * 1000:.3f}** |
+
+How to read it: without hardware power counters (RAPL, NVML) codecarbon estimates CPU power from the
+processor's thermal design power and a load model, and RAM power from its size, so these are estimates of
+the right order of magnitude, not meter readings.
+"""
+
+
+def main() -> None:
+    from cifar10_pipeline import tracking
+
+    params = load_params()
+    summary = aggregate()
+    with atomic_output(EMISSIONS_METRICS) as staged:
+        staged.write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_output(EMISSIONS_REPORT) as staged:
+        staged.write_text(render_report(summary))
+    with tracking.stage_run("emissions", params) as run:
+        run.log_metrics(
+            {f"emissions_{k}": v for k, v in summary["total"].items() if k in STAGE_FIELDS[:3]}, to_parent=True
+        )
+        run.log_artifact(EMISSIONS_REPORT)
+    print(
+        f"emissions: {summary['emissions_kg'] * 1000:.2f} g CO2eq, {summary['energy_kwh'] * 1000:.2f} Wh "
+        f"over {summary['duration_s']:.0f} s -> {EMISSIONS_METRICS}"
+    )
+
+
+if __name__ == "__main__":
+    main()

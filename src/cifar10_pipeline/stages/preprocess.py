@@ -1,0 +1,84 @@
+"""Stage 3, preprocess: decode the raw splits to uint8 arrays and hold out a stratified validation split.
+
+Outputs ``data/processed/{train,val,test}.npz`` (images (N, 32, 32, 3) uint8, labels, and each image's row in
+its raw split for traceability). The validation images come from the training split only; the test split is
+never used for any decision. Deterministic for a given seed; ``max_*_images`` make stratified subsets for
+quick runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from cifar10_pipeline.data import ArraySplit, atomic_output, decode_split, read_raw_split, save_split
+from cifar10_pipeline.params import PreprocessParams, load_params
+from cifar10_pipeline.paths import PROCESSED_DIR, RAW_DIR
+
+
+def stratified_subset(labels: np.ndarray, rows: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """``size`` of ``rows`` with class proportions kept (all of them when size is None or too large)."""
+    if size is None or size >= len(rows):
+        return rows
+    kept, _ = train_test_split(rows, train_size=size, stratify=labels[rows], random_state=seed)
+    return np.sort(kept)
+
+
+def split_arrays(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    params: PreprocessParams,
+) -> dict[str, ArraySplit]:
+    train_rows = stratified_subset(
+        train_labels, np.arange(len(train_labels)), params.max_train_images, params.seed
+    )
+    if params.val_size:
+        fit_rows, val_rows = train_test_split(
+            train_rows, test_size=params.val_size, stratify=train_labels[train_rows], random_state=params.seed
+        )
+        fit_rows, val_rows = np.sort(fit_rows), np.sort(val_rows)
+    else:
+        fit_rows, val_rows = train_rows, train_rows[:0]
+    test_rows = stratified_subset(
+        test_labels, np.arange(len(test_labels)), params.max_test_images, params.seed
+    )
+    return {
+        "train": ArraySplit(train_images[fit_rows], train_labels[fit_rows], fit_rows),
+        "val": ArraySplit(train_images[val_rows], train_labels[val_rows], val_rows),
+        "test": ArraySplit(test_images[test_rows], test_labels[test_rows], test_rows),
+    }
+
+
+def preprocess(
+    params: PreprocessParams, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR
+) -> dict[str, int]:
+    train_images, train_labels = decode_split(read_raw_split(raw_dir, "train"), "train")
+    test_images, test_labels = decode_split(read_raw_split(raw_dir, "test"), "test")
+    splits = split_arrays(train_images, train_labels, test_images, test_labels, params)
+    overlap = np.intersect1d(splits["train"].source_rows, splits["val"].source_rows)
+    if overlap.size:  # cannot happen with train_test_split; guards against future edits
+        raise AssertionError(f"{overlap.size} training rows leaked into the validation split")
+    with atomic_output(Path(out_dir)) as staging:
+        staging.mkdir()
+        for name, split in splits.items():
+            save_split(staging / f"{name}.npz", split)
+    counts = {name: len(split) for name, split in splits.items()}
+    print(f"preprocess: {counts} -> {out_dir}")
+    return counts
+
+
+def main() -> None:
+    from cifar10_pipeline import tracking
+
+    params = load_params()
+    counts = preprocess(params.preprocess)
+    with tracking.stage_run("preprocess", params) as run:
+        run.log_metrics({f"images_{name}": n for name, n in counts.items()})
+
+
+if __name__ == "__main__":
+    main()

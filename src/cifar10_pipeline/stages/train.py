@@ -1,0 +1,135 @@
+"""Stage 4, train: fit the configured model on the processed training split and save it with save_pretrained.
+
+Per-epoch loss/accuracy (train and the held-out validation split) go to ``metrics/train_history.csv`` (a DVC
+plot) and to MLflow; the model (safetensors + config.json with ``id2label``) goes to ``models/cifar10/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import PreTrainedModel
+
+from cifar10_pipeline import plots
+from cifar10_pipeline.data import atomic_output, load_split
+from cifar10_pipeline.model import build_cifar_convnet, build_finetune_model, register_auto_classes
+from cifar10_pipeline.params import Params, TrainParams, load_params
+from cifar10_pipeline.paths import (
+    MODEL_DIR,
+    PROCESSED_DIR,
+    STAGE_EMISSIONS_DIR,
+    TRAIN_CURVES,
+    TRAIN_HISTORY,
+    TRAIN_METRICS,
+)
+from cifar10_pipeline.training import (
+    EpochRecord,
+    TrainingResult,
+    describe_device,
+    resolve_device,
+    train_classifier,
+)
+
+HISTORY_FIELDS = [f.name for f in dataclasses.fields(EpochRecord)]
+
+
+def build_model(hp: TrainParams) -> PreTrainedModel:
+    """A fresh built-in network, or a pre-trained checkpoint with a new 10-class head; seeded."""
+    torch.manual_seed(hp.seed)
+    register_auto_classes()
+    if hp.is_builtin_model:
+        return build_cifar_convnet(hp.widths, hp.tta_level)
+    return build_finetune_model(hp.model, hp.finetune_image_size, hp.tta_level)
+
+
+def train(
+    hp: TrainParams,
+    processed_dir: Path = PROCESSED_DIR,
+    model_dir: Path = MODEL_DIR,
+    history_file: Path = TRAIN_HISTORY,
+    metrics_file: Path = TRAIN_METRICS,
+    curves_file: Path = TRAIN_CURVES,
+    on_epoch=None,
+) -> tuple[PreTrainedModel, TrainingResult, dict]:
+    device = resolve_device(hp.device)
+    train_split = load_split(Path(processed_dir) / "train.npz")
+    val_split = load_split(Path(processed_dir) / "val.npz")
+    model = build_model(hp)
+    history_file = Path(history_file)
+    history_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(history_file) as staged_history:
+        with open(staged_history, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+            writer.writeheader()
+
+            def record_epoch(record: EpochRecord) -> None:
+                writer.writerow(dataclasses.asdict(record))
+                handle.flush()
+                if on_epoch is not None:
+                    on_epoch(record)
+
+            result = train_classifier(model, train_split, val_split, hp, device, on_epoch=record_epoch)
+        with atomic_output(Path(model_dir)) as staged_model:
+            model.save_pretrained(staged_model)
+    last = result.history[-1]
+    summary = {
+        "model": hp.model,
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": describe_device(device),
+        "torch": torch.__version__,
+        "epochs": hp.epochs,
+        "steps": result.steps,
+        "train_images": len(train_split),
+        "val_accuracy": last.val_accuracy,
+        "val_loss": last.val_loss,
+        "train_loss": last.train_loss,
+        "train_seconds": round(result.train_seconds, 2),
+        "train_images_per_second": round(result.images_seen / max(result.train_seconds, 1e-9), 1),
+        "stage_wall_seconds": round(time.time() - psutil.Process().create_time(), 2),
+        "checkpoint_bytes": sum(f.stat().st_size for f in Path(model_dir).iterdir()),
+    }
+    with atomic_output(Path(metrics_file)) as staged_metrics:
+        staged_metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_output(Path(curves_file)) as staged_curves:
+        plots.training_curves([dataclasses.asdict(r) for r in result.history], staged_curves)
+    return model, result, summary
+
+
+def run(params: Params) -> dict:
+    from cifar10_pipeline import emissions, tracking
+
+    with tracking.stage_run("train", params) as run_log:
+
+        def log_epoch(record: EpochRecord) -> None:
+            metrics = {k: v for k, v in dataclasses.asdict(record).items() if k not in ("epoch", "step")}
+            run_log.log_metrics(metrics, step=record.epoch)
+
+        with emissions.measure(
+            "train", params.emissions.country_iso_code, STAGE_EMISSIONS_DIR / "train.json"
+        ):
+            _, _, summary = train(params.train, on_epoch=log_epoch)
+        run_log.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)}, to_parent=True)
+        run_log.set_tags({"device": summary["device"], "architecture": summary["architecture"]})
+        run_log.log_artifact(TRAIN_HISTORY)
+        run_log.log_artifact(TRAIN_CURVES)
+        run_log.log_artifact(MODEL_DIR, "model")
+    print(
+        f"train: val_accuracy={summary['val_accuracy']:.4f} in {summary['train_seconds']:.1f}s of training "
+        f"({summary['train_images_per_second']:.0f} img/s on {summary['device']}); model -> {MODEL_DIR}"
+    )
+    return summary
+
+
+def main() -> None:
+    run(load_params())
+
+
+if __name__ == "__main__":
+    main()

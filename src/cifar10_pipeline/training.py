@@ -1,0 +1,265 @@
+"""The training loop, readable in one sitting. Used by the train stage and by the benchmark alike.
+
+Recipe (built-in network): the whole training set lives on the device as one normalised tensor; each epoch
+makes one augmented copy (random translation with reflect padding, alternating flips) and walks it in a
+fresh random order; Nesterov SGD on a summed, label-smoothed loss with a short linear warm-up and a linear
+decay; norm-layer biases take a much larger learning rate; a lookahead pulls the weights towards a slow
+average every few steps. A Hub checkpoint (e.g. ViT) is fine-tuned by the same loop with AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from cifar10_pipeline.data import ArraySplit
+from cifar10_pipeline.inference import autocast, fit_input_size, normalize, tta_logits
+from cifar10_pipeline.model import CifarConvNetForImageClassification
+from cifar10_pipeline.params import TrainParams
+
+LOOKAHEAD_EVERY = 5  # steps between lookahead pulls
+FINETUNE_LR = 5e-5  # AdamW step size for fine-tuning a pre-trained checkpoint
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible; use device: auto or cpu")
+    return torch.device(name)
+
+
+def cpu_model_name() -> str:
+    """The processor's marketing name (e.g. 'AMD EPYC'), read from /proc/cpuinfo where it exists."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model_name()} CPU, {torch.get_num_threads()} threads"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    step: int
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class TrainingResult:
+    history: list[EpochRecord] = field(default_factory=list)
+    train_seconds: float = 0.0  # device-synchronised time of the training loop (validation passes excluded)
+    steps: int = 0
+    images_seen: int = 0
+
+
+def augment(
+    images: torch.Tensor, translate: int, flip_mask: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
+    """Random translation by up to ``translate`` pixels (reflect padding) and the given horizontal flips."""
+    n, _, h, w = images.shape
+    out = images
+    if translate > 0:
+        padded = F.pad(images, (translate,) * 4, mode="reflect")
+        shifts = torch.randint(0, 2 * translate + 1, (2, n), generator=generator).to(images.device)
+        out = torch.empty_like(images)
+        # One slice per distinct shift: (2t+1)^2 vectorised copies instead of n small ones.
+        for dy in range(2 * translate + 1):
+            for dx in range(2 * translate + 1):
+                chosen = ((shifts[0] == dy) & (shifts[1] == dx)).nonzero().squeeze(1)
+                if chosen.numel():
+                    out[chosen] = padded[chosen, :, dy : dy + h, dx : dx + w]
+    if flip_mask is not None:
+        out = torch.where(flip_mask.view(-1, 1, 1, 1), out.flip(-1), out)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def lr_factor(step: int, total_steps: int, warmup_fraction: float, final_fraction: float) -> float:
+    """Piecewise-linear schedule: 0.2 -> 1 over the warm-up, then down to ``final_fraction``."""
+    peak = max(1.0, warmup_fraction * total_steps)
+    return float(np.interp(step, [0, peak, total_steps], [0.2, 1.0, final_fraction]))
+
+
+def make_optimizer(model: PreTrainedModel, hp: TrainParams) -> torch.optim.Optimizer:
+    if not isinstance(model, CifarConvNetForImageClassification):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=FINETUNE_LR)
+    # hp.lr and hp.weight_decay are per 1024 examples of *summed* loss and decoupled from each other;
+    # translate them to torch's SGD, whose weight decay is multiplied by the learning rate.
+    kilostep_scale = 1024 * (1 + 1 / (1 - hp.momentum))
+    lr = hp.lr / kilostep_scale
+    wd = hp.weight_decay * hp.batch_size / kilostep_scale
+    lr_biases = lr * hp.bias_lr_scale
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    norm_biases = [p for name, p in named if "norm" in name]
+    others = [p for name, p in named if "norm" not in name]
+    groups = [
+        {"params": norm_biases, "lr": lr_biases, "weight_decay": wd / lr_biases},
+        {"params": others, "lr": lr, "weight_decay": wd / lr},
+    ]
+    return torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True)
+
+
+class Lookahead:
+    """Every few steps, move a slow copy of the weights towards the fast ones and restart from it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def pull(self, model: torch.nn.Module, decay: float) -> None:
+        for key, value in model.state_dict().items():
+            if key in self.slow:
+                self.slow[key].lerp_(value, 1 - decay)
+                value.copy_(self.slow[key])
+
+
+@torch.no_grad()
+def evaluate_normalised(
+    model: PreTrainedModel,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    precision: str,
+    batch_size: int = 1000,
+    tta_level: int = 0,
+) -> tuple[float, float]:
+    """(mean loss, accuracy) on already-normalised images held on the device."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], labels[start : start + batch_size]
+        with autocast(x.device, precision):
+            logits = tta_logits(model, xb, tta_level)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    return loss_sum / len(x), correct / len(x)
+
+
+def train_classifier(
+    model: PreTrainedModel,
+    train: ArraySplit,
+    val: ArraySplit | None,
+    hp: TrainParams,
+    device: torch.device,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train ``model`` in place on ``train``; report validation after every epoch."""
+    generator = torch.Generator().manual_seed(hp.seed)
+    model.to(device=device, memory_format=torch.channels_last).train()
+    cfg = model.config
+    x_train = normalize(torch.as_tensor(train.images).to(device), cfg.image_mean, cfg.image_std)
+    y_train = torch.as_tensor(train.labels).to(device)
+    if val is not None and len(val):
+        x_val = normalize(torch.as_tensor(val.images).to(device), cfg.image_mean, cfg.image_std)
+        y_val = torch.as_tensor(val.labels).to(device)
+    builtin = isinstance(model, CifarConvNetForImageClassification)
+    if builtin:
+        model.init_whitening(x_train[:5000])
+
+    batch_size = min(hp.batch_size, len(x_train))
+    steps_per_epoch = len(x_train) // batch_size  # the last partial batch is dropped: constant shapes
+    total_steps = max(1, math.ceil(hp.epochs * steps_per_epoch))
+    whiten_bias_steps = math.ceil(hp.whiten_bias_epochs * steps_per_epoch)
+    optimizer = make_optimizer(model, hp)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    lookahead = Lookahead(model) if (hp.lookahead and builtin) else None
+    forward = torch.compile(model) if hp.compile else model
+    # First-epoch flips are random; after that each image flips on every other epoch, so the network
+    # sees both orientations of every image every two epochs (less variance than independent coin tosses).
+    first_flips = torch.rand(len(x_train), generator=generator).lt(0.5).to(device)
+
+    result = TrainingResult()
+    step = 0
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, mininterval=1.0)
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        synchronize(device)
+        epoch_start = time.perf_counter()
+        flips = (first_flips ^ bool(epoch % 2)) if hp.flip else None
+        x_epoch = augment(x_train, hp.translate, flips, generator)
+        order = torch.randperm(len(x_train), generator=generator).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for batch_index in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            if builtin and step == whiten_bias_steps:
+                model.whiten.bias.requires_grad_(False)
+            factor = lr_factor(step, total_steps, hp.warmup_fraction, hp.final_lr_fraction)
+            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base_lr * factor
+            idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
+            xb, yb = x_epoch[idx], y_train[idx]
+            with autocast(device, hp.precision):
+                logits = forward(pixel_values=fit_input_size(xb, cfg.image_size)).logits.float()
+            losses = F.cross_entropy(logits, yb, label_smoothing=hp.label_smoothing, reduction="none")
+            loss = losses.sum() if builtin else losses.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if lookahead is not None and step % LOOKAHEAD_EVERY == 0:
+                lookahead.pull(model, decay=0.95**LOOKAHEAD_EVERY * (step / total_steps) ** 3)
+            loss_sum += losses.detach().sum()
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += len(yb)
+            bar.update(1)
+        if lookahead is not None and step >= total_steps:
+            lookahead.pull(model, decay=1.0)  # finish on the slow weights
+        synchronize(device)
+        epoch_seconds = time.perf_counter() - epoch_start
+        result.train_seconds += epoch_seconds
+        result.images_seen += seen
+        val_loss = val_acc = None
+        if val is not None and len(val):
+            val_loss, val_acc = evaluate_normalised(model, x_val, y_val, hp.precision)
+        record = EpochRecord(
+            epoch=epoch + 1,
+            step=step,
+            lr=base_lrs[-1] * lr_factor(step, total_steps, hp.warmup_fraction, hp.final_lr_fraction),
+            train_loss=loss_sum.item() / max(seen, 1),
+            train_accuracy=correct.item() / max(seen, 1),
+            val_loss=val_loss,
+            val_accuracy=val_acc,
+            seconds=epoch_seconds,
+        )
+        result.history.append(record)
+        bar.set_postfix(
+            loss=f"{record.train_loss:.3f}", val_acc=f"{val_acc:.4f}" if val_acc is not None else "-"
+        )
+        if on_epoch is not None:
+            on_epoch(record)
+    bar.close()
+    result.steps = step
+    model.eval()
+    return result

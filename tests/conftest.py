@@ -1,0 +1,73 @@
+"""Shared fixtures: small synthetic CIFAR-shaped data, a scratch project root, the real mirror if present."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifar10_pipeline import NUM_CLASSES
+from cifar10_pipeline.data import write_checksums
+from cifar10_pipeline.stages.download import write_parquet_split
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def mirror_dir() -> Path | None:
+    """The real CIFAR-10 mirror (CIFAR10_MIRROR or ../shared/data/cifar10), or None when absent."""
+    candidate = Path(os.environ.get("CIFAR10_MIRROR") or PROJECT_ROOT.parent / "shared" / "data" / "cifar10")
+    return candidate if (candidate / "SHA256SUMS").is_file() else None
+
+
+def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced labels and images whose colour depends on the class, so a model can learn them quickly."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % NUM_CLASSES
+    base = np.stack([np.full((32, 32, 3), 0, np.uint8)] * n)
+    palette = rng.integers(0, 255, size=(NUM_CLASSES, 3))
+    noise = rng.integers(-40, 40, size=(n, 32, 32, 3))
+    images = np.clip(base + palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+def write_mirror(directory: Path, train_size: int = 200, test_size: int = 100) -> Path:
+    """A mirror folder in the uoft-cs/cifar10 Parquet schema (two train shards, one test shard)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels = synthetic_images(train_size, seed=1)
+    test_images, test_labels = synthetic_images(test_size, seed=2)
+    half = train_size // 2
+    write_parquet_split(directory / "train-00000-of-00002.parquet", train_images[:half], train_labels[:half])
+    write_parquet_split(directory / "train-00001-of-00002.parquet", train_images[half:], train_labels[half:])
+    write_parquet_split(directory / "test-00000-of-00001.parquet", test_images, test_labels)
+    write_checksums(directory, [p.name for p in directory.glob("*.parquet")])
+    return directory
+
+
+@pytest.fixture
+def synthetic_mirror(tmp_path: Path) -> Path:
+    return write_mirror(tmp_path / "mirror")
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scratch project root holding a copy of params.yaml; the test runs inside it."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(PROJECT_ROOT / "params.yaml", root / "params.yaml")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.delenv("CIFAR10_MIRROR", raising=False)
+    monkeypatch.delenv("CIFAR10_SOURCES", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_mirror() -> Path:
+    path = mirror_dir()
+    if path is None:
+        pytest.skip("the CIFAR-10 mirror is not available (set CIFAR10_MIRROR)")
+    return path
