@@ -209,7 +209,7 @@ def build_finetune_model(name_or_path: str, image_size: int, tta_level: int) -> 
             label2id=label2id,
             ignore_mismatched_sizes=True,  # the checkpoint's own head has another number of classes
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise OSError(
             f"could not load the checkpoint {name_or_path!r}: {exc}\n"
             "Give a Hugging Face Hub id (needs network access or a filled HF cache) or a local directory "

@@ -234,8 +234,8 @@ def train_classifier(
             correct += (logits.detach().argmax(1) == yb).sum()
             seen += len(yb)
             bar.update(1)
-        if lookahead is not None and step >= total_steps:
-            lookahead.pull(model, decay=1.0)  # finish on the slow weights
+        if lookahead is not None and step >= total_steps and step >= LOOKAHEAD_EVERY:
+            lookahead.pull(model, decay=1.0)  # finish on the slow weights (once they exist)
         synchronize(device)
         epoch_seconds = time.perf_counter() - epoch_start
         result.train_seconds += epoch_seconds

@@ -1,0 +1,102 @@
+"""The model interface: transformers save/load through the Auto classes, whitening, ViT fine-tune path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+
+from cifar10_pipeline import CLASS_NAMES
+from cifar10_pipeline.data import ArraySplit
+from cifar10_pipeline.inference import predict_logits
+from cifar10_pipeline.model import build_finetune_model, load_model, register_auto_classes
+from cifar10_pipeline.training import train_classifier
+
+from .conftest import synthetic_images
+from .helpers import tiny_convnet, train_params
+
+
+def test_save_and_load_through_auto_classes(tmp_path: Path) -> None:
+    model = tiny_convnet(tta_level=2)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "cifar_convnet"
+    assert config["id2label"] == {str(i): name for i, name in enumerate(CLASS_NAMES)}
+    assert (tmp_path / "model.safetensors").is_file()
+    register_auto_classes()
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(loaded(pixel_values=x).logits, model(pixel_values=x).logits)
+    assert loaded.config.tta_level == 2
+
+
+def test_load_model_explains_a_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="dvc repro train"):
+        load_model(tmp_path / "nothing")
+
+
+def test_whitening_layer_decorrelates_patches() -> None:
+    model = tiny_convnet()
+    rng = np.random.default_rng(0)
+    # Correlated channels, like real images.
+    base = torch.from_numpy(rng.normal(size=(256, 1, 32, 32))).float()
+    images = torch.cat([base, 0.8 * base + 0.2 * torch.randn_like(base), torch.randn_like(base)], dim=1)
+    model.init_whitening(images)
+    out = F.conv2d(images, model.whiten.weight[:12])  # the positive half of the filters
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = torch.cov(flat.T)
+    torch.testing.assert_close(covariance, torch.eye(12), atol=0.05, rtol=0)
+    assert not model.whiten.weight.requires_grad
+
+
+@pytest.fixture
+def tiny_vit_checkpoint(tmp_path: Path) -> Path:
+    """A ViT checkpoint written with save_pretrained, as a Hub download would look (5 labels, own processor)."""
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=48,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+    )
+    directory = tmp_path / "tiny-vit"
+    ViTForImageClassification(config).save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 48, "width": 48}}
+        )
+    )
+    return directory
+
+
+def test_vit_fine_tune_path(tiny_vit_checkpoint: Path, tmp_path: Path) -> None:
+    model = build_finetune_model(str(tiny_vit_checkpoint), image_size=48, tta_level=1)
+    assert model.config.num_labels == 10
+    assert model.config.id2label[9] == "truck"
+    assert model.config.image_mean == [0.5, 0.5, 0.5]
+    before = model.classifier.weight.detach().clone()
+    images, labels = synthetic_images(64, seed=3)
+    split = ArraySplit(images, labels, np.arange(64))
+    hp = train_params(model=str(tiny_vit_checkpoint), epochs=1, batch_size=32, finetune_image_size=48)
+    result = train_classifier(model, split, split.head(16), hp, torch.device("cpu"), progress=False)
+    assert result.steps == 2
+    assert not torch.equal(before, model.classifier.weight.detach())  # the new head was trained
+    model.save_pretrained(tmp_path / "finetuned")
+    reloaded = load_model(tmp_path / "finetuned")
+    logits = predict_logits(reloaded, images[:4])  # 32x32 uint8 in, resized to 48 on the device
+    assert logits.shape == (4, 10)
+    assert reloaded.config.tta_level == 1
+
+
+def test_unloadable_checkpoint_says_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="train.model: cifar_convnet"):
+        build_finetune_model(str(tmp_path / "empty"), image_size=224, tta_level=0)
