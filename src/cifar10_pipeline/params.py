@@ -41,6 +41,7 @@ class DownloadParams(_Section):
 
 class ValidateParams(_Section):
     class_share_tolerance: Fraction
+    channel_stat_tolerance: Annotated[float, Field(gt=0.0, le=0.5)]
     known_duplicates_train: Annotated[int, Field(ge=0)]
     known_duplicates_test: Annotated[int, Field(ge=0)]
     known_train_test_overlap: Annotated[int, Field(ge=0)]
@@ -170,7 +171,8 @@ def resolve(raw: dict[str, Any], source: str = "params.yaml") -> Params:
             if key not in raw[section]
         ]
         if unknown_keys:
-            raise ParamsError(f"{source}: profiles.{name} overrides unknown key(s): {', '.join(unknown_keys)}")
+            unknown = ", ".join(unknown_keys)
+            raise ParamsError(f"{source}: profiles.{name} overrides unknown key(s): {unknown}")
     overrides = profiles[profile] or {}
     effective = _merge({k: v for k, v in raw.items() if k != "profiles"}, overrides)
     effective["profiles"] = profiles

@@ -17,6 +17,7 @@ REPORTS_DIR = Path("reports")
 
 DATA_SOURCE = METRICS_DIR / "data_source.json"
 VALIDATION_METRICS = METRICS_DIR / "validation.json"
+PROCESSED_VALIDATION = METRICS_DIR / "processed_validation.json"
 DATA_DOCS_DIR = REPORTS_DIR / "data_docs"
 TRAIN_METRICS = METRICS_DIR / "train.json"
 TRAIN_HISTORY = METRICS_DIR / "train_history.csv"

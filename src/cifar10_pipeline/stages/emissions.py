@@ -28,9 +28,7 @@ def aggregate(stage_dir: Path = STAGE_EMISSIONS_DIR) -> dict:
     first = stages[COMPUTE_STAGES[0]]
     return {
         **{field: total[field] for field in ("emissions_kg", "energy_kwh", "duration_s")},
-        "stages": {
-            name: {field: record[field] for field in STAGE_FIELDS} for name, record in stages.items()
-        },
+        "stages": {name: {field: record[field] for field in STAGE_FIELDS} for name, record in stages.items()},
         "total": total,
         "hardware": {
             "cpu_model": first["cpu_model"],
@@ -53,18 +51,22 @@ def render_report(summary: dict) -> str:
         for name, s in summary["stages"].items()
     )
     t = summary["total"]
+    total = (
+        f"| **total** | **{t['duration_s']:.1f}** | **{t['energy_kwh'] * 1000:.3f}** "
+        f"| **{t['emissions_kg'] * 1000:.3f}** |"
+    )
     return f"""# Emissions of the last `dvc repro`
 
-Measured with codecarbon {summary["codecarbon_version"]} (`OfflineEmissionsTracker`, {summary["tracking_mode"]}
-mode) around each compute stage. Carbon intensity: the average grid of {summary["country_name"]}
-({summary["country_iso_code"]}, set by `emissions.country_iso_code` in params.yaml).
+Measured with codecarbon {summary["codecarbon_version"]} (`OfflineEmissionsTracker`,
+{summary["tracking_mode"]} mode) around each compute stage. Carbon intensity: the average grid of
+{summary["country_name"]} ({summary["country_iso_code"]}, set by `emissions.country_iso_code` in params.yaml).
 
 Hardware detected: CPU {hw["cpu_model"]} ({hw["cpu_count"]} cores), GPU {gpu}.
 
 | stage | duration (s) | energy (Wh) | emissions (g CO2eq) |
 |---|---:|---:|---:|
 {rows}
-| **total** | **{t["duration_s"]:.1f}** | **{t["energy_kwh"] * 1000:.3f}** | **{t["emissions_kg"] * 1000:.3f}** |
+{total}
 
 How to read it: without hardware power counters (RAPL, NVML) codecarbon estimates CPU power from the
 processor's thermal design power and a load model, and RAM power from its size, so these are estimates of
@@ -83,7 +85,8 @@ def main() -> None:
         staged.write_text(render_report(summary))
     with tracking.stage_run("emissions", params) as run:
         run.log_metrics(
-            {f"emissions_{k}": v for k, v in summary["total"].items() if k in STAGE_FIELDS[:3]}, to_parent=True
+            {f"emissions_{k}": v for k, v in summary["total"].items() if k in STAGE_FIELDS[:3]},
+            to_parent=True,
         )
         run.log_artifact(EMISSIONS_REPORT)
     print(

@@ -71,11 +71,7 @@ def render(params: Params, facts: dict) -> str:
         for name, s in em["stages"].items()
     )
     hw = em["hardware"]
-    validation_line = (
-        f"{val['overall']['evaluated']} expectations evaluated, {val['overall']['failed']} failed"
-        if "overall" in val
-        else json.dumps(val)
-    )
+    validation_line = f"{val['evaluated']} expectations evaluated, {val['failed']} failed"
     if builtin:
         model_type = (
             "convolutional network for 32x32 images trained from scratch (`cifar_convnet`: a frozen "

@@ -8,14 +8,15 @@ quick runs.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 from cifar10_pipeline.data import ArraySplit, atomic_output, decode_split, read_raw_split, save_split
-from cifar10_pipeline.params import PreprocessParams, load_params
-from cifar10_pipeline.paths import PROCESSED_DIR, RAW_DIR
+from cifar10_pipeline.params import PreprocessParams, ValidateParams, load_params
+from cifar10_pipeline.paths import PROCESSED_DIR, PROCESSED_VALIDATION, RAW_DIR
 
 
 def stratified_subset(labels: np.ndarray, rows: np.ndarray, size: int | None, seed: int) -> np.ndarray:
@@ -54,20 +55,37 @@ def split_arrays(
 
 
 def preprocess(
-    params: PreprocessParams, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR
+    params: PreprocessParams,
+    checks: ValidateParams,
+    raw_dir: Path = RAW_DIR,
+    out_dir: Path = PROCESSED_DIR,
+    checks_file: Path = PROCESSED_VALIDATION,
 ) -> dict[str, int]:
+    """Decode, split and check; the arrays are written only if the checks on them pass."""
+    from cifar10_pipeline.expectations import check_processed_splits
+
     train_images, train_labels = decode_split(read_raw_split(raw_dir, "train"), "train")
     test_images, test_labels = decode_split(read_raw_split(raw_dir, "test"), "test")
     splits = split_arrays(train_images, train_labels, test_images, test_labels, params)
-    overlap = np.intersect1d(splits["train"].source_rows, splits["val"].source_rows)
-    if overlap.size:  # cannot happen with train_test_split; guards against future edits
-        raise AssertionError(f"{overlap.size} training rows leaked into the validation split")
+    # What the params asked for, computed independently of the split code the checks are checking.
+    kept = {
+        "train": min(params.max_train_images or len(train_labels), len(train_labels)),
+        "test": min(params.max_test_images or len(test_labels), len(test_labels)),
+    }
+    summary = check_processed_splits(
+        splits,
+        kept,
+        checks.class_share_tolerance,
+        known_train_test_overlap=checks.known_train_test_overlap,
+    )
     with atomic_output(Path(out_dir)) as staging:
         staging.mkdir()
         for name, split in splits.items():
             save_split(staging / f"{name}.npz", split)
+    with atomic_output(Path(checks_file)) as staged:
+        staged.write_text(json.dumps(summary, indent=2) + "\n")
     counts = {name: len(split) for name, split in splits.items()}
-    print(f"preprocess: {counts} -> {out_dir}")
+    print(f"preprocess: {counts} -> {out_dir} ({summary['evaluated']} checks passed)")
     return counts
 
 
@@ -75,7 +93,7 @@ def main() -> None:
     from cifar10_pipeline import tracking
 
     params = load_params()
-    counts = preprocess(params.preprocess)
+    counts = preprocess(params.preprocess, params.validate_)
     with tracking.stage_run("preprocess", params) as run:
         run.log_metrics({f"images_{name}": n for name, n in counts.items()})
 
