@@ -56,7 +56,7 @@ def test_whitening_layer_decorrelates_patches() -> None:
 
 @pytest.fixture
 def tiny_vit_checkpoint(tmp_path: Path) -> Path:
-    """A ViT checkpoint written with save_pretrained, as a Hub download would look (5 labels, own processor)."""
+    """A ViT checkpoint written by save_pretrained, as a Hub download looks (5 labels, own processor)."""
     torch.manual_seed(0)
     config = ViTConfig(
         image_size=48,
@@ -98,5 +98,5 @@ def test_vit_fine_tune_path(tiny_vit_checkpoint: Path, tmp_path: Path) -> None:
 
 def test_unloadable_checkpoint_says_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(OSError, match="train.model: cifar_convnet"):
+    with pytest.raises(OSError, match=r"train\.model: cifar_convnet"):
         build_finetune_model(str(tmp_path / "empty"), image_size=224, tta_level=0)
