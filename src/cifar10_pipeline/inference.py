@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -40,7 +40,8 @@ def image_to_array(source: str | Path | bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()
-            rgb = image.convert("RGB")
+            # Phone photos store their rotation in EXIF; apply it so the model sees the upright scene.
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
         raise
     except Image.DecompressionBombError as exc:

@@ -81,7 +81,8 @@ class TrainParams(_Section):
     flip: bool
     tta_level: Literal[0, 1, 2]
     precision: Literal["bf16", "fp32"]
-    compile: bool
+    # torch.compile: false, or a mode ("default", "reduce-overhead" = with CUDA graphs, "max-autotune").
+    compile: Literal[False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
     widths: list[PositiveInt] = Field(min_length=3, max_length=3)
     finetune_image_size: PositiveInt
 

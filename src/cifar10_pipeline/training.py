@@ -193,7 +193,7 @@ def train_classifier(
     optimizer = make_optimizer(model, hp)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     lookahead = Lookahead(model) if (hp.lookahead and builtin) else None
-    forward = torch.compile(model) if hp.compile else model
+    forward = torch.compile(model, mode=hp.compile) if hp.compile else model
     # First-epoch flips are random; after that each image flips on every other epoch, so the network
     # sees both orientations of every image every two epochs (less variance than independent coin tosses).
     first_flips = torch.rand(len(x_train), generator=generator).lt(0.5).to(device)

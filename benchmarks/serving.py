@@ -1,0 +1,402 @@
+"""Bounded load benchmark of the web service and of the CLI's batch inference, on this machine.
+
+Starts ``python -m cifar10_pipeline.serve`` on 127.0.0.1 (a free port), then, for single-image and batched
+requests at each concurrency, runs closed-loop clients for a fixed ``--duration`` after a short warm-up, and
+records throughput and p50/p95/p99 latency. Any failed request makes the run exit 1. Then it measures the CLI
+path in-process: ``image_to_array`` decoding and ``predict_logits`` on CPU, in images per second.
+
+Writes reports/serving_benchmark.md and metrics/serving.json. The load generator shares the CPU with the
+server, as on a one-box deployment; numbers are for comparing versions on the same machine.
+
+    python benchmarks/serving.py --model models/cifar10 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TEST_SHARD = "test-00000-of-00001.parquet"
+IMAGE_POOL = 256  # distinct images cycled through by the clients
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_model": cpu_model,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def mirror_dir() -> Path | None:
+    for candidate in (os.environ.get("CIFAR10_MIRROR"), PROJECT_ROOT.parent / "shared" / "data" / "cifar10"):
+        if candidate and (Path(candidate) / TEST_SHARD).is_file():
+            return Path(candidate)
+    return None
+
+
+def load_images(count: int) -> tuple[list[bytes], str]:
+    """PNG bytes of real CIFAR-10 test images when the mirror is reachable, else of synthetic 32x32 images."""
+    mirror = mirror_dir()
+    if mirror is not None:
+        import pyarrow.parquet as pq
+
+        batch = next(pq.ParquetFile(mirror / TEST_SHARD).iter_batches(batch_size=count, columns=["img"]))
+        return [row["bytes"] for row in batch.column("img").to_pylist()], f"CIFAR-10 test images ({mirror})"
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pngs = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+        pngs.append(buffer.getvalue())
+    return pngs, "synthetic 32x32 PNGs (CIFAR-10 mirror not found)"
+
+
+# ----------------------------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(model: str, max_files: int, log_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "CIFAR10_SERVE_MODEL": model,
+        "CIFAR10_SERVE_HOST": "127.0.0.1",
+        "CIFAR10_SERVE_PORT": str(port),
+        "CIFAR10_SERVE_MAX_FILES": str(max_files),
+        "CIFAR10_SERVE_LOG_LEVEL": "warning",  # no access log: it would cost the server time per request
+    }
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cifar10_pipeline.serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not become healthy in 180 s:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+@dataclass
+class LoadResult:
+    mode: str
+    images_per_request: int
+    concurrency: int
+    duration_s: float
+    requests: int
+    errors: int
+    first_error: str | None
+    latencies_ms: list[float]
+
+    def summary(self) -> dict[str, Any]:
+        latencies = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([np.nan])
+        return {
+            "mode": self.mode,
+            "images_per_request": self.images_per_request,
+            "concurrency": self.concurrency,
+            "duration_s": round(self.duration_s, 3),
+            "requests": self.requests,
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "requests_per_s": round(self.requests / self.duration_s, 2),
+            "images_per_s": round(self.requests * self.images_per_request / self.duration_s, 1),
+            "latency_ms": {
+                "p50": round(float(np.percentile(latencies, 50)), 2),
+                "p95": round(float(np.percentile(latencies, 95)), 2),
+                "p99": round(float(np.percentile(latencies, 99)), 2),
+                "mean": round(float(latencies.mean()), 2),
+            },
+        }
+
+
+async def run_load(
+    url: str, pngs: list[bytes], images_per_request: int, concurrency: int, warmup: float, duration: float
+) -> LoadResult:
+    """Closed loop: each client sends its next request as soon as the previous one is answered."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    counts = {"requests": 0, "errors": 0}
+    first_error: list[str] = []
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop_at = measure_from + duration
+
+    async def client_loop(worker: int, http: httpx.AsyncClient) -> None:
+        cursor = worker * images_per_request
+        while (sent := time.perf_counter()) < stop_at:
+            files = [
+                ("files", (f"{(cursor + i) % len(pngs)}.png", pngs[(cursor + i) % len(pngs)], "image/png"))
+                for i in range(images_per_request)
+            ]
+            cursor += images_per_request * concurrency
+            try:
+                response = await http.post(f"{url}/predict", files=files)
+                ok = response.status_code == 200 and len(response.json()["predictions"]) == images_per_request
+                problem = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            done = time.perf_counter()
+            if problem is not None:  # an error counts whenever it happens, warm-up included
+                counts["errors"] += 1
+                first_error.append(problem)
+            elif measure_from <= done <= stop_at:  # throughput = completions inside the window
+                counts["requests"] += 1
+                latencies.append(1000 * (done - sent))
+
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as http:
+        await asyncio.gather(*(client_loop(worker, http) for worker in range(concurrency)))
+    return LoadResult(
+        mode="single" if images_per_request == 1 else "batch",
+        images_per_request=images_per_request,
+        concurrency=concurrency,
+        duration_s=duration,
+        requests=counts["requests"],
+        errors=counts["errors"],
+        first_error=first_error[0] if first_error else None,
+        latencies_ms=latencies,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def cli_path_throughput(model_dir: str, pngs: list[bytes], duration: float) -> dict[str, Any]:
+    """Images/s of the CLI's two steps, decoding (image_to_array) and batched predict_logits on CPU."""
+    from cifar10_pipeline.cli import DEFAULT_BATCH_SIZE
+    from cifar10_pipeline.inference import image_to_array, predict_logits
+    from cifar10_pipeline.model import load_model
+
+    model = load_model(model_dir, device="cpu")
+    started = time.perf_counter()
+    decoded = 0
+    while decoded == 0 or time.perf_counter() - started < min(duration, 2.0):
+        arrays = [image_to_array(png) for png in pngs]
+        decoded += len(arrays)
+    decode_rate = decoded / (time.perf_counter() - started)
+
+    batch = np.stack(arrays)
+    batch = np.concatenate([batch] * max(1, -(-DEFAULT_BATCH_SIZE * 4 // len(batch))))  # several full batches
+    predict_logits(model, batch[:DEFAULT_BATCH_SIZE], batch_size=DEFAULT_BATCH_SIZE)  # warm-up
+    started = time.perf_counter()
+    predicted = 0
+    while predicted == 0 or time.perf_counter() - started < duration:
+        predict_logits(model, batch, batch_size=DEFAULT_BATCH_SIZE)
+        predicted += len(batch)
+    elapsed = time.perf_counter() - started
+    return {
+        "batch_size": DEFAULT_BATCH_SIZE,
+        "tta_level": int(model.config.tta_level),
+        "images": predicted,
+        "seconds": round(elapsed, 3),
+        "predict_images_per_s": round(predicted / elapsed, 1),
+        "decode_images_per_s": round(decode_rate, 1),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def write_report(path: Path, result: dict[str, Any]) -> None:
+    machine, settings, cli = result["machine"], result["settings"], result["cli"]
+    lines = [
+        "# Serving benchmark",
+        "",
+        f"Machine: {machine['cpu_model']}, {machine['usable_cores']} usable of "
+        f"{machine['logical_cores']} logical cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), Python {machine['python']}.",
+        f"Model: `{settings['model']}` (model.safetensors sha256 `{settings['model_sha256'][:16]}`), "
+        f"TTA level {cli['tta_level']}. Images: {settings['images']}.",
+        f"Each setting: {settings['warmup_s']} s warm-up, then {settings['duration_s']} s measured; "
+        "closed-loop clients on the same machine as the single uvicorn worker (they share the CPU).",
+        "",
+        "## HTTP API (`POST /predict`)",
+        "",
+        "| request | clients | requests/s | images/s | p50 ms | p95 ms | p99 ms | requests | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["http"]:
+        latency = row["latency_ms"]
+        kind = "1 image" if row["images_per_request"] == 1 else f"{row['images_per_request']} images"
+        lines.append(
+            f"| {kind} | {row['concurrency']} | {row['requests_per_s']} | {row['images_per_s']} "
+            f"| {latency['p50']} | {latency['p95']} | {latency['p99']} "
+            f"| {row['requests']} | {row['errors']} |"
+        )
+    lines += [
+        "",
+        "## CLI path (in-process, CPU)",
+        "",
+        f"- `predict_logits`, batches of {cli['batch_size']}: **{cli['predict_images_per_s']} images/s** "
+        f"({cli['images']} images in {cli['seconds']} s)",
+        f"- `image_to_array` decoding of 32x32 PNGs, one thread: {cli['decode_images_per_s']} images/s",
+        "",
+        f"Errors: {result['errors']} (the benchmark fails on any). Regenerate: "
+        f"`python benchmarks/serving.py --model {settings['model']} --duration {settings['duration_s']}`.",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="models/cifar10", help="model directory (default: models/cifar10)")
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="measured seconds per setting (default 10)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=None, help="warm-up seconds per setting (default: min(2, duration/5))"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 8, 32], help="clients (default: 1 8 32)"
+    )
+    parser.add_argument("--batch", type=int, default=16, help="images per batched request (default 16)")
+    parser.add_argument("--report", type=Path, default=Path("reports/serving_benchmark.md"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/serving.json"))
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.batch < 2 or min(args.concurrency) < 1:
+        parser.error("--duration must be positive, --batch at least 2 and every --concurrency at least 1")
+    weights = Path(args.model) / "model.safetensors"
+    if not weights.is_file():
+        parser.error(
+            f"no model at {args.model} (model.safetensors missing); train one first: dvc repro train"
+        )
+    warmup = min(2.0, args.duration / 5) if args.warmup is None else args.warmup
+
+    pngs, image_source = load_images(IMAGE_POOL)
+    settings_count = 2 * len(args.concurrency)
+    estimate = settings_count * (warmup + args.duration) + args.duration + 2
+    print(
+        f"benchmarking {args.model}: {settings_count} HTTP settings + CLI path, about {estimate:.0f} s",
+        file=sys.stderr,
+    )
+
+    http_rows: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        server(args.model, args.batch, Path(scratch) / "server.log") as url,
+    ):
+        # Reach steady state once (first requests pay torch's kernel setup for each new batch shape).
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for size in (1, args.batch, 1, args.batch):
+                files = [("files", (f"{i}.png", pngs[i % len(pngs)], "image/png")) for i in range(size)]
+                response = http.post("/predict", files=files)
+                if response.status_code != 200:
+                    print(
+                        f"FAILED: warm-up request answered {response.status_code}: {response.text}",
+                        file=sys.stderr,
+                    )
+                    return 1
+        for images_per_request in (1, args.batch):
+            for concurrency in args.concurrency:
+                load = asyncio.run(
+                    run_load(url, pngs, images_per_request, concurrency, warmup, args.duration)
+                )
+                row = load.summary()
+                http_rows.append(row)
+                print(
+                    f"  {row['mode']:6} x{images_per_request:<3} clients={concurrency:<3} "
+                    f"{row['requests_per_s']:8.1f} req/s {row['images_per_s']:9.1f} img/s "
+                    f"p50={row['latency_ms']['p50']} p99={row['latency_ms']['p99']} ms "
+                    f"errors={row['errors']}",
+                    file=sys.stderr,
+                )
+    cli = cli_path_throughput(args.model, pngs, args.duration)
+    print(f"  cli    predict_logits {cli['predict_images_per_s']} img/s", file=sys.stderr)
+
+    errors = sum(row["errors"] for row in http_rows)
+    result = {
+        "machine": machine_info(),
+        "settings": {
+            "model": args.model,
+            "model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "images": image_source,
+            "duration_s": args.duration,
+            "warmup_s": warmup,
+            "concurrency": args.concurrency,
+            "batch": args.batch,
+        },
+        "http": http_rows,
+        "cli": cli,
+        "errors": errors,
+    }
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(result, indent=2) + "\n")
+    write_report(args.report, result)
+    print(f"wrote {args.report} and {args.metrics}", file=sys.stderr)
+    if errors:
+        first = next(row["first_error"] for row in http_rows if row["errors"])
+        print(f"FAILED: {errors} request(s) failed; first: {first}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

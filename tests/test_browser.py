@@ -1,0 +1,190 @@
+"""The drag-and-drop page in a real headless Chromium against a real uvicorn server.
+
+Needs the chromium and chromium-driver packages (apt) and selenium (pip); skipped cleanly without them. Saves
+reports/screenshots/serve_page.png. Uses the trained model in models/cifar10 when there is one (a meaningful
+screenshot), else a small random-weights model: the test checks the page shows what the API answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cifar10_pipeline.model import build_cifar_convnet
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TEST_SHARD = "test-00000-of-00001.parquet"
+SCREENSHOT = PROJECT_ROOT / "reports" / "screenshots" / "serve_page.png"
+CHROME_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
+    "--window-size=1200,900",
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _executable(*names: str) -> str | None:
+    return next((found for name in names if (found := shutil.which(name))), None)
+
+
+def mirror_dir() -> Path | None:
+    """The CIFAR-10 Parquet mirror: $CIFAR10_MIRROR, else ../shared/data/cifar10 beside the project."""
+    for candidate in (os.environ.get("CIFAR10_MIRROR"), PROJECT_ROOT.parent / "shared" / "data" / "cifar10"):
+        if candidate and (Path(candidate) / TEST_SHARD).is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    trained = PROJECT_ROOT / "models" / "cifar10"
+    if (trained / "config.json").is_file():
+        return trained
+    torch.manual_seed(0)
+    model = build_cifar_convnet([16, 32, 32], tta_level=2)
+    model.init_whitening(torch.randn(64, 3, 32, 32))
+    path = tmp_path_factory.mktemp("browser") / "model"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[object]:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    browser = _executable("chromium", "chromium-browser", "google-chrome")
+    chromedriver = _executable("chromedriver")
+    if browser is None or chromedriver is None:
+        pytest.skip(
+            "headless test needs chromium and chromedriver (apt-get install chromium chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    # An explicit driver path keeps Selenium Manager from trying to download one.
+    chrome = webdriver.Chrome(service=Service(chromedriver), options=options)
+    chrome.set_page_load_timeout(60)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def uvicorn_process(model_dir: Path, log_path: Path) -> Iterator[str]:
+    """``python -m cifar10_pipeline.serve`` on a free local port; yields its base URL once /health answers."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "CIFAR10_SERVE_MODEL": str(model_dir),
+        "CIFAR10_SERVE_HOST": "127.0.0.1",
+        "CIFAR10_SERVE_PORT": str(port),
+    }
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cifar10_pipeline.serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server did not become healthy:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    mirror = mirror_dir()
+    if mirror is None:
+        pytest.skip("CIFAR-10 mirror not found (set CIFAR10_MIRROR)")
+    batch = next(pq.ParquetFile(mirror / TEST_SHARD).iter_batches(batch_size=3, columns=["img"]))
+    paths = []
+    for index, row in enumerate(batch.column("img").to_pylist()):
+        paths.append(tmp_path / f"cifar10_test_{index}.png")
+        paths[-1].write_bytes(row["bytes"])
+
+    with uvicorn_process(model_dir, tmp_path / "server.log") as url:
+        expected = {}
+        for path in paths:
+            response = httpx.post(
+                f"{url}/predict", files={"files": (path.name, path.read_bytes(), "image/png")}
+            )
+            assert response.status_code == 200, response.text
+            expected[path.name] = response.json()["predictions"][0]["label"]
+
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "model-info").text.startswith("Model "))
+        # Choosing files through the input is what dropping them does: both call the same handler.
+        driver.find_element(By.ID, "file-input").send_keys("\n".join(str(p) for p in paths))
+
+        def finished(d) -> bool:
+            cards = d.find_elements(By.CSS_SELECTOR, ".card")
+            errors = [c.text for c in cards if c.get_attribute("data-state") == "error"]
+            assert not errors, f"the page shows an error: {errors}"
+            return len(cards) == len(paths) and all(c.get_attribute("data-state") == "done" for c in cards)
+
+        wait.until(finished)
+        shown = {}
+        for card in driver.find_elements(By.CSS_SELECTOR, ".card"):
+            name = card.find_element(By.CSS_SELECTOR, ".filename").text
+            shown[name] = card.find_element(By.CSS_SELECTOR, ".prediction-label").text
+            assert len(card.find_elements(By.CSS_SELECTOR, ".bars li")) == 10
+            assert card.find_element(By.CSS_SELECTOR, ".preview img").get_attribute("naturalWidth") == "32"
+        assert shown == expected
+        assert "3 classified" in driver.find_element(By.ID, "status").text
+
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(SCREENSHOT))
+
+        # A bad file gets its own card with the server's explanation; the earlier results stay.
+        bad = tmp_path / "not_an_image.png"
+        bad.write_bytes(b"this is text, not a PNG")
+        driver.find_element(By.ID, "file-input").send_keys(str(bad))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.card[data-state="error"]'))
+        error = driver.find_element(By.CSS_SELECTOR, '.card[data-state="error"] .error').text
+        assert error.startswith("400") and "not an image" in error
+        assert len(driver.find_elements(By.CSS_SELECTOR, '.card[data-state="done"]')) == len(paths)
+    assert SCREENSHOT.stat().st_size > 10_000
