@@ -13,6 +13,7 @@ into ``metrics/benchmark.json`` under the profile's name (or ``--key``) and rend
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -25,7 +26,7 @@ import yaml
 
 from cifar10_pipeline.data import atomic_output, load_processed
 from cifar10_pipeline.params import Params, resolve
-from cifar10_pipeline.paths import DATA_SOURCE, PARAMS_FILE, PROCESSED_DIR
+from cifar10_pipeline.paths import DATA_SOURCE, PARAMS_FILE, PROCESSED_DIR, STAGE_EMISSIONS_DIR
 from cifar10_pipeline.stages.train import build_model
 from cifar10_pipeline.training import (
     describe_device,
@@ -105,6 +106,9 @@ def benchmark_training(params: Params, seeds: int, processed_dir: Path = PROCESS
         "torch": torch.__version__,
         "seeds": seeds,
         "epochs": params.train.epochs,
+        "batch_size": params.train.batch_size,
+        "widths": params.train.widths,
+        "compile": params.train.compile,
         "train_images": len(splits["train"]),
         "test_images": len(splits["test"]),
         "accuracy_mean": statistics.fmean(accuracies),
@@ -181,18 +185,19 @@ def render_report(results: dict) -> str:
         "test-time augmentation, one-off warm-up excluded (reported apart). Stage wall time runs from",
         "process start to the end of the first seed (imports, data loading and warm-up included).",
         "",
-        "| run | device | epochs | seeds | accuracy (mean ± std) | training time median (s) | warm-up (s) "
-        "| stage wall (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| run | device | train images | epochs | seeds | accuracy (mean ± std) | training time median (s) "
+        "| warm-up (s) | stage wall (s) | energy (Wh) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, r in results.items():
         if key == "vit_b16_throughput":
             continue
+        energy = f"{1000 * r['emissions']['energy_kwh']:.2f}" if "emissions" in r else "not measured"
         lines.append(
-            f"| {key} | {r['device']} | {r['epochs']} | {r['seeds']} | "
+            f"| {key} | {r['device']} | {r['train_images']:,} | {r['epochs']} | {r['seeds']} | "
             f"{100 * r['accuracy_mean']:.2f}% ± {100 * r['accuracy_std']:.2f} | "
             f"{r['train_seconds_median']:.2f} | "
-            f"{r['warmup_seconds']:.1f} | {r['stage_wall_seconds']:.1f} |"
+            f"{r['warmup_seconds']:.1f} | {r['stage_wall_seconds']:.1f} | {energy} |"
         )
     vit = results.get("vit_b16_throughput")
     if vit:
@@ -238,14 +243,33 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
-    if args.vit_throughput:
-        entry = vit_throughput()
-        save("vit_b16_throughput", entry)
-    else:
-        params = load_profile(args.profile, args.set)
-        entry = benchmark_training(params, args.seeds, args.processed_dir)
-        save(args.key or args.profile, entry)
+    params = load_profile(args.profile, args.set)
+    key = "vit_b16_throughput" if args.vit_throughput else args.key or args.profile
+    emissions_file = STAGE_EMISSIONS_DIR / f"benchmark_{key}.json"
+    with _measured(params.emissions.country_iso_code, emissions_file):
+        if args.vit_throughput:
+            entry = vit_throughput()
+        else:
+            entry = benchmark_training(params, args.seeds, args.processed_dir)
+    if emissions_file.is_file():
+        record = json.loads(emissions_file.read_text())
+        entry["emissions"] = {
+            k: record[k] for k in ("emissions_kg", "energy_kwh", "duration_s", "country_iso_code")
+        }
+    save(key, entry)
     print(json.dumps(entry, indent=2))
+
+
+def _measured(country_iso_code: str, out_file: Path) -> contextlib.AbstractContextManager:
+    """codecarbon around the benchmark where it is installed (a bare GPU image may lack it)."""
+    try:
+        import codecarbon  # noqa: F401
+    except ImportError:
+        print("codecarbon is not installed: benchmark emissions not measured")
+        return contextlib.nullcontext()
+    from cifar10_pipeline.emissions import measure
+
+    return measure("benchmark", country_iso_code, out_file)
 
 
 if __name__ == "__main__":

@@ -98,12 +98,12 @@ class StageRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
-def _experiment_id(client: Any, name: str) -> str:
+def _experiment_id(client: Any, name: str, default_store: bool) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
+    if default_store:  # beside the default SQLite store; a custom server decides for itself
         ARTIFACT_ROOT.mkdir(exist_ok=True)
         artifact_location = ARTIFACT_ROOT.resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifact_location)
@@ -139,9 +139,11 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI for child processes.
+    default_store = "MLFLOW_TRACKING_URI" not in os.environ
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
-    experiment_id = _experiment_id(client, params.mlflow.experiment)
+    experiment_id = _experiment_id(client, params.mlflow.experiment, default_store)
     key = pipeline_key()
     parent_id = _parent_run_id(client, experiment_id, key, params)
     tags = {
