@@ -36,7 +36,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_convnet(tmp_path_factory.mktemp("model") / "cifar10")
 
 
-def register(client, experiment_id: str, model_dir: Path, accuracy: float, test_set: str, champion_eval=None) -> dict:
+def register(
+    client, experiment_id: str, model_dir: Path, accuracy: float, test_set: str, champion_eval=None
+) -> dict:
     images, _ = synthetic_images(4, seed=0)
     run = client.create_run(experiment_id)
     calls = []
@@ -61,7 +63,7 @@ def register(client, experiment_id: str, model_dir: Path, accuracy: float, test_
 
 
 def champion_version(client) -> str:
-    return client.get_model_version_by_alias(NAME, registry.CHAMPION).version
+    return str(client.get_model_version_by_alias(NAME, registry.CHAMPION).version)
 
 
 def test_champion_alias_rule(mlflow_store, model_dir: Path) -> None:
@@ -87,7 +89,9 @@ def test_other_test_set_re_evaluates_the_champion(mlflow_store, model_dir: Path)
     client, experiment_id = mlflow_store
     register(client, experiment_id, model_dir, accuracy=0.95, test_set="subset")
     # On the new test set the champion scores 0.70, so 0.75 wins even though 0.75 < 0.95.
-    challenger = register(client, experiment_id, model_dir, accuracy=0.75, test_set="full", champion_eval=0.70)
+    challenger = register(
+        client, experiment_id, model_dir, accuracy=0.75, test_set="full", champion_eval=0.70
+    )
     assert challenger["reevaluated"] == [f"models:/{NAME}/1"]
     assert challenger["promoted"] and champion_version(client) == "2"
 

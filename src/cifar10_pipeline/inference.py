@@ -89,6 +89,27 @@ def tta_logits(model: PreTrainedModel, x: torch.Tensor, level: int) -> torch.Ten
     return 0.5 * logits + 0.5 * shifted_logits
 
 
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature T minimising the NLL of softmax(logits / T) on held-out data (Guo et al., 2017).
+
+    Label smoothing and a down-scaled head leave the network under-confident; one scalar fixes the
+    probabilities without changing any prediction.
+    """
+    logits, labels = logits.detach().float(), labels.detach()
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -108,10 +129,16 @@ def predict_logits(
     tta_level: int | None = None,
     precision: str = "bf16",
     progress: bool = False,
+    calibrated: bool = True,
 ) -> torch.Tensor:
-    """Logits (N, num_labels) on the CPU for uint8 (N, 32, 32, 3) images, with the model's own TTA level."""
+    """Logits (N, num_labels) on the CPU for uint8 (N, 32, 32, 3) images, with the model's own TTA level.
+
+    ``calibrated`` divides by the temperature fitted after training (``config.temperature``, 1 if absent),
+    so softmax gives calibrated probabilities; predictions are the same either way.
+    """
     device = next(model.parameters()).device
     level = model.config.tta_level if tta_level is None else tta_level
+    temperature = getattr(model.config, "temperature", 1.0) if calibrated else 1.0
     images = torch.as_tensor(images)
     if images.ndim != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE or images.dtype != torch.uint8:
         raise ImageInputError(
@@ -127,6 +154,6 @@ def predict_logits(
             images[part].to(device, non_blocking=True), model.config.image_mean, model.config.image_std
         )
         with autocast(device, precision):
-            out.append(tta_logits(model, x, level).cpu())
+            out.append(tta_logits(model, x, level).cpu() / temperature)
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.config.num_labels)

@@ -43,12 +43,14 @@ class CifarConvNetConfig(PreTrainedConfig):
     num_channels: int = 3
     image_size: int = 32
     widths: list[int] | tuple[int, ...] = (64, 256, 256)
+    extra_convs: int = 0  # residual conv-BN-GELU layers added at the end of each group
     whiten_kernel_size: int = 2
     batchnorm_momentum: float = 0.6  # weight of the old running statistics (0.6 = fast-moving)
     logit_scale: float = 1 / 9  # small logits early on act like a temperature and speed up training
     image_mean: list[float] | tuple[float, ...] = CIFAR10_MEAN
     image_std: list[float] | tuple[float, ...] = CIFAR10_STD
     tta_level: int = 0  # test-time augmentation every consumer applies (see inference.py)
+    temperature: float = 1.0  # divides the logits; fitted on the validation split after training
 
     def __post_init__(self, **kwargs):
         self.widths = list(self.widths)
@@ -58,9 +60,9 @@ class CifarConvNetConfig(PreTrainedConfig):
 
 
 class ConvGroup(nn.Module):
-    """conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU: halves the resolution, no residual."""
+    """conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU (+ residual conv-BN-GELU layers)."""
 
-    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float):
+    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float, extra_convs: int = 0):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding="same", bias=False)
         self.pool = nn.MaxPool2d(2)
@@ -68,10 +70,21 @@ class ConvGroup(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding="same", bias=False)
         self.norm2 = FrozenScaleBatchNorm(out_channels, bn_momentum)
         self.act = nn.GELU()
+        self.extra = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(out_channels, out_channels, 3, padding="same", bias=False),
+                FrozenScaleBatchNorm(out_channels, bn_momentum),
+                nn.GELU(),
+            )
+            for _ in range(extra_convs)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))
-        return self.act(self.norm2(self.conv2(x)))
+        x = self.act(self.norm2(self.conv2(x)))
+        for layer in self.extra:
+            x = x + layer(x)
+        return x
 
 
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
@@ -122,9 +135,10 @@ class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
         self.whiten = nn.Conv2d(config.num_channels, whiten_width, k, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.act = nn.GELU()
-        self.group1 = ConvGroup(whiten_width, w1, config.batchnorm_momentum)
-        self.group2 = ConvGroup(w1, w2, config.batchnorm_momentum)
-        self.group3 = ConvGroup(w2, w3, config.batchnorm_momentum)
+        momentum, extra = config.batchnorm_momentum, config.extra_convs
+        self.group1 = ConvGroup(whiten_width, w1, momentum, extra)
+        self.group2 = ConvGroup(w1, w2, momentum, extra)
+        self.group3 = ConvGroup(w2, w3, momentum, extra)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.classifier = nn.Linear(w3, config.num_labels, bias=False)
         self.post_init()
@@ -174,9 +188,13 @@ def label_maps() -> tuple[dict[int, str], dict[str, int]]:
     return id2label, {name: index for index, name in id2label.items()}
 
 
-def build_cifar_convnet(widths: list[int], tta_level: int) -> CifarConvNetForImageClassification:
+def build_cifar_convnet(
+    widths: list[int], tta_level: int, extra_convs: int = 0
+) -> CifarConvNetForImageClassification:
     id2label, label2id = label_maps()
-    config = CifarConvNetConfig(widths=widths, tta_level=tta_level, id2label=id2label, label2id=label2id)
+    config = CifarConvNetConfig(
+        widths=widths, extra_convs=extra_convs, tta_level=tta_level, id2label=id2label, label2id=label2id
+    )
     return CifarConvNetForImageClassification(config)
 
 

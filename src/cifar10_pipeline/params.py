@@ -84,6 +84,7 @@ class TrainParams(_Section):
     # torch.compile: false, or a mode ("default", "reduce-overhead" = with CUDA graphs, "max-autotune").
     compile: Literal[False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
     widths: list[PositiveInt] = Field(min_length=3, max_length=3)
+    extra_convs: Annotated[int, Field(ge=0, le=4)]
     finetune_image_size: PositiveInt
 
     @property

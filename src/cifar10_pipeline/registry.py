@@ -85,7 +85,7 @@ def log_and_register(
     except MlflowException:
         champion = None
     previous = None
-    if champion is not None and champion.version != version:
+    if champion is not None and str(champion.version) != version:
         if champion.tags.get(TEST_SET_TAG) == test_set and ACCURACY_TAG in champion.tags:
             previous = float(champion.tags[ACCURACY_TAG])
         else:

@@ -117,9 +117,11 @@ def make_optimizer(model: PreTrainedModel, hp: TrainParams) -> torch.optim.Optim
     lr = hp.lr / kilostep_scale
     wd = hp.weight_decay * hp.batch_size / kilostep_scale
     lr_biases = lr * hp.bias_lr_scale
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    norm_biases = [p for name, p in named if "norm" in name]
-    others = [p for name, p in named if "norm" not in name]
+    # Identify batch-norm parameters by module type, not by name, so any layout of the groups works.
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    norm_biases = [p for p in trainable if id(p) in norm_ids]
+    others = [p for p in trainable if id(p) not in norm_ids]
     groups = [
         {"params": norm_biases, "lr": lr_biases, "weight_decay": wd / lr_biases},
         {"params": others, "lr": lr, "weight_decay": wd / lr},

@@ -89,6 +89,10 @@ def evaluate(
 
     report = classification_metrics(test.labels, predictions)
     calib = calibration(probabilities, test.labels, params.calibration_bins)
+    # The same logits before the fitted temperature, to show what calibration changed.
+    temperature = float(getattr(model.config, "temperature", 1.0))
+    raw_probabilities = (logits * temperature).softmax(1).numpy()
+    uncalibrated = calibration(raw_probabilities, test.labels, params.calibration_bins)
     subset = slice(0, min(params.robustness_images, len(test)))
     clean_subset_accuracy = float((predictions[subset] == test.labels[subset]).mean())
     robustness = robustness_table(model, test.images[subset], test.labels[subset], params.batch_size)
@@ -103,6 +107,8 @@ def evaluate(
         "test_images": len(test),
         "ece": calib["ece"],
         "nll": calib["nll"],
+        "temperature": temperature,
+        "ece_before_temperature": uncalibrated["ece"],
         "mean_confidence": calib["mean_confidence"],
         "class_gap": report["class_gap"],
         "per_class": report["per_class"],

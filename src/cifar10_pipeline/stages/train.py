@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from cifar10_pipeline import plots
 from cifar10_pipeline.data import atomic_output, load_split
+from cifar10_pipeline.inference import fit_temperature, predict_logits
 from cifar10_pipeline.model import build_cifar_convnet, build_finetune_model, register_auto_classes
 from cifar10_pipeline.params import Params, TrainParams, load_params
 from cifar10_pipeline.paths import (
@@ -44,8 +45,18 @@ def build_model(hp: TrainParams) -> PreTrainedModel:
     torch.manual_seed(hp.seed)
     register_auto_classes()
     if hp.is_builtin_model:
-        return build_cifar_convnet(hp.widths, hp.tta_level)
+        return build_cifar_convnet(hp.widths, hp.tta_level, hp.extra_convs)
     return build_finetune_model(hp.model, hp.finetune_image_size, hp.tta_level)
+
+
+def calibrate(model: PreTrainedModel, val_split) -> float | None:
+    """Fit the softmax temperature on the validation split and store it in the config (None: no split)."""
+    if not len(val_split):
+        return None
+    logits = predict_logits(model, val_split.images, calibrated=False)
+    temperature = fit_temperature(logits, torch.as_tensor(val_split.labels))
+    model.config.temperature = temperature
+    return temperature
 
 
 def train(
@@ -75,6 +86,7 @@ def train(
                     on_epoch(record)
 
             result = train_classifier(model, train_split, val_split, hp, device, on_epoch=record_epoch)
+        temperature = calibrate(model, val_split)
         with atomic_output(Path(model_dir)) as staged_model:
             model.save_pretrained(staged_model)
     last = result.history[-1]
@@ -89,6 +101,7 @@ def train(
         "train_images": len(train_split),
         "val_accuracy": last.val_accuracy,
         "val_loss": last.val_loss,
+        "temperature": temperature,
         "train_loss": last.train_loss,
         "train_seconds": round(result.train_seconds, 2),
         "train_images_per_second": round(result.images_seen / max(result.train_seconds, 1e-9), 1),
