@@ -98,6 +98,13 @@ def evaluate(
     robustness = robustness_table(model, test.images[subset], test.labels[subset], params.batch_size)
     worst = min((acc, f"{name}@{sev}") for name, row in robustness.items() for sev, acc in row.items())
     matrix = confusion_matrix(test.labels, predictions, labels=range(len(CLASS_NAMES)))
+    off_diagonal = [
+        (int(matrix[t, p]), t, p) for t in range(len(CLASS_NAMES)) for p in range(len(CLASS_NAMES)) if t != p
+    ]
+    most_confused = [
+        {"true": CLASS_NAMES[t], "predicted": CLASS_NAMES[p], "count": count}
+        for count, t, p in sorted(off_diagonal, reverse=True)[:3]
+    ]
     picks = most_confident_mistakes(probabilities, test.labels, params.gallery_per_class)
 
     metrics = {
@@ -111,6 +118,7 @@ def evaluate(
         "ece_before_temperature": uncalibrated["ece"],
         "mean_confidence": calib["mean_confidence"],
         "class_gap": report["class_gap"],
+        "most_confused": most_confused,
         "per_class": report["per_class"],
         "robustness": {
             "images": subset.stop,

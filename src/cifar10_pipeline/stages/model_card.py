@@ -72,11 +72,17 @@ def render(params: Params, facts: dict) -> str:
     )
     hw = em["hardware"]
     validation_line = f"{val['evaluated']} expectations evaluated, {val['failed']} failed"
+    extra = config.get("extra_convs", 0)
+    residual = f"plus {extra} residual conv layer(s) per group" if extra else "no residual connections"
+    confusions = ", ".join(
+        f"{c['true']} taken for {c['predicted']} ({c['count']})" for c in ev["most_confused"]
+    )
+    worst_corruptions = sorted(robust["accuracy"], key=lambda name: robust["accuracy"][name]["3"])[:2]
     if builtin:
         model_type = (
             "convolutional network for 32x32 images trained from scratch (`cifar_convnet`: a frozen "
             f"patch-whitening layer, three conv groups of widths {config['widths']}, batch norm, GELU, "
-            "no residuals, global max-pool, linear head)"
+            f"{residual}, global max-pool, linear head)"
         )
         parent = (
             f"none. The card we started from names `{PARENT_MODEL}` as the parent model; this run trains the "
@@ -109,7 +115,7 @@ Figures were measured on {_data_note(source)}.
 - **Parent model:** {parent}
 - **Parameters:** {train["parameters"]:,}; checkpoint {train["checkpoint_bytes"] / 1e6:.1f} MB (safetensors).
 - **Registry:** MLflow registered model `{reg["registered_model"]}`, version {reg["version"]}; alias `champion` \
-points to version {reg["champion_version"]} ({"this model" if reg["promoted"] else "an earlier, better model"}).
+points to version {reg["champion_version"]} ({"this model" if reg["promoted"] else "an earlier model, which this one does not beat on the same test set"}).
 - **License:** Apache-2.0 (code and weights of this project). CIFAR-10 itself carries no explicit license.
 - **Developed by:** the cifar10-pipeline contributors.
 
@@ -126,14 +132,16 @@ points to version {reg["champion_version"]} ({"this model" if reg["promoted"] el
 
 The classes are not served equally. On the test set the best class is **{gap["best_class"]}**
 (F1 {pct(gap["best_f1"])}) and the worst is **{gap["worst_class"]}** (F1 {pct(gap["worst_f1"])}): a gap of
-{100 * gap["f1_gap"]:.1f} F1 points (recall gap {100 * gap["recall_gap"]:.1f} points). Errors concentrate
-between visually similar classes (see the confusion matrix, `reports/figures/confusion_matrix.png`).
+{100 * gap["f1_gap"]:.1f} F1 points (recall gap {100 * gap["recall_gap"]:.1f} points). The most frequent
+confusions are {confusions} (test images; see `reports/figures/confusion_matrix.png`).
 
 | class | precision | recall | F1 | test images |
 |---|---:|---:|---:|---:|
 {per_class_rows}
 
-Accuracy falls under common corruptions (below): noise and low contrast hurt most. The training data are
+Accuracy falls under common corruptions (below); {worst_corruptions[0].replace("_", " ")} and
+{worst_corruptions[1].replace("_", " ")} hurt most (severity 3: {pct(robust["accuracy"][worst_corruptions[0]]["3"])}
+and {pct(robust["accuracy"][worst_corruptions[1]]["3"])}). The training data are
 32x32 web thumbnails from 2009; photographs with other statistics (phone cameras, other regions, other
 decades) are out of distribution. Label smoothing leaves the raw network under-confident (test ECE
 {ev["ece_before_temperature"]:.4f}); a softmax temperature of {ev["temperature"]:.3f}, fitted on the validation
@@ -144,7 +152,7 @@ CLI, web service) applies it.
 
 ```bash
 cifar10 predict path/to/image.png --top-k 3     # command line
-cifar10-serve                                    # web service on http://127.0.0.1:8000 (see docs/serving.md)
+cifar10 serve                                    # web service on http://127.0.0.1:8000 (see docs/serving.md)
 ```
 
 ```python
