@@ -21,18 +21,17 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+
+from cifar10_pipeline.localserver import model_server
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TEST_SHARD = "test-00000-of-00001.parquet"
@@ -90,55 +89,6 @@ def load_images(count: int) -> tuple[list[bytes], str]:
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
         pngs.append(buffer.getvalue())
     return pngs, "synthetic 32x32 PNGs (CIFAR-10 mirror not found)"
-
-
-# ----------------------------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def server(model: str, max_files: int, log_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "CIFAR10_SERVE_MODEL": model,
-        "CIFAR10_SERVE_HOST": "127.0.0.1",
-        "CIFAR10_SERVE_PORT": str(port),
-        "CIFAR10_SERVE_MAX_FILES": str(max_files),
-        "CIFAR10_SERVE_LOG_LEVEL": "warning",  # no access log: it would cost the server time per request
-    }
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cifar10_pipeline.serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not become healthy in 180 s:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-# ------------------------------------------------------------------------------------------------- load
 
 
 @dataclass
@@ -341,7 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     http_rows: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory() as scratch,
-        server(args.model, args.batch, Path(scratch) / "server.log") as url,
+        model_server(
+            args.model,
+            Path(scratch) / "server.log",
+            timeout=180,
+            max_files=args.batch,
+            log_level="warning",  # no access log: it would cost the server time per request
+        ) as url,
     ):
         # Reach steady state once (first requests pay torch's kernel setup for each new batch shape).
         with httpx.Client(base_url=url, timeout=60) as http:

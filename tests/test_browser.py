@@ -7,13 +7,8 @@ screenshot), else a small random-weights model: the test checks the page shows w
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cifar10_pipeline.localserver import free_port, model_server  # noqa: F401 (free_port: test_experiments)
 from cifar10_pipeline.model import build_cifar_convnet
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -90,48 +86,6 @@ def driver() -> Iterator[object]:
         chrome.quit()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def uvicorn_process(model_dir: Path, log_path: Path) -> Iterator[str]:
-    """``python -m cifar10_pipeline.serve`` on a free local port; yields its base URL once /health answers."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "CIFAR10_SERVE_MODEL": str(model_dir),
-        "CIFAR10_SERVE_HOST": "127.0.0.1",
-        "CIFAR10_SERVE_PORT": str(port),
-    }
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cifar10_pipeline.serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server did not become healthy:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -145,7 +99,7 @@ def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path:
         paths.append(tmp_path / f"cifar10_test_{index}.png")
         paths[-1].write_bytes(row["bytes"])
 
-    with uvicorn_process(model_dir, tmp_path / "server.log") as url:
+    with model_server(model_dir, tmp_path / "server.log") as url:
         expected = {}
         for path in paths:
             response = httpx.post(

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +21,7 @@ from pydantic import ValidationError
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.inference import image_to_array, predict_logits
+from cifar10_pipeline.localserver import model_server
 from cifar10_pipeline.model import build_cifar_convnet, load_model
 from cifar10_pipeline.serve import ErrorResponse, HealthResponse, PredictResponse, ServeSettings, create_app
 
@@ -291,53 +287,10 @@ def test_api_probabilities_equal_predict_logits_on_real_test_images(
 # ------------------------------------------------------------------------------------------- real uvicorn
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def uvicorn_process(model_dir: Path, log_path: Path, **settings: str) -> Iterator[str]:
-    """``python -m cifar10_pipeline.serve`` on a free local port; yields its base URL once /health answers."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "CIFAR10_SERVE_MODEL": str(model_dir),
-        "CIFAR10_SERVE_HOST": "127.0.0.1",
-        "CIFAR10_SERVE_PORT": str(port),
-        **{f"CIFAR10_SERVE_{key.upper()}": value for key, value in settings.items()},
-    }
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cifar10_pipeline.serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server did not become healthy:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.slow
 def test_real_uvicorn_server(model_dir: Path, tmp_path: Path) -> None:
     with (
-        uvicorn_process(model_dir, tmp_path / "server.log", max_upload_bytes="200000") as url,
+        model_server(model_dir, tmp_path / "server.log", max_upload_bytes=200000) as url,
         httpx.Client(base_url=url, timeout=60) as http,
     ):
         pngs = [encode(seed=i) for i in range(3)]

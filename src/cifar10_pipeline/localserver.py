@@ -1,0 +1,76 @@
+"""Run an HTTP server in a child process on a free loopback port, for the load benchmark and the tests.
+
+The server is ready when its health URL answers 200; it is always stopped on exit (terminate, then kill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(
+    command: Sequence[str],
+    port: int,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    health_path: str = "/health",
+    timeout: float = 120.0,
+) -> Iterator[str]:
+    """Start ``command`` (which must listen on 127.0.0.1:``port``); yield its base URL once healthy."""
+    log_path = Path(log_path)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            list(command), env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}{health_path}", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"server did not become healthy in {timeout:.0f} s:\n{log_path.read_text()}"
+                )
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def model_server(model: str | Path, log_path: Path, timeout: float = 120.0, **settings: object):
+    """``python -m cifar10_pipeline.serve`` for ``model``; extra CIFAR10_SERVE_* settings as keywords."""
+    port = free_port()
+    env = {
+        "CIFAR10_SERVE_MODEL": str(model),
+        "CIFAR10_SERVE_HOST": "127.0.0.1",
+        "CIFAR10_SERVE_PORT": str(port),
+        **{f"CIFAR10_SERVE_{key.upper()}": str(value) for key, value in settings.items()},
+    }
+    return local_server(
+        [sys.executable, "-m", "cifar10_pipeline.serve"], port, log_path, env, timeout=timeout
+    )
