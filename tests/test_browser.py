@@ -7,7 +7,6 @@ screenshot), else a small random-weights model: the test checks the page shows w
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +14,12 @@ from pathlib import Path
 import httpx
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from cifar10_pipeline.localserver import free_port, model_server  # noqa: F401 (free_port: test_experiments)
-from cifar10_pipeline.model import build_cifar_convnet
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from .conftest import PROJECT_ROOT, mirror_dir
+from .helpers import save_tiny_convnet
+
 TEST_SHARD = "test-00000-of-00001.parquet"
 SCREENSHOT = PROJECT_ROOT / "reports" / "screenshots" / "serve_page.png"
 CHROME_FLAGS = (
@@ -41,25 +40,12 @@ def _executable(*names: str) -> str | None:
     return next((found for name in names if (found := shutil.which(name))), None)
 
 
-def mirror_dir() -> Path | None:
-    """The CIFAR-10 Parquet mirror: $CIFAR10_MIRROR, else ../shared/data/cifar10 beside the project."""
-    for candidate in (os.environ.get("CIFAR10_MIRROR"), PROJECT_ROOT.parent / "shared" / "data" / "cifar10"):
-        if candidate and (Path(candidate) / TEST_SHARD).is_file():
-            return Path(candidate)
-    return None
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     trained = PROJECT_ROOT / "models" / "cifar10"
     if (trained / "config.json").is_file():
         return trained
-    torch.manual_seed(0)
-    model = build_cifar_convnet([16, 32, 32], tta_level=2)
-    model.init_whitening(torch.randn(64, 3, 32, 32))
-    path = tmp_path_factory.mktemp("browser") / "model"
-    model.save_pretrained(path)
-    return path
+    return save_tiny_convnet(tmp_path_factory.mktemp("browser") / "model", tta_level=2)
 
 
 @pytest.fixture(scope="module")

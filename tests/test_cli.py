@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,35 +10,23 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
 from cifar10_pipeline.data import decode_png
 from cifar10_pipeline.inference import image_to_array, predict_logits
-from cifar10_pipeline.model import build_cifar_convnet, load_model
+from cifar10_pipeline.model import load_model
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from .conftest import mirror_dir
+from .helpers import save_tiny_convnet
+
 TEST_SHARD = "test-00000-of-00001.parquet"
-
-
-def mirror_dir() -> Path | None:
-    """The CIFAR-10 Parquet mirror: $CIFAR10_MIRROR, else ../shared/data/cifar10 beside the project."""
-    for candidate in (os.environ.get("CIFAR10_MIRROR"), PROJECT_ROOT.parent / "shared" / "data" / "cifar10"):
-        if candidate and (Path(candidate) / TEST_SHARD).is_file():
-            return Path(candidate)
-    return None
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_cifar_convnet([16, 32, 32], tta_level=2)
-    model.init_whitening(torch.randn(64, 3, 32, 32))
-    path = tmp_path_factory.mktemp("cli") / "model"
-    model.save_pretrained(path)
-    return path
+    return save_tiny_convnet(tmp_path_factory.mktemp("cli") / "model", tta_level=2)
 
 
 def _save(

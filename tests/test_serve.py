@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -14,7 +13,6 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
@@ -22,22 +20,16 @@ from pydantic import ValidationError
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.inference import image_to_array, predict_logits
 from cifar10_pipeline.localserver import model_server
-from cifar10_pipeline.model import build_cifar_convnet, load_model
+from cifar10_pipeline.model import load_model
 from cifar10_pipeline.serve import ErrorResponse, HealthResponse, PredictResponse, ServeSettings, create_app
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from .conftest import mirror_dir
+from .helpers import save_tiny_convnet
+
 TEST_SHARD = "test-00000-of-00001.parquet"
 MAX_UPLOAD_BYTES = 300_000
 MAX_FILES = 4
 MAX_IMAGE_PIXELS = 2_000_000
-
-
-def mirror_dir() -> Path | None:
-    """The CIFAR-10 Parquet mirror: $CIFAR10_MIRROR, else ../shared/data/cifar10 beside the project."""
-    for candidate in (os.environ.get("CIFAR10_MIRROR"), PROJECT_ROOT.parent / "shared" / "data" / "cifar10"):
-        if candidate and (Path(candidate) / TEST_SHARD).is_file():
-            return Path(candidate)
-    return None
 
 
 def real_test_pngs(count: int) -> list[bytes]:
@@ -76,12 +68,7 @@ def png_declaring(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_cifar_convnet([16, 32, 32], tta_level=2)
-    model.init_whitening(torch.randn(64, 3, 32, 32))
-    path = tmp_path_factory.mktemp("serve") / "model"
-    model.save_pretrained(path)
-    return path
+    return save_tiny_convnet(tmp_path_factory.mktemp("serve") / "model", tta_level=2)
 
 
 @pytest.fixture(scope="module")
