@@ -30,8 +30,14 @@ DEFAULT_STORE = Path("mlflow.db")
 ARTIFACT_ROOT = Path("mlartifacts")
 
 
+def project_root() -> Path:
+    """The repository's root, also for queued experiments, which DVC runs in temporary copies
+    (it sets DVC_ROOT to the real root for them), so their runs land in the project's store."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE.resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_STORE}"
 
 
 def git_commit() -> str:
@@ -104,8 +110,9 @@ def _experiment_id(client: Any, name: str, default_store: bool) -> str:
         return experiment.experiment_id
     artifact_location = None
     if default_store:  # beside the default SQLite store; a custom server decides for itself
-        ARTIFACT_ROOT.mkdir(exist_ok=True)
-        artifact_location = ARTIFACT_ROOT.resolve().as_uri()
+        artifact_root = project_root() / ARTIFACT_ROOT
+        artifact_root.mkdir(exist_ok=True)
+        artifact_location = artifact_root.as_uri()
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
