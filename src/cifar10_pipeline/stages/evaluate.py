@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import confusion_matrix
 
 from cifar10_pipeline import CLASS_NAMES, plots
@@ -236,7 +235,6 @@ def run(params: Params) -> dict:
 
 
 def main() -> None:
-    torch.set_grad_enabled(False)
     run(load_params())
 
 
