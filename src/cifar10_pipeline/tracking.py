@@ -167,5 +167,8 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
         yield run
     except BaseException:
         client.set_terminated(run.run_id, "FAILED")
+        client.set_terminated(parent_id, "FAILED")
         raise
     client.set_terminated(run.run_id, "FINISHED")
+    # The parent ends with its latest stage (a later stage of the same pipeline run re-closes it).
+    client.set_terminated(parent_id, "FINISHED")
