@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 import yaml
 
@@ -46,3 +51,37 @@ def write_params(root: Path, **sections: dict) -> None:
         else:
             raw[section] = values
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+CHROME_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
+)
+
+
+@contextlib.contextmanager
+def headless_chrome(window_size: str = "1200,900") -> Iterator[Any]:
+    """Debian's Chromium driven by selenium; skips the test when either is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    chromedriver = shutil.which("chromedriver")
+    if binary is None or chromedriver is None:
+        pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (*CHROME_FLAGS, f"--window-size={window_size}"):
+        options.add_argument(flag)
+    # An explicit driver path keeps Selenium Manager from trying to download one.
+    chrome = webdriver.Chrome(service=Service(chromedriver), options=options)
+    chrome.set_page_load_timeout(60)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()

@@ -7,7 +7,6 @@ screenshot), else a small random-weights model: the test checks the page shows w
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,29 +14,15 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from cifar10_pipeline.localserver import free_port, model_server  # noqa: F401 (free_port: test_experiments)
+from cifar10_pipeline.localserver import model_server
 
 from .conftest import PROJECT_ROOT, mirror_dir
-from .helpers import save_tiny_convnet
+from .helpers import headless_chrome, save_tiny_convnet
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 SCREENSHOT = PROJECT_ROOT / "reports" / "screenshots" / "serve_page.png"
-CHROME_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
-    "--window-size=1200,900",
-)
 
 pytestmark = pytest.mark.slow
-
-
-def _executable(*names: str) -> str | None:
-    return next((found for name in names if (found := shutil.which(name))), None)
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +35,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def driver() -> Iterator[object]:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    browser = _executable("chromium", "chromium-browser", "google-chrome")
-    chromedriver = _executable("chromedriver")
-    if browser is None or chromedriver is None:
-        pytest.skip(
-            "headless test needs chromium and chromedriver (apt-get install chromium chromium-driver)"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    # An explicit driver path keeps Selenium Manager from trying to download one.
-    chrome = webdriver.Chrome(service=Service(chromedriver), options=options)
-    chrome.set_page_load_timeout(60)
-    try:
+    with headless_chrome() as chrome:
         yield chrome
-    finally:
-        chrome.quit()
 
 
 def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ scripts/pr_report.sh must compare two of the experiments.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -29,11 +28,11 @@ import httpx
 import pytest
 import yaml
 
+from cifar10_pipeline.localserver import free_port, local_server
 from cifar10_pipeline.params import ParamsError, resolve
 
 from .conftest import PROJECT_ROOT, mirror_dir
-from .helpers import default_raw_params
-from .test_browser import CHROME_FLAGS, free_port
+from .helpers import default_raw_params, headless_chrome
 
 # ---------------------------------------------------------------------------------------------------------
 # Every knob, through the same YAML edit as `dvc exp run -S key=value`
@@ -301,11 +300,9 @@ def test_dvc_exp_show_lists_the_sweep(sweep: Sweep) -> None:
     assert sweep.seconds, "no experiment ran"
 
 
-@contextlib.contextmanager
-def mlflow_server(store_uri: str, cwd: Path) -> Iterator[str]:
+def mlflow_server(store_uri: str, cwd: Path):
     """``mlflow server`` (this venv's) on a free local port; yields its URL once /health answers."""
     port = free_port()
-    log_path = cwd.parent / "mlflow_server.log"
     command = [
         sys.executable,
         "-m",
@@ -320,28 +317,7 @@ def mlflow_server(store_uri: str, cwd: Path) -> Iterator[str]:
         "--workers",
         "1",  # 2 cores: one worker serves a test's few requests
     ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"mlflow server exited ({process.returncode}):\n{log_path.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server did not answer /health in 120s:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
+    return local_server(command, port, cwd.parent / "mlflow_server.log", cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -420,26 +396,8 @@ def test_each_experiment_is_an_mlflow_parent_run(sweep: Sweep, server: str) -> N
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    from selenium.webdriver.chrome.service import Service
-
-    binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-    chromedriver = shutil.which("chromedriver")
-    if binary is None or chromedriver is None:
-        pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in CHROME_FLAGS:
-        if not flag.startswith("--window-size"):
-            options.add_argument(flag)
-    options.add_argument("--window-size=1600,1000")  # wide enough for the compare table's columns
-    # An explicit driver path keeps Selenium Manager from trying to download one.
-    chrome = webdriver.Chrome(service=Service(chromedriver), options=options)
-    chrome.set_page_load_timeout(60)
-    try:
+    with headless_chrome("1600,1000") as chrome:  # wide enough for the compare table's columns
         yield chrome
-    finally:
-        chrome.quit()
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from cifar10_pipeline import CLASS_NAMES
+
 from .conftest import PROJECT_ROOT
 from .helpers import write_params
 
@@ -107,18 +109,7 @@ def test_metrics_are_real(pipeline_run: Path) -> None:
     metrics = json.loads((pipeline_run / "metrics/eval.json").read_text())
     assert metrics["test_images"] == 300
     assert 0.25 < metrics["accuracy"] <= 1.0  # four epochs on 1,000 images: well above chance (0.1)
-    assert set(metrics["per_class"]) == {
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    }
+    assert set(metrics["per_class"]) == set(CLASS_NAMES)
     assert 0 <= metrics["ece"] <= 1
     assert set(metrics["robustness"]["accuracy"]) == {
         "gaussian_noise",

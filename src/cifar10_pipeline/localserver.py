@@ -31,12 +31,13 @@ def local_server(
     env: dict[str, str] | None = None,
     health_path: str = "/health",
     timeout: float = 120.0,
+    cwd: Path | None = None,
 ) -> Iterator[str]:
     """Start ``command`` (which must listen on 127.0.0.1:``port``); yield its base URL once healthy."""
     log_path = Path(log_path)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            list(command), env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+            list(command), env={**os.environ, **(env or {})}, cwd=cwd, stdout=log, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
     try:
