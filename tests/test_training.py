@@ -81,7 +81,60 @@ def test_schedule_warms_up_then_decays() -> None:
 def test_norm_biases_get_the_larger_learning_rate() -> None:
     hp = small(extra_convs=1)
     model = build_model(hp)
-    bias_group, other_group = make_optimizer(model, hp).param_groups
+    bias_group, other_group, whiten_group = make_optimizer(model, hp).param_groups
     assert bias_group["lr"] == pytest.approx(other_group["lr"] * hp.bias_lr_scale)
     norm_params = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert {id(p) for p in bias_group["params"]} == norm_params  # residual layers' norms included
+    assert whiten_group["params"] == [model.whiten.bias] and whiten_group["lr"] == other_group["lr"]
+
+
+def test_whitening_bias_freezes_after_its_epochs(splits) -> None:
+    train, _ = splits
+    hp = small(epochs=2, whiten_bias_epochs=1)
+    frozen_model = build_model(hp)
+    snapshots = []
+    train_classifier(
+        frozen_model,
+        train,
+        None,
+        hp,
+        torch.device("cpu"),
+        progress=False,
+        on_epoch=lambda _: snapshots.append(frozen_model.whiten.bias.detach().clone()),
+    )
+    assert not torch.equal(snapshots[0], torch.zeros_like(snapshots[0]))  # it trained in epoch 1
+    torch.testing.assert_close(snapshots[1], snapshots[0], rtol=0, atol=0)  # and not in epoch 2
+
+
+def test_cutout_blanks_one_clipped_square_per_image() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.ones(64, 3, 32, 32)
+    out = augment(x, translate=0, flip_mask=None, generator=generator, cutout=8)
+    blanked = (out == 0).all(dim=1)  # (N, H, W): all channels zeroed together
+    assert ((out == 0) == blanked[:, None]).all()
+    areas = blanked.sum(dim=(1, 2))
+    assert areas.max() == 64 and areas.min() >= 16  # a full 8x8 square, or one clipped by a corner
+    rows, cols = blanked.any(dim=2), blanked.any(dim=1)
+    assert (blanked.sum(dim=(1, 2)) == rows.sum(1) * cols.sum(1)).all()  # each blank is one rectangle
+
+
+def test_transformers_train_with_adamw_and_no_decay_on_norms() -> None:
+    hp = small(model="cifar_vit", vit_dim=32, vit_depth=1, vit_heads=2)
+    model = build_model(hp)
+    optimizer = make_optimizer(model, hp)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed, undecayed = optimizer.param_groups
+    assert decayed["weight_decay"] == hp.adamw_weight_decay and undecayed["weight_decay"] == 0.0
+    no_decay = {id(p) for p in undecayed["params"]}
+    assert id(model.position_embeddings) in no_decay and id(model.norm.weight) in no_decay
+    assert id(model.classifier.weight) not in no_decay
+
+
+def test_vit_learns_an_easy_task(splits) -> None:
+    train, val = splits
+    hp = small(model="cifar_vit", vit_dim=32, vit_depth=2, vit_heads=2, adamw_lr=3e-3, epochs=6)
+    records = []
+    train_classifier(
+        build_model(hp), train, val, hp, torch.device("cpu"), on_epoch=records.append, progress=False
+    )
+    assert records[-1].val_accuracy > 0.7  # colour identifies the class (chance: 0.1)

@@ -18,6 +18,7 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -88,7 +89,13 @@ def warm_up(params: Params, splits: dict, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def benchmark_training(params: Params, seeds: int, processed_dir: Path = PROCESSED_DIR) -> dict:
+def benchmark_training(
+    params: Params,
+    seeds: int,
+    processed_dir: Path = PROCESSED_DIR,
+    on_seed: Callable[[dict], None] | None = None,
+) -> dict:
+    """Time ``seeds`` runs; ``on_seed`` gets the summary so far after each (long runs lose nothing)."""
     device = resolve_device(params.train.device)
     splits = load_processed(processed_dir)
     warmup_seconds = warm_up(params, splits, device) if device.type == "cuda" or params.train.compile else 0.0
@@ -99,16 +106,34 @@ def benchmark_training(params: Params, seeds: int, processed_dir: Path = PROCESS
         if stage_wall is None:
             stage_wall = time.time() - psutil.Process().create_time()
         print(f"seed {seed}: accuracy {runs[-1]['accuracy']:.4f} in {runs[-1]['seconds']:.2f} s", flush=True)
+        entry = summarize(params, runs, device, splits, warmup_seconds, stage_wall)
+        if on_seed is not None:
+            on_seed(entry)
+    return entry
+
+
+def summarize(
+    params: Params,
+    runs: list[dict],
+    device: torch.device,
+    splits: dict,
+    warmup_seconds: float,
+    stage_wall: float,
+) -> dict:
     accuracies = [r["accuracy"] for r in runs]
     seconds = [round(r["seconds"], 3) for r in runs]
-    return {
+    hp = params.train
+    entry = {
         "device": describe_device(device),
         "torch": torch.__version__,
-        "seeds": seeds,
-        "epochs": params.train.epochs,
-        "batch_size": params.train.batch_size,
-        "widths": params.train.widths,
-        "compile": params.train.compile,
+        "seeds": len(runs),
+        "model": hp.model,
+        "epochs": hp.epochs,
+        "batch_size": hp.batch_size,
+        "widths": hp.widths,
+        "compile": hp.compile,
+        "cuda_graphs": hp.cuda_graphs,
+        "augmentation": {"flip": hp.flip, "translate": hp.translate, "cutout": hp.cutout},
         "train_images": len(splits["train"]),
         "test_images": len(splits["test"]),
         "accuracy_mean": statistics.fmean(accuracies),
@@ -118,9 +143,17 @@ def benchmark_training(params: Params, seeds: int, processed_dir: Path = PROCESS
         "train_seconds_median": statistics.median(seconds),
         "warmup_seconds": round(warmup_seconds, 2),
         "stage_wall_seconds": round(stage_wall or 0.0, 2),
-        "tta_level": params.train.tta_level,
+        "tta_level": hp.tta_level,
         "data": _data_source(),
     }
+    if hp.model == "cifar_vit":
+        from cifar10_pipeline.vit import flops_split
+
+        model = build_model(hp)
+        entry["vit"] = {"dim": hp.vit_dim, "depth": hp.vit_depth, "heads": hp.vit_heads}
+        entry["forward_macs_per_image"] = flops_split(model.config)
+        entry["parameters"] = sum(p.numel() for p in model.parameters())
+    return entry
 
 
 def vit_throughput(batch_size: int = 128, steps: int = 20) -> dict:
@@ -250,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.vit_throughput:
             entry = vit_throughput()
         else:
-            entry = benchmark_training(params, args.seeds, args.processed_dir)
+            entry = benchmark_training(
+                params, args.seeds, args.processed_dir, on_seed=lambda partial: save(key, partial)
+            )
     if emissions_file.is_file():
         record = json.loads(emissions_file.read_text())
         entry["emissions"] = {

@@ -100,6 +100,31 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
         return super().forward(x.float()).to(x.dtype)
 
 
+@torch.no_grad()
+def init_whitening(layer: nn.Conv2d, pixel_values: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set a k x k conv to ZCA-like whitening of the training images' k x k patches.
+
+    Eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negations (so the GELU
+    after it passes both signs). The layer's weights stay frozen afterwards.
+    """
+    k = layer.kernel_size[0]
+    # F.unfold orders each patch as (channel, row, col): the layout of a conv weight's (C, k, k).
+    patches = F.unfold(pixel_values.float(), k).transpose(1, 2).flatten(0, 1)
+    patches = patches - patches.mean(dim=0)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    filters = eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]
+    filters = filters.reshape(-1, pixel_values.shape[1], k, k)
+    layer.weight.copy_(torch.cat([filters, -filters]).to(layer.weight.dtype))
+
+
+def whitening_layer(num_channels: int, kernel_size: int) -> nn.Conv2d:
+    """The frozen first layer: each eigen-filter of the patch covariance and its negation."""
+    layer = nn.Conv2d(num_channels, 2 * num_channels * kernel_size**2, kernel_size, padding=0, bias=True)
+    layer.weight.requires_grad_(False)
+    return layer
+
+
 class CifarConvNetPreTrainedModel(PreTrainedModel):
     config_class = CifarConvNetConfig
     base_model_prefix = "cifar_convnet"
@@ -130,10 +155,8 @@ class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
     def __init__(self, config: CifarConvNetConfig):
         super().__init__(config)
         w1, w2, w3 = config.widths
-        k = config.whiten_kernel_size
-        whiten_width = 2 * config.num_channels * k * k  # each eigen-filter and its negation
-        self.whiten = nn.Conv2d(config.num_channels, whiten_width, k, padding=0, bias=True)
-        self.whiten.weight.requires_grad_(False)
+        self.whiten = whitening_layer(config.num_channels, config.whiten_kernel_size)
+        whiten_width = self.whiten.out_channels
         self.act = nn.GELU()
         momentum, extra = config.batchnorm_momentum, config.extra_convs
         self.group1 = ConvGroup(whiten_width, w1, momentum, extra)
@@ -143,22 +166,8 @@ class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
         self.classifier = nn.Linear(w3, config.num_labels, bias=False)
         self.post_init()
 
-    @torch.no_grad()
-    def init_whitening(self, pixel_values: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the first layer to ZCA-like whitening of the training images' k x k patches.
-
-        Eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negations (so the GELU
-        after it passes both signs). The layer's weights stay frozen afterwards.
-        """
-        k = self.config.whiten_kernel_size
-        # F.unfold orders each patch as (channel, row, col): the layout of a conv weight's (C, k, k).
-        patches = F.unfold(pixel_values.float(), k).transpose(1, 2).flatten(0, 1)
-        patches = patches - patches.mean(dim=0)
-        covariance = patches.T @ patches / len(patches)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-        filters = eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]
-        filters = filters.reshape(-1, pixel_values.shape[1], k, k)
-        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight.dtype))
+    def init_whitening(self, pixel_values: torch.Tensor) -> None:
+        init_whitening(self.whiten, pixel_values)
 
     def forward(
         self,
@@ -175,12 +184,18 @@ class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
 
 
 def register_auto_classes() -> None:
-    """Let AutoConfig / AutoModelForImageClassification resolve ``model_type: cifar_convnet``."""
-    try:
-        AutoConfig.register(CifarConvNetConfig.model_type, CifarConvNetConfig)
-        AutoModelForImageClassification.register(CifarConvNetConfig, CifarConvNetForImageClassification)
-    except ValueError:
-        pass  # already registered in this process
+    """Let AutoConfig / AutoModelForImageClassification resolve this project's model types."""
+    from cifar10_pipeline.vit import CifarViTConfig, CifarViTForImageClassification
+
+    for config_class, model_class in (
+        (CifarConvNetConfig, CifarConvNetForImageClassification),
+        (CifarViTConfig, CifarViTForImageClassification),
+    ):
+        try:
+            AutoConfig.register(config_class.model_type, config_class)
+            AutoModelForImageClassification.register(config_class, model_class)
+        except ValueError:
+            pass  # already registered in this process
 
 
 def label_maps() -> tuple[dict[int, str], dict[str, int]]:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cifar10_pipeline.paths import PARAMS_FILE
 
 SourceName = Literal["mirror", "hub", "url"]
+# Networks this project defines and trains from scratch; any other train.model is a checkpoint to fine-tune.
+BUILTIN_MODELS = ("cifar_convnet", "cifar_vit")
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -83,13 +85,32 @@ class TrainParams(_Section):
     precision: Literal["bf16", "fp32"]
     # torch.compile: false, or a mode ("default", "reduce-overhead" = with CUDA graphs, "max-autotune").
     compile: Literal[False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+    cuda_graphs: bool
+    cutout: Annotated[int, Field(ge=0, le=32)]
     widths: list[PositiveInt] = Field(min_length=3, max_length=3)
     extra_convs: Annotated[int, Field(ge=0, le=4)]
+    adamw_lr: Annotated[float, Field(gt=0)]
+    adamw_weight_decay: Annotated[float, Field(ge=0)]
+    vit_dim: PositiveInt
+    vit_depth: PositiveInt
+    vit_heads: PositiveInt
+    vit_mlp_ratio: Annotated[float, Field(gt=0)]
     finetune_image_size: PositiveInt
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.cuda_graphs and self.compile in ("reduce-overhead", "max-autotune"):
+            raise ValueError(
+                f"cuda_graphs captures the whole step itself; combine it with compile: false, default or "
+                f"max-autotune-no-cudagraphs, not {self.compile!r} (which makes CUDA graphs of its own)"
+            )
+        if self.vit_dim % self.vit_heads:
+            raise ValueError(f"vit_dim ({self.vit_dim}) must be a multiple of vit_heads ({self.vit_heads})")
+        return self
 
     @property
     def is_builtin_model(self) -> bool:
-        return self.model == "cifar_convnet"
+        return self.model in BUILTIN_MODELS
 
 
 class EvaluateParams(_Section):

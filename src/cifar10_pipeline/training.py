@@ -4,7 +4,12 @@ Recipe (built-in network): the whole training set lives on the device as one nor
 makes one augmented copy (random translation with reflect padding, alternating flips) and walks it in a
 fresh random order; Nesterov SGD on a summed, label-smoothed loss with a short linear warm-up and a linear
 decay; norm-layer biases take a much larger learning rate; a lookahead pulls the weights towards a slow
-average every few steps. A Hub checkpoint (e.g. ViT) is fine-tuned by the same loop with AdamW.
+average every few steps. Transformers (the from-scratch ``cifar_vit`` or a Hub checkpoint such as ViT) go
+through the same loop with AdamW on the mean loss.
+
+On a GPU, ``cuda_graphs`` records the whole step (forward, backward, optimizer, statistics) once as a CUDA
+graph and replays it: per step the CPU only copies the batch in, so a small network is no longer limited by
+Python and kernel-launch overhead, and nothing has to be compiled.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from cifar10_pipeline.model import CifarConvNetForImageClassification
 from cifar10_pipeline.params import TrainParams
 
 LOOKAHEAD_EVERY = 5  # steps between lookahead pulls
-FINETUNE_LR = 5e-5  # AdamW step size for fine-tuning a pre-trained checkpoint
+GRAPH_WARMUP_STEPS = 3  # eager steps before capture: lazy allocations and cuDNN algorithm choice happen there
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,9 +87,14 @@ class TrainingResult:
 
 
 def augment(
-    images: torch.Tensor, translate: int, flip_mask: torch.Tensor | None, generator: torch.Generator
+    images: torch.Tensor,
+    translate: int,
+    flip_mask: torch.Tensor | None,
+    generator: torch.Generator,
+    cutout: int = 0,
 ) -> torch.Tensor:
-    """Random translation by up to ``translate`` pixels (reflect padding) and the given horizontal flips."""
+    """Random translation by up to ``translate`` pixels (reflect padding), the given horizontal flips and a
+    ``cutout`` x ``cutout`` square set to the mean (0 after normalisation) at a random place in each image."""
     n, _, h, w = images.shape
     out = images
     if translate > 0:
@@ -99,6 +109,16 @@ def augment(
                     out[chosen] = padded[chosen, :, dy : dy + h, dx : dx + w]
     if flip_mask is not None:
         out = torch.where(flip_mask.view(-1, 1, 1, 1), out.flip(-1), out)
+    if cutout > 0:
+        # Square centres anywhere in the image, so squares may be clipped at the border (DeVries & Taylor).
+        centres = torch.randint(0, h, (2, n), generator=generator).to(images.device)
+        rows = torch.arange(h, device=images.device)
+        cols = torch.arange(w, device=images.device)
+        low = centres - cutout // 2
+        inside_rows = (rows[None] >= low[0, :, None]) & (rows[None] < low[0, :, None] + cutout)
+        inside_cols = (cols[None] >= low[1, :, None]) & (cols[None] < low[1, :, None] + cutout)
+        square = inside_rows[:, :, None] & inside_cols[:, None, :]
+        out = out.masked_fill(square[:, None], 0.0)
     return out.contiguous(memory_format=torch.channels_last)
 
 
@@ -108,9 +128,45 @@ def lr_factor(step: int, total_steps: int, warmup_fraction: float, final_fractio
     return float(np.interp(step, [0, peak, total_steps], [0.2, 1.0, final_fraction]))
 
 
-def make_optimizer(model: PreTrainedModel, hp: TrainParams) -> torch.optim.Optimizer:
-    if not isinstance(model, CifarConvNetForImageClassification):
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=FINETUNE_LR)
+def uses_sgd_recipe(model: PreTrainedModel) -> bool:
+    """The speed-run recipe (summed loss, Nesterov SGD, lookahead) is tuned for the built-in conv net."""
+    return isinstance(model, CifarConvNetForImageClassification)
+
+
+def make_optimizer(
+    model: PreTrainedModel, hp: TrainParams, graph_safe: bool = False
+) -> torch.optim.Optimizer:
+    """Optimizer with one parameter group per learning-rate role.
+
+    ``graph_safe`` gives fused kernels and tensor learning rates that live on the device: a captured CUDA
+    graph reads the rate from that tensor, so changing it between replays needs no re-capture.
+    """
+    device = next(model.parameters()).device
+
+    def rate(value: float) -> float | torch.Tensor:
+        return torch.tensor(value, device=device) if graph_safe else value
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # The data-initialised first layer's bias trains for a while, then its rate drops to 0 (train_classifier).
+    whiten = getattr(model, "whiten", None)
+    whiten_ids = {id(whiten.bias)} if whiten is not None and whiten.bias is not None else set()
+    whiten_bias = [p for p in trainable if id(p) in whiten_ids]
+    trainable = [p for p in trainable if id(p) not in whiten_ids]
+    if not uses_sgd_recipe(model):
+        # No weight decay on biases, norms and position embeddings (the usual transformer practice).
+        decayed = [p for p in trainable if p.ndim >= 2 and p.shape[0] > 1]
+        rest = [p for p in trainable if not (p.ndim >= 2 and p.shape[0] > 1)] + whiten_bias
+        groups = [
+            {
+                "params": decayed,
+                "lr": rate(hp.adamw_lr),
+                "weight_decay": hp.adamw_weight_decay,
+                "role": "weights",
+            },
+            {"params": rest, "lr": rate(hp.adamw_lr), "weight_decay": 0.0, "role": "no_decay"},
+        ]
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, betas=(0.9, 0.98), fused=graph_safe or None, capturable=graph_safe)
     # hp.lr and hp.weight_decay are per 1024 examples of *summed* loss and decoupled from each other;
     # translate them to torch's SGD, whose weight decay is multiplied by the learning rate.
     kilostep_scale = 1024 * (1 + 1 / (1 - hp.momentum))
@@ -119,28 +175,96 @@ def make_optimizer(model: PreTrainedModel, hp: TrainParams) -> torch.optim.Optim
     lr_biases = lr * hp.bias_lr_scale
     # Identify batch-norm parameters by module type, not by name, so any layout of the groups works.
     norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
     norm_biases = [p for p in trainable if id(p) in norm_ids]
     others = [p for p in trainable if id(p) not in norm_ids]
     groups = [
-        {"params": norm_biases, "lr": lr_biases, "weight_decay": wd / lr_biases},
-        {"params": others, "lr": lr, "weight_decay": wd / lr},
+        {"params": norm_biases, "lr": rate(lr_biases), "weight_decay": wd / lr_biases, "role": "norm_biases"},
+        {"params": others, "lr": rate(lr), "weight_decay": wd / lr, "role": "weights"},
+        {"params": whiten_bias, "lr": rate(lr), "weight_decay": wd / lr, "role": "whiten_bias"},
     ]
-    return torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True)
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True, fused=graph_safe or None)
+
+
+def set_learning_rate(group: dict, value: float) -> None:
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(value)  # in place: a captured graph keeps reading this tensor
+    else:
+        group["lr"] = value
 
 
 class Lookahead:
-    """Every few steps, move a slow copy of the weights towards the fast ones and restart from it."""
+    """Every few steps, move a slow copy of the weights towards the fast ones and restart from it.
+
+    The pull's weight is a tensor, so the pull can be captured as a CUDA graph and replayed with new weights.
+    """
 
     def __init__(self, model: torch.nn.Module):
-        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.fast = [v for v in model.state_dict().values() if v.is_floating_point()]
+        self.slow = [v.detach().clone() for v in self.fast]
+        self.weight = torch.zeros((), device=self.fast[0].device)
+        self.graph: torch.cuda.CUDAGraph | None = None
 
     @torch.no_grad()
-    def pull(self, model: torch.nn.Module, decay: float) -> None:
-        for key, value in model.state_dict().items():
-            if key in self.slow:
-                self.slow[key].lerp_(value, 1 - decay)
-                value.copy_(self.slow[key])
+    def _pull(self) -> None:
+        for fast, slow in zip(self.fast, self.slow, strict=True):
+            slow.lerp_(fast, self.weight)
+            fast.copy_(slow)
+
+    def capture(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._pull()
+
+    def pull(self, decay: float) -> None:
+        self.weight.fill_(1 - decay)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._pull()
+
+
+class CapturedStep:
+    """A training step recorded once as a CUDA graph; calling it copies the batch in and replays the graph.
+
+    The step must read its batch from, and only from, the static ``x``/``y`` tensors. The warm-up steps that
+    precede the capture change the model and the optimizer; both are put back afterwards, so training starts
+    from exactly the state it would have had without the capture.
+    """
+
+    def __init__(
+        self,
+        step: Callable[[torch.Tensor, torch.Tensor], None],
+        example_x: torch.Tensor,
+        example_y: torch.Tensor,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ):
+        self.x = example_x.clone().contiguous(memory_format=torch.channels_last)
+        self.y = example_y.clone()
+        initial_state = {k: v.clone() for k, v in model.state_dict().items()}
+        side = torch.cuda.Stream(self.x.device)
+        side.wait_stream(torch.cuda.current_stream(self.x.device))
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_STEPS):
+                step(self.x, self.y)
+        torch.cuda.current_stream(self.x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step(self.x, self.y)
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                value.copy_(initial_state[key])
+            # Zeroed momentum / moment estimates and step counts make the next step a first step.
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
 
 
 @torch.no_grad()
@@ -184,18 +308,42 @@ def train_classifier(
     if val is not None and len(val):
         x_val = normalize(torch.as_tensor(val.images).to(device), cfg.image_mean, cfg.image_std)
         y_val = torch.as_tensor(val.labels).to(device)
-    builtin = isinstance(model, CifarConvNetForImageClassification)
-    if builtin:
+    sgd_recipe = uses_sgd_recipe(model)
+    if hasattr(model, "init_whitening"):
         model.init_whitening(x_train[:5000])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
 
     batch_size = min(hp.batch_size, len(x_train))
     steps_per_epoch = len(x_train) // batch_size  # the last partial batch is dropped: constant shapes
     total_steps = max(1, math.ceil(hp.epochs * steps_per_epoch))
     whiten_bias_steps = math.ceil(hp.whiten_bias_epochs * steps_per_epoch)
-    optimizer = make_optimizer(model, hp)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    lookahead = Lookahead(model) if (hp.lookahead and builtin) else None
+    graphs = hp.cuda_graphs and device.type == "cuda"
+    optimizer = make_optimizer(model, hp, graph_safe=graphs)
+    base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    reported_lr = next(float(g["lr"]) for g in optimizer.param_groups if g["role"] == "weights")
+    lookahead = Lookahead(model) if (hp.lookahead and sgd_recipe) else None
     forward = torch.compile(model, mode=hp.compile) if hp.compile else model
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+
+    def train_step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        with autocast(device, hp.precision):
+            logits = forward(pixel_values=fit_input_size(xb, cfg.image_size)).logits.float()
+        losses = F.cross_entropy(logits, yb, label_smoothing=hp.label_smoothing, reduction="none")
+        loss = losses.sum() if sgd_recipe else losses.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            loss_sum.add_(losses.sum())
+            correct.add_((logits.argmax(1) == yb).sum())
+
+    run_step: Callable[[torch.Tensor, torch.Tensor], None] = train_step
+    if graphs:
+        run_step = CapturedStep(train_step, x_train[:batch_size], y_train[:batch_size], model, optimizer)
+        if lookahead is not None:
+            lookahead.capture()
     # First-epoch flips are random; after that each image flips on every other epoch, so the network
     # sees both orientations of every image every two epochs (less variance than independent coin tosses).
     first_flips = torch.rand(len(x_train), generator=generator).lt(0.5).to(device)
@@ -207,37 +355,27 @@ def train_classifier(
         synchronize(device)
         epoch_start = time.perf_counter()
         flips = (first_flips ^ bool(epoch % 2)) if hp.flip else None
-        x_epoch = augment(x_train, hp.translate, flips, generator)
+        x_epoch = augment(x_train, hp.translate, flips, generator, hp.cutout)
         order = torch.randperm(len(x_train), generator=generator).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        loss_sum.zero_()
+        correct.zero_()
         seen = 0
         for batch_index in range(steps_per_epoch):
             if step >= total_steps:
                 break
-            if builtin and step == whiten_bias_steps:
-                model.whiten.bias.requires_grad_(False)
             factor = lr_factor(step, total_steps, hp.warmup_fraction, hp.final_lr_fraction)
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base_lr * factor
+                frozen = group.get("role") == "whiten_bias" and step >= whiten_bias_steps
+                set_learning_rate(group, 0.0 if frozen else base_lr * factor)
             idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
-            xb, yb = x_epoch[idx], y_train[idx]
-            with autocast(device, hp.precision):
-                logits = forward(pixel_values=fit_input_size(xb, cfg.image_size)).logits.float()
-            losses = F.cross_entropy(logits, yb, label_smoothing=hp.label_smoothing, reduction="none")
-            loss = losses.sum() if builtin else losses.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            run_step(x_epoch[idx], y_train[idx])
             step += 1
             if lookahead is not None and step % LOOKAHEAD_EVERY == 0:
-                lookahead.pull(model, decay=0.95**LOOKAHEAD_EVERY * (step / total_steps) ** 3)
-            loss_sum += losses.detach().sum()
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(yb)
+                lookahead.pull(decay=0.95**LOOKAHEAD_EVERY * (step / total_steps) ** 3)
+            seen += len(idx)
             bar.update(1)
         if lookahead is not None and step >= total_steps and step >= LOOKAHEAD_EVERY:
-            lookahead.pull(model, decay=1.0)  # finish on the slow weights (once they exist)
+            lookahead.pull(decay=1.0)  # finish on the slow weights (once they exist)
         synchronize(device)
         epoch_seconds = time.perf_counter() - epoch_start
         result.train_seconds += epoch_seconds
@@ -248,7 +386,7 @@ def train_classifier(
         record = EpochRecord(
             epoch=epoch + 1,
             step=step,
-            lr=base_lrs[-1] * lr_factor(step, total_steps, hp.warmup_fraction, hp.final_lr_fraction),
+            lr=reported_lr * lr_factor(step, total_steps, hp.warmup_fraction, hp.final_lr_fraction),
             train_loss=loss_sum.item() / max(seen, 1),
             train_accuracy=correct.item() / max(seen, 1),
             val_loss=val_loss,

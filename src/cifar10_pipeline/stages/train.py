@@ -36,6 +36,7 @@ from cifar10_pipeline.training import (
     resolve_device,
     train_classifier,
 )
+from cifar10_pipeline.vit import build_cifar_vit
 
 HISTORY_FIELDS = [f.name for f in dataclasses.fields(EpochRecord)]
 
@@ -44,7 +45,11 @@ def build_model(hp: TrainParams) -> PreTrainedModel:
     """A fresh built-in network, or a pre-trained checkpoint with a new 10-class head; seeded."""
     torch.manual_seed(hp.seed)
     register_auto_classes()
-    if hp.is_builtin_model:
+    if hp.model == "cifar_vit":
+        return build_cifar_vit(
+            hp.widths[:2], hp.vit_dim, hp.vit_depth, hp.vit_heads, hp.vit_mlp_ratio, hp.tta_level
+        )
+    if hp.model == "cifar_convnet":
         return build_cifar_convnet(hp.widths, hp.tta_level, hp.extra_convs)
     return build_finetune_model(hp.model, hp.finetune_image_size, hp.tta_level)
 
