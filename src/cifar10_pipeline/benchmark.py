@@ -218,20 +218,37 @@ def render_report(results: dict) -> str:
         "test-time augmentation, one-off warm-up excluded (reported apart). Stage wall time runs from",
         "process start to the end of the first seed (imports, data loading and warm-up included).",
         "",
-        "| run | device | train images | epochs | seeds | accuracy (mean ± std) | training time median (s) "
-        "| warm-up (s) | stage wall (s) | energy (Wh) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | model | device | train images | epochs | compile | CUDA graphs | seeds "
+        "| accuracy (mean ± std) | training time median (s) | warm-up (s) | stage wall (s) | energy (Wh) |",
+        "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    notes = []
     for key, r in results.items():
         if key == "vit_b16_throughput":
             continue
         energy = f"{1000 * r['emissions']['energy_kwh']:.2f}" if "emissions" in r else "not measured"
+        graphs = {True: "whole step", False: "no"}.get(r.get("cuda_graphs"), "-")
+        if r.get("compile") == "reduce-overhead":
+            graphs = "model only (reduce-overhead)"
         lines.append(
-            f"| {key} | {r['device']} | {r['train_images']:,} | {r['epochs']} | {r['seeds']} | "
+            f"| {key} | {r.get('model', 'cifar_convnet')} | {r['device']} | {r['train_images']:,} | "
+            f"{r['epochs']} | {r.get('compile') or 'no'} | {graphs} | {r['seeds']} | "
             f"{100 * r['accuracy_mean']:.2f}% ± {100 * r['accuracy_std']:.2f} | "
             f"{r['train_seconds_median']:.2f} | "
             f"{r['warmup_seconds']:.1f} | {r['stage_wall_seconds']:.1f} | {energy} |"
         )
+        if "note" in r:
+            notes.append(f"- **{key}**: {r['note']}")
+        if "forward_macs_per_image" in r:
+            macs = r["forward_macs_per_image"]
+            notes.append(
+                f"- **{key}**: {r['parameters']:,} parameters; forward pass {macs['total'] / 1e6:.0f} M "
+                f"multiply-accumulates per image, {100 * macs['transformer'] / macs['total']:.0f}% of them "
+                f"in the transformer encoder, {100 * macs['tokenizer'] / macs['total']:.0f}% in the "
+                "convolutional tokenizer."
+            )
+    if notes:
+        lines += ["", *notes]
     vit = results.get("vit_b16_throughput")
     if vit:
         lines += [

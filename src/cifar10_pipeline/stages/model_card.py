@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.data import atomic_output
-from cifar10_pipeline.params import Params, load_params
+from cifar10_pipeline.params import Params, TrainParams, load_params
 from cifar10_pipeline.paths import (
     DATA_SOURCE,
     EMISSIONS_METRICS,
@@ -51,6 +51,23 @@ def _data_note(source: dict) -> str:
     return f"the original archive `{source['location']}` (md5 `{source.get('md5')}`)"
 
 
+def _optimiser_rows(hp: TrainParams) -> str:
+    """Hyper-parameter table rows for the optimiser the model was trained with (see training.make_optimizer)."""
+    schedule = f"warm-up {hp.warmup_fraction:.0%}, linear decay to {hp.final_lr_fraction}"
+    if hp.model == "cifar_convnet":
+        return (
+            f"| optimiser | Nesterov SGD, momentum {hp.momentum} |\n"
+            f"| learning rate | {hp.lr} per 1024 examples (norm biases x{hp.bias_lr_scale}); {schedule} |\n"
+            f"| weight decay | {hp.weight_decay} per 1024 examples |\n"
+            f"| lookahead | {hp.lookahead} |"
+        )
+    return (
+        "| optimiser | AdamW, betas (0.9, 0.98) |\n"
+        f"| learning rate | {hp.adamw_lr}; {schedule} |\n"
+        f"| weight decay | {hp.adamw_weight_decay} (not on biases, norms, position embeddings) |"
+    )
+
+
 def render(params: Params, facts: dict) -> str:
     train, ev, em, val = facts["train"], facts["eval"], facts["emissions"], facts["validation"]
     source, reg, config = facts["source"], facts["registry"], facts["config"]
@@ -78,19 +95,31 @@ def render(params: Params, facts: dict) -> str:
         f"{c['true']} taken for {c['predicted']} ({c['count']})" for c in ev["most_confused"]
     )
     worst_corruptions = sorted(robust["accuracy"], key=lambda name: robust["accuracy"][name]["3"])[:2]
-    if builtin:
+    if hp.model == "cifar_convnet":
         model_type = (
             "convolutional network for 32x32 images trained from scratch (`cifar_convnet`: a frozen "
             f"patch-whitening layer, three conv groups of widths {config['widths']}, batch norm, GELU, "
             f"{residual}, global max-pool, linear head)"
         )
-        parent = (
-            f"none. The card we started from names `{PARENT_MODEL}` as the parent model; this run trains the "
-            "built-in network from scratch (`train.model: cifar_convnet`), which reaches the accuracy target "
-            "on a CPU. Set `train.model` to that Hub id (or a local copy) to fine-tune the ViT instead."
+    elif hp.model == "cifar_vit":
+        model_type = (
+            "vision transformer for 32x32 images trained from scratch (`cifar_vit`: a convolutional "
+            f"tokenizer of two conv groups, widths {config['tokenizer_widths']}, makes a 7x7 grid of tokens; "
+            f"{config['num_hidden_layers']} pre-norm encoder layers of width {config['hidden_size']} with "
+            f"{config['num_attention_heads']} heads; mean-pooled tokens, linear head)"
         )
     else:
         model_type = f"`{config.get('model_type')}` image classifier fine-tuned from `{hp.model}`"
+    augmentation_extras = ", alternating horizontal flips" if hp.flip else ""
+    if hp.cutout:
+        augmentation_extras += f", a {hp.cutout}x{hp.cutout} cutout square per image"
+    if builtin:
+        parent = (
+            f"none. The card we started from names `{PARENT_MODEL}` as the parent model; this run trains a "
+            f"built-in network from scratch (`train.model: {hp.model}`); the conv net reaches the accuracy "
+            "target on a CPU. Set `train.model` to that Hub id (or a local copy) to fine-tune the ViT instead."
+        )
+    else:
         parent = f"`{hp.model}`"
     return f"""---
 license: apache-2.0
@@ -178,7 +207,7 @@ training and a stratified hold-out of {params.preprocess.val_size:,} for per-epo
 
 Images are decoded to 32x32 RGB uint8 and standardised per channel (mean {config["image_mean"]}, std
 {config["image_std"]}). Training augmentation: random translation by up to {hp.translate} px (reflect
-padding){", alternating horizontal flips" if hp.flip else ""}. The same `cifar10_pipeline.inference` code
+padding){augmentation_extras}. The same `cifar10_pipeline.inference` code
 prepares images for evaluation, the CLI and the web service.
 
 ### Training hyper-parameters
@@ -187,11 +216,8 @@ prepares images for evaluation, the CLI and the web service.
 |---|---|
 | epochs | {hp.epochs} ({train["steps"]} steps) |
 | batch size | {hp.batch_size} |
-| optimiser | {"Nesterov SGD, momentum " + str(hp.momentum) if builtin else "AdamW"} |
-| learning rate | {hp.lr} per 1024 examples (norm biases x{hp.bias_lr_scale}); warm-up {hp.warmup_fraction:.0%}, linear decay to {hp.final_lr_fraction} |
-| weight decay | {hp.weight_decay} per 1024 examples |
+{_optimiser_rows(hp)}
 | label smoothing | {hp.label_smoothing} |
-| lookahead | {hp.lookahead} |
 | precision | {hp.precision} autocast, batch norm in fp32 |
 | test-time augmentation | level {config.get("tta_level", 0)} (0 none, 1 mirror, 2 mirror + 1-px shifts) |
 | seed | {hp.seed} |
