@@ -99,6 +99,7 @@ def benchmark_training(
     device = resolve_device(params.train.device)
     splits = load_processed(processed_dir)
     warmup_seconds = warm_up(params, splits, device) if device.type == "cuda" or params.train.compile else 0.0
+    facts = model_facts(params)
     runs = []
     stage_wall = None
     for seed in range(seeds):
@@ -106,7 +107,7 @@ def benchmark_training(
         if stage_wall is None:
             stage_wall = time.time() - psutil.Process().create_time()
         print(f"seed {seed}: accuracy {runs[-1]['accuracy']:.4f} in {runs[-1]['seconds']:.2f} s", flush=True)
-        entry = summarize(params, runs, device, splits, warmup_seconds, stage_wall)
+        entry = summarize(params, runs, device, splits, warmup_seconds, stage_wall) | facts
         if on_seed is not None:
             on_seed(entry)
     return entry
@@ -146,14 +147,22 @@ def summarize(
         "tta_level": hp.tta_level,
         "data": _data_source(),
     }
-    if hp.model == "cifar_vit":
-        from cifar10_pipeline.vit import flops_split
-
-        model = build_model(hp)
-        entry["vit"] = {"dim": hp.vit_dim, "depth": hp.vit_depth, "heads": hp.vit_heads}
-        entry["forward_macs_per_image"] = flops_split(model.config)
-        entry["parameters"] = sum(p.numel() for p in model.parameters())
     return entry
+
+
+def model_facts(params: Params) -> dict:
+    """Size and compute split of the from-scratch ViT (nothing extra for the other models)."""
+    hp = params.train
+    if hp.model != "cifar_vit":
+        return {}
+    from cifar10_pipeline.vit import flops_split
+
+    model = build_model(hp)
+    return {
+        "vit": {"dim": hp.vit_dim, "depth": hp.vit_depth, "heads": hp.vit_heads},
+        "forward_macs_per_image": flops_split(model.config),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def vit_throughput(batch_size: int = 128, steps: int = 20) -> dict:
