@@ -94,6 +94,10 @@ CHANGED: dict[str, str] = {
     "emissions.country_iso_code": "FRA",
     "mlflow.experiment": "cifar10-sweep",
     "mlflow.registered_model": "cifar10-candidate",
+    "train.head_lr_scale": "2.0",
+    "train.filter_optimizer": "muon",
+    "train.muon_lr": "0.3",
+    "train.muon_momentum": "0.7",
 }
 # Second choices, for profile overrides that already hold the CHANGED value.
 ALTERNATIVE: dict[str, str] = {

@@ -8,7 +8,14 @@ import torch
 
 from cifar10_pipeline.data import ArraySplit
 from cifar10_pipeline.stages.train import build_model
-from cifar10_pipeline.training import augment, lr_factor, make_optimizer, train_classifier
+from cifar10_pipeline.training import (
+    Muon,
+    augment,
+    lr_factor,
+    make_optimizers,
+    orthogonalise,
+    train_classifier,
+)
 
 from .conftest import synthetic_images
 from .helpers import train_params
@@ -81,8 +88,11 @@ def test_schedule_warms_up_then_decays() -> None:
 def test_norm_biases_get_the_larger_learning_rate() -> None:
     hp = small(extra_convs=1)
     model = build_model(hp)
-    bias_group, other_group, whiten_group = make_optimizer(model, hp).param_groups
+    (sgd,) = make_optimizers(model, hp)
+    bias_group, other_group, head_group, whiten_group = sgd.param_groups
     assert bias_group["lr"] == pytest.approx(other_group["lr"] * hp.bias_lr_scale)
+    assert head_group["params"] == [model.classifier.weight]
+    assert head_group["lr"] == pytest.approx(other_group["lr"] * hp.head_lr_scale)
     norm_params = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert {id(p) for p in bias_group["params"]} == norm_params  # residual layers' norms included
     assert whiten_group["params"] == [model.whiten.bias] and whiten_group["lr"] == other_group["lr"]
@@ -121,7 +131,7 @@ def test_cutout_blanks_one_clipped_square_per_image() -> None:
 def test_transformers_train_with_adamw_and_no_decay_on_norms() -> None:
     hp = small(model="cifar_vit", vit_dim=32, vit_depth=1, vit_heads=2)
     model = build_model(hp)
-    optimizer = make_optimizer(model, hp)
+    (optimizer,) = make_optimizers(model, hp)
     assert isinstance(optimizer, torch.optim.AdamW)
     decayed, undecayed = optimizer.param_groups
     assert decayed["weight_decay"] == hp.adamw_weight_decay and undecayed["weight_decay"] == 0.0
@@ -138,3 +148,58 @@ def test_vit_learns_an_easy_task(splits) -> None:
         build_model(hp), train, val, hp, torch.device("cpu"), on_epoch=records.append, progress=False
     )
     assert records[-1].val_accuracy > 0.7  # colour identifies the class (chance: 0.1)
+
+
+@pytest.mark.parametrize("shape", [(16, 144), (144, 16), (32, 32)])
+def test_orthogonalise_flattens_the_singular_values(shape: tuple[int, int]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    # A badly conditioned matrix: singular values spread over two orders of magnitude.
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=generator))
+    k = min(shape)
+    spread = torch.logspace(0, -2, k)
+    matrix = u[:, :k] @ torch.diag(spread) @ v[:, :k].T
+    out = orthogonalise(matrix, steps=5)
+    assert out.shape == matrix.shape and out.dtype == torch.bfloat16
+    singular = torch.linalg.svdvals(out.float())
+    assert singular.max() < 1.3 and singular.min() > 0.3  # was 100:1, now within a factor of ~4
+
+
+def test_muon_takes_the_conv_filters_and_sgd_the_rest() -> None:
+    hp = small(filter_optimizer="muon", extra_convs=1)
+    model = build_model(hp)
+    sgd, muon = make_optimizers(model, hp)
+    assert isinstance(sgd, torch.optim.SGD) and isinstance(muon, Muon)
+    filters = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad
+    }
+    assert {id(p) for p in muon.param_groups[0]["params"]} == filters
+    assert id(model.whiten.weight) not in filters  # the frozen whitening layer stays out
+    sgd_params = {id(p) for group in sgd.param_groups for p in group["params"]}
+    assert id(model.classifier.weight) in sgd_params and id(model.whiten.bias) in sgd_params
+    assert not sgd_params & filters
+    assert [g["role"] for g in sgd.param_groups] == ["norm_biases", "head", "whiten_bias"]
+
+
+def test_muon_resets_each_filter_bank_to_a_fixed_norm() -> None:
+    weight = torch.nn.Parameter(10 * torch.randn(8, 4, 3, 3))
+    weight.grad = torch.randn_like(weight)
+    optimizer = Muon([{"params": [weight], "lr": 0.0}], momentum=0.6)
+    optimizer.step()
+    assert weight.norm().item() == pytest.approx(8**0.5, rel=1e-5)  # scale-free under batch norm
+    optimizer.param_groups[0]["lr"] = torch.tensor(0.1)  # a device-tensor rate, as under CUDA graphs
+    before = weight.detach().clone()
+    optimizer.step()
+    step = (weight.detach() - before).flatten(1)
+    singular = torch.linalg.svdvals(step / 0.1)
+    assert singular.max() < 1.3 and singular.min() > 0.3  # an orthogonalised update of size lr
+
+
+def test_muon_recipe_learns_an_easy_task(splits) -> None:
+    train, val = splits
+    hp = small(filter_optimizer="muon", lookahead=False, warmup_fraction=0.0, final_lr_fraction=0.0)
+    records = []
+    train_classifier(
+        build_model(hp), train, val, hp, torch.device("cpu"), on_epoch=records.append, progress=False
+    )
+    assert records[-1].val_accuracy > 0.8  # colour identifies the class (chance: 0.1)

@@ -74,6 +74,10 @@ class TrainParams(_Section):
     momentum: Annotated[float, Field(ge=0, lt=1)]
     weight_decay: Annotated[float, Field(ge=0)]
     bias_lr_scale: Annotated[float, Field(gt=0)]
+    head_lr_scale: Annotated[float, Field(gt=0)]
+    filter_optimizer: Literal["sgd", "muon"]
+    muon_lr: Annotated[float, Field(gt=0)]
+    muon_momentum: Annotated[float, Field(ge=0, lt=1)]
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
     warmup_fraction: Fraction
     final_lr_fraction: Fraction
@@ -103,6 +107,11 @@ class TrainParams(_Section):
             raise ValueError(
                 f"cuda_graphs captures the whole step itself; combine it with compile: false, default or "
                 f"max-autotune-no-cudagraphs, not {self.compile!r} (which makes CUDA graphs of its own)"
+            )
+        if self.filter_optimizer == "muon" and self.model != "cifar_convnet":
+            raise ValueError(
+                f"filter_optimizer: muon is part of the cifar_convnet recipe; {self.model!r} trains with "
+                "AdamW (set filter_optimizer: sgd)"
             )
         if self.vit_dim % self.vit_heads:
             raise ValueError(f"vit_dim ({self.vit_dim}) must be a multiple of vit_heads ({self.vit_heads})")

@@ -4,8 +4,9 @@ Recipe (built-in network): the whole training set lives on the device as one nor
 makes one augmented copy (random translation with reflect padding, alternating flips) and walks it in a
 fresh random order; Nesterov SGD on a summed, label-smoothed loss with a short linear warm-up and a linear
 decay; norm-layer biases take a much larger learning rate; a lookahead pulls the weights towards a slow
-average every few steps. Transformers (the from-scratch ``cifar_vit`` or a Hub checkpoint such as ViT) go
-through the same loop with AdamW on the mean loss.
+average every few steps. With ``filter_optimizer: muon`` the conv filters take orthogonalised momentum
+steps instead (Muon), which reaches the same accuracy in fewer epochs. Transformers (the from-scratch
+``cifar_vit`` or a Hub checkpoint such as ViT) go through the same loop with AdamW on the mean loss.
 
 On a GPU, ``cuda_graphs`` records the whole step (forward, backward, optimizer, statistics) once as a CUDA
 graph and replays it: per step the CPU only copies the batch in, so a small network is no longer limited by
@@ -133,10 +134,61 @@ def uses_sgd_recipe(model: PreTrainedModel) -> bool:
     return isinstance(model, CifarConvNetForImageClassification)
 
 
-def make_optimizer(
+# Quintic Newton-Schulz coefficients from Jordan's description of Muon (2024): the steepest slope at 0 that
+# still maps every singular value into about [0.7, 1.2] within a few iterations.
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalise(matrix: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximately the nearest semi-orthogonal matrix (singular values ~1), in bf16, by Newton-Schulz."""
+    x = matrix.bfloat16()
+    wide = x.shape[0] <= x.shape[1]
+    x = x if wide else x.T  # iterate on the smaller Gram matrix
+    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+class Muon(torch.optim.Optimizer):
+    """Orthogonalised momentum for conv filter banks (Muon, as described by Jordan 2024 for CIFAR-10).
+
+    Each step takes Nesterov momentum of the raw gradient, flattens it to (out_channels, in_channels*k*k)
+    and replaces it with its orthogonalised version, so every direction of the filter bank moves by about
+    the same amount. Batch norm after every conv makes the filters' scale irrelevant, so each bank is
+    first reset to a fixed norm (sqrt(out_channels)): its step size then stays what ``lr`` says.
+    ``torch.optim.Muon`` takes 2-D parameters only and has no such reset. ``lr`` may be a device tensor
+    (read by a captured CUDA graph).
+    """
+
+    def __init__(self, params: list[dict], momentum: float, ns_steps: int = 3):
+        super().__init__(params, {"momentum": momentum, "ns_steps": ns_steps})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(momentum).add_(p.grad)
+                nesterov = p.grad.add(buffer, alpha=momentum)
+                p.mul_(math.sqrt(p.shape[0]) / p.norm())
+                update = orthogonalise(nesterov.flatten(1), group["ns_steps"]).view_as(p)
+                # In fp32: a bf16 product would round a tensor learning rate to bf16 (0.4% off).
+                p.sub_(update.float() * group["lr"])
+
+
+def make_optimizers(
     model: PreTrainedModel, hp: TrainParams, graph_safe: bool = False
-) -> torch.optim.Optimizer:
-    """Optimizer with one parameter group per learning-rate role.
+) -> list[torch.optim.Optimizer]:
+    """Optimizers (one per update rule) with one parameter group per learning-rate role.
 
     ``graph_safe`` gives fused kernels and tensor learning rates that live on the device: a captured CUDA
     graph reads the rate from that tensor, so changing it between replays needs no re-capture.
@@ -166,24 +218,42 @@ def make_optimizer(
             {"params": rest, "lr": rate(hp.adamw_lr), "weight_decay": 0.0, "role": "no_decay"},
         ]
         groups = [g for g in groups if g["params"]]
-        return torch.optim.AdamW(groups, betas=(0.9, 0.98), fused=graph_safe or None, capturable=graph_safe)
+        return [torch.optim.AdamW(groups, betas=(0.9, 0.98), fused=graph_safe or None, capturable=graph_safe)]
     # hp.lr and hp.weight_decay are per 1024 examples of *summed* loss and decoupled from each other;
     # translate them to torch's SGD, whose weight decay is multiplied by the learning rate.
     kilostep_scale = 1024 * (1 + 1 / (1 - hp.momentum))
     lr = hp.lr / kilostep_scale
     wd = hp.weight_decay * hp.batch_size / kilostep_scale
     lr_biases = lr * hp.bias_lr_scale
+    lr_head = lr * hp.head_lr_scale
     # Identify batch-norm parameters by module type, not by name, so any layout of the groups works.
     norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    head_ids = {id(p) for p in model.classifier.parameters()}
     norm_biases = [p for p in trainable if id(p) in norm_ids]
-    others = [p for p in trainable if id(p) not in norm_ids]
+    head = [p for p in trainable if id(p) in head_ids]
+    others = [p for p in trainable if id(p) not in norm_ids | head_ids]
+    # Under Muon the conv filter banks leave SGD; the head, biases and whitening bias stay.
+    filter_ids = {id(p) for p in others if p.ndim == 4} if hp.filter_optimizer == "muon" else set()
+    filters = [p for p in others if id(p) in filter_ids]
+    others = [p for p in others if id(p) not in filter_ids]
     groups = [
         {"params": norm_biases, "lr": rate(lr_biases), "weight_decay": wd / lr_biases, "role": "norm_biases"},
         {"params": others, "lr": rate(lr), "weight_decay": wd / lr, "role": "weights"},
+        {"params": head, "lr": rate(lr_head), "weight_decay": wd / lr_head, "role": "head"},
         {"params": whiten_bias, "lr": rate(lr), "weight_decay": wd / lr, "role": "whiten_bias"},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True, fused=graph_safe or None)
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True, fused=graph_safe or None)
+    ]
+    if filters:
+        filter_group = {"params": filters, "lr": rate(hp.muon_lr), "role": "filters"}
+        optimizers.append(Muon([filter_group], momentum=hp.muon_momentum))
+    return optimizers
+
+
+def param_groups(optimizers: list[torch.optim.Optimizer]) -> list[dict]:
+    return [group for optimizer in optimizers for group in optimizer.param_groups]
 
 
 def set_learning_rate(group: dict, value: float) -> None:
@@ -238,7 +308,7 @@ class CapturedStep:
         example_x: torch.Tensor,
         example_y: torch.Tensor,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizers: list[torch.optim.Optimizer],
     ):
         self.x = example_x.clone().contiguous(memory_format=torch.channels_last)
         self.y = example_y.clone()
@@ -256,10 +326,11 @@ class CapturedStep:
             for key, value in model.state_dict().items():
                 value.copy_(initial_state[key])
             # Zeroed momentum / moment estimates and step counts make the next step a first step.
-            for state in optimizer.state.values():
-                for value in state.values():
-                    if isinstance(value, torch.Tensor):
-                        value.zero_()
+            for optimizer in optimizers:
+                for state in optimizer.state.values():
+                    for value in state.values():
+                        if isinstance(value, torch.Tensor):
+                            value.zero_()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x.copy_(x)
@@ -319,9 +390,10 @@ def train_classifier(
     total_steps = max(1, math.ceil(hp.epochs * steps_per_epoch))
     whiten_bias_steps = math.ceil(hp.whiten_bias_epochs * steps_per_epoch)
     graphs = hp.cuda_graphs and device.type == "cuda"
-    optimizer = make_optimizer(model, hp, graph_safe=graphs)
-    base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-    reported_lr = next(float(g["lr"]) for g in optimizer.param_groups if g["role"] == "weights")
+    optimizers = make_optimizers(model, hp, graph_safe=graphs)
+    groups = param_groups(optimizers)
+    base_lrs = [float(group["lr"]) for group in groups]
+    reported_lr = next(float(g["lr"]) for g in groups if g["role"] in ("weights", "filters"))
     lookahead = Lookahead(model) if (hp.lookahead and sgd_recipe) else None
     forward = torch.compile(model, mode=hp.compile) if hp.compile else model
     loss_sum = torch.zeros((), device=device)
@@ -332,16 +404,18 @@ def train_classifier(
             logits = forward(pixel_values=fit_input_size(xb, cfg.image_size)).logits.float()
         losses = F.cross_entropy(logits, yb, label_smoothing=hp.label_smoothing, reduction="none")
         loss = losses.sum() if sgd_recipe else losses.mean()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         with torch.no_grad():
             loss_sum.add_(losses.sum())
             correct.add_((logits.argmax(1) == yb).sum())
 
     run_step: Callable[[torch.Tensor, torch.Tensor], None] = train_step
     if graphs:
-        run_step = CapturedStep(train_step, x_train[:batch_size], y_train[:batch_size], model, optimizer)
+        run_step = CapturedStep(train_step, x_train[:batch_size], y_train[:batch_size], model, optimizers)
         if lookahead is not None:
             lookahead.capture()
     # First-epoch flips are random; after that each image flips on every other epoch, so the network
@@ -364,7 +438,7 @@ def train_classifier(
             if step >= total_steps:
                 break
             factor = lr_factor(step, total_steps, hp.warmup_fraction, hp.final_lr_fraction)
-            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            for group, base_lr in zip(groups, base_lrs, strict=True):
                 frozen = group.get("role") == "whiten_bias" and step >= whiten_bias_steps
                 set_learning_rate(group, 0.0 if frozen else base_lr * factor)
             idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
