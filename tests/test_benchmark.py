@@ -57,6 +57,10 @@ def test_each_seed_is_a_real_run_and_saved_as_it_ends(processed: Path, model: st
     assert [p["seeds"] for p in partials] == [1, 2]
     assert entry["seeds"] == 2 and len(entry["train_seconds"]) == 2 and entry["model"] == model
     assert all(0.0 <= a <= 1.0 for a in entry["accuracies"]) and entry["train_seconds_median"] > 0
+    # The epochs' loop is part of the timed run, not all of it (evaluation and setup are timed too).
+    assert all(
+        0 < loop < total for loop, total in zip(entry["loop_seconds"], entry["train_seconds"], strict=True)
+    )
     assert entry["stage_wall_seconds"] > entry["train_seconds"][0]
     if model == "cifar_vit":
         assert entry["forward_macs_per_image"]["transformer"] > 0

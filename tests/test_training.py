@@ -203,3 +203,11 @@ def test_muon_recipe_learns_an_easy_task(splits) -> None:
         build_model(hp), train, val, hp, torch.device("cpu"), on_epoch=records.append, progress=False
     )
     assert records[-1].val_accuracy > 0.8  # colour identifies the class (chance: 0.1)
+
+
+def test_model_card_names_muon_when_it_updated_the_filters() -> None:
+    from cifar10_pipeline.stages.model_card import _optimiser_rows
+
+    assert "Muon" not in _optimiser_rows(small())
+    rows = _optimiser_rows(small(filter_optimizer="muon", muon_lr=0.3))
+    assert "| conv filters | Muon" in rows and "learning rate 0.3" in rows

@@ -233,7 +233,8 @@ def render_report(results: dict) -> str:
         "local mirror, which is JPEG-derived: published recipes score about 3 points lower on it than on the",
         "original. Training time is device-synchronised: training loop plus the final test evaluation with",
         "test-time augmentation, one-off warm-up excluded (reported apart). Stage wall time runs from",
-        "process start to the end of the first seed (imports, data loading and warm-up included).",
+        "process start to the end of the first seed (imports, data loading and warm-up included), or, where",
+        "a note says so, from the start of a fresh train-stage process to the model saved.",
         "",
         "| run | model | device | train images | epochs | compile | CUDA graphs | seeds "
         "| accuracy (mean ± std) | training time median (s) | warm-up (s) | stage wall (s) | energy (Wh) |",

@@ -52,15 +52,23 @@ def _data_note(source: dict) -> str:
 
 
 def _optimiser_rows(hp: TrainParams) -> str:
-    """Hyper-parameter table rows for the optimiser the model was trained with (see training.make_optimizer)."""
+    """Hyper-parameter table rows for the optimiser the model was trained with (see training.make_optimizers)."""
     schedule = f"warm-up {hp.warmup_fraction:.0%}, linear decay to {hp.final_lr_fraction}"
     if hp.model == "cifar_convnet":
-        return (
+        scales = f"norm biases x{hp.bias_lr_scale}, head x{hp.head_lr_scale}"
+        rows = (
             f"| optimiser | Nesterov SGD, momentum {hp.momentum} |\n"
-            f"| learning rate | {hp.lr} per 1024 examples (norm biases x{hp.bias_lr_scale}); {schedule} |\n"
+            f"| learning rate | {hp.lr} per 1024 examples ({scales}); {schedule} |\n"
             f"| weight decay | {hp.weight_decay} per 1024 examples |\n"
             f"| lookahead | {hp.lookahead} |"
         )
+        if hp.filter_optimizer == "muon":
+            muon = (
+                f"Muon (orthogonalised Nesterov momentum {hp.muon_momentum}, filters renormalised each "
+                f"step), learning rate {hp.muon_lr}; same schedule; SGD for biases and head"
+            )
+            rows += f"\n| conv filters | {muon} |"
+        return rows
     return (
         "| optimiser | AdamW, betas (0.9, 0.98) |\n"
         f"| learning rate | {hp.adamw_lr}; {schedule} |\n"
