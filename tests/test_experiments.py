@@ -108,6 +108,8 @@ ALTERNATIVE: dict[str, str] = {
     "train.translate": "3",
     "train.cutout": "16",
     "train.compile": "max-autotune-no-cudagraphs",
+    "train.filter_optimizer": "sgd",
+    "train.lookahead": "true",
 }
 
 
