@@ -134,8 +134,8 @@ def uses_sgd_recipe(model: PreTrainedModel) -> bool:
     return isinstance(model, CifarConvNetForImageClassification)
 
 
-# Quintic Newton-Schulz coefficients from Jordan's description of Muon (2024): the steepest slope at 0 that
-# still maps every singular value into about [0.7, 1.2] within a few iterations.
+# Quintic Newton-Schulz coefficients from Jordan's description of Muon (2024): the steepest slope at 0, so a
+# few iterations lift even small singular values close to 1 (to roughly 0.5-1.5, not exactly 1).
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
