@@ -195,6 +195,26 @@ def test_muon_resets_each_filter_bank_to_a_fixed_norm() -> None:
     assert singular.max() < 1.3 and singular.min() > 0.3  # an orthogonalised update of size lr
 
 
+def test_muon_batches_same_shaped_banks_without_mixing_them() -> None:
+    """Banks of one shape are orthogonalised as one batch: each must still get its own update."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 3, 3), (8, 4, 3, 3), (16, 8, 3, 3)]
+    weights = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+    grads = [torch.randn(shape, generator=generator) for shape in shapes]
+    alone = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    together = Muon([{"params": weights, "lr": 0.1}], momentum=0.6)
+    separate = [Muon([{"params": [w], "lr": 0.1}], momentum=0.6) for w in alone]
+    for _ in range(2):
+        for w, a, g in zip(weights, alone, grads, strict=True):
+            w.grad, a.grad = g.clone(), g.clone()
+        together.step()
+        for optimizer in separate:
+            optimizer.step()
+    for w, a in zip(weights, alone, strict=True):
+        torch.testing.assert_close(w, a, rtol=0, atol=1e-6)
+    assert not torch.allclose(weights[0], weights[1])  # same shape, different gradients, different steps
+
+
 def test_muon_recipe_learns_an_easy_task(splits) -> None:
     train, val = splits
     hp = small(filter_optimizer="muon", lookahead=False, warmup_fraction=0.0, final_lr_fraction=0.0)
