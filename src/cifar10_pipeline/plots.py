@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: stages and CI have no display
-import matplotlib.pyplot as plt
 import numpy as np
 
 from cifar10_pipeline import CLASS_NAMES
 
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+
+
+def _pyplot():
+    """matplotlib.pyplot on the headless backend, imported on first use: a stage pays for it only when it
+    draws (a second on a slow disk, before the train stage could start training)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: stages and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 def _save(fig: plt.Figure, path: Path) -> None:
+    plt = _pyplot()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -21,6 +33,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -46,6 +59,7 @@ def confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> None:
 
 
 def per_class_scores(per_class: dict, path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     x = np.arange(len(CLASS_NAMES))
     for offset, key in zip((-0.25, 0, 0.25), ("precision", "recall", "f1"), strict=True):
@@ -60,6 +74,7 @@ def per_class_scores(per_class: dict, path: Path) -> None:
 
 
 def reliability_diagram(bins: list[dict], ece: float, path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     centers = [(b["lower"] + b["upper"]) / 2 for b in bins if b["count"]]
     accuracy = [b["accuracy"] for b in bins if b["count"]]
@@ -76,6 +91,7 @@ def reliability_diagram(bins: list[dict], ece: float, path: Path) -> None:
 
 
 def robustness(table: dict[str, dict[str, float]], clean_accuracy: float, path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, by_severity in table.items():
         severities = sorted(by_severity, key=int)
@@ -98,6 +114,7 @@ def mistake_gallery(
     images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray, picks: dict[int, list[int]], path: Path
 ) -> None:
     columns = max((len(v) for v in picks.values()), default=1) or 1
+    plt = _pyplot()
     fig, axes = plt.subplots(
         len(CLASS_NAMES), columns, figsize=(1.6 * columns + 1, 1.7 * len(CLASS_NAMES)), squeeze=False
     )
@@ -117,6 +134,7 @@ def mistake_gallery(
 
 def training_curves(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
     if any(h.get("val_loss") not in (None, "") for h in history):
