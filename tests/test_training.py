@@ -78,6 +78,19 @@ def test_augment_translates_and_flips() -> None:
     assert not torch.equal(shifted, x)  # 1/25 chance per image of no shift; fixed seed makes this stable
 
 
+def test_translation_moves_each_image_by_its_own_shift() -> None:
+    """The one-gather translation equals cropping each reflect-padded image at its own drawn offset."""
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = augment(x, translate=2, flip_mask=None, generator=torch.Generator().manual_seed(0))
+    shifts = torch.randint(0, 5, (2, 6), generator=torch.Generator().manual_seed(0))  # the same draw
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i, (dy, dx) in enumerate(shifts.T.tolist()):
+        torch.testing.assert_close(out[i], padded[i, :, dy : dy + 8, dx : dx + 8], rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert len({tuple(s) for s in shifts.T.tolist()}) > 1  # several different shifts were exercised
+
+
 def test_schedule_warms_up_then_decays() -> None:
     values = [lr_factor(step, 100, 0.2, 0.1) for step in range(101)]
     assert values[0] == pytest.approx(0.2)
