@@ -29,6 +29,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from cifar10_pipeline import CLASS_NAMES
+from cifar10_pipeline.pooling import max_pool2x2
 
 # Per-channel statistics of the CIFAR-10 training split (pixel/255), from the data card.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -65,7 +66,6 @@ class ConvGroup(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, bn_momentum: float, extra_convs: int = 0):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding="same", bias=False)
-        self.pool = nn.MaxPool2d(2)
         self.norm1 = FrozenScaleBatchNorm(out_channels, bn_momentum)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding="same", bias=False)
         self.norm2 = FrozenScaleBatchNorm(out_channels, bn_momentum)
@@ -80,7 +80,7 @@ class ConvGroup(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        x = self.act(self.norm1(max_pool2x2(self.conv1(x))))
         x = self.act(self.norm2(self.conv2(x)))
         for layer in self.extra:
             x = x + layer(x)
@@ -114,8 +114,10 @@ def init_whitening(layer: nn.Conv2d, pixel_values: torch.Tensor, eps: float = 5e
     after it passes both signs). The layer's weights stay frozen afterwards.
     """
     k = layer.kernel_size[0]
-    # F.unfold orders each patch as (channel, row, col): the layout of a conv weight's (C, k, k).
-    patches = F.unfold(pixel_values.float(), k).transpose(1, 2).flatten(0, 1)
+    # One row per patch, ordered (channel, row, col): the layout of a conv weight's (C, k, k). Tensor.unfold
+    # makes it one copy; F.unfold gives the same rows but launches a kernel per image on CUDA.
+    windows = pixel_values.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k)
+    patches = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, pixel_values.shape[1] * k * k)
     patches = patches - patches.mean(dim=0)
     covariance = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
