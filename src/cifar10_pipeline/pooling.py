@@ -3,9 +3,10 @@
 Why: in an eager gpu_fast step, torch's channels-last max-pool kernels took 24% of the GPU time (the backward
 alone 16%): the forward writes an int64 index per output and the backward walks the input through them.
 Written for the 2x2 window only, each kernel reads a window once, coalesced along the channels, and the
-backward finds the window's maximum again from the saved input instead of reading indices. That makes eager
-kernels almost as fast as `torch.compile`'s fused ones, without the compile (seconds to minutes on a fresh
-machine). Everything else (the CPU, other layouts, code being compiled) uses `F.max_pool2d`.
+backward finds the window's maximum again from the saved input instead of reading indices. That makes an
+eager gpu_fast step as fast as `torch.compile`'s fused one, without the compile (15-28 s on a fresh machine;
+docs/gpu.md has the figures). Everything else (the CPU, other GPUs, other layouts, code being compiled) uses
+`F.max_pool2d`.
 
 Same results as `F.max_pool2d(x, 2)`: the output is bit-identical and the gradient goes to the same element
 (the first maximum in row-major window order; a NaN counts as the maximum, as in torch). Odd sizes drop the
@@ -73,12 +74,16 @@ class _MaxPool2x2(torch.autograd.Function):
 
 
 @functools.cache
-def triton_available() -> bool:
+def triton_supports(device: torch.device) -> bool:
+    """Triton is installed and the device is an NVIDIA GPU of compute capability 8.0 or newer (bf16 loads).
+
+    Other GPUs (older NVIDIA, ROCm) are untested with these kernels and keep torch's pool.
+    """
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return True
+    return torch.version.cuda is not None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +93,7 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
         and not torch.compiler.is_compiling()  # Inductor fuses its own pooling with the batch norm after it
-        and triton_available()
+        and triton_supports(x.device)
     ):
         return _MaxPool2x2.apply(x)
     return F.max_pool2d(x, 2)
