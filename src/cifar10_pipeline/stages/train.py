@@ -6,11 +6,14 @@ plot) and to MLflow; the model (safetensors + config.json with ``id2label``) goe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
@@ -37,6 +40,9 @@ from cifar10_pipeline.training import (
     train_classifier,
 )
 from cifar10_pipeline.vit import build_cifar_vit
+
+if TYPE_CHECKING:
+    from cifar10_pipeline.tracking import StageRun
 
 HISTORY_FIELDS = [f.name for f in dataclasses.fields(EpochRecord)]
 
@@ -120,26 +126,57 @@ def train(
     return model, result, summary
 
 
-def run(params: Params) -> dict:
+def _start_tracking(
+    params: Params, run_stack: contextlib.ExitStack, energy_stack: contextlib.ExitStack
+) -> StageRun:
+    """Open the stage's MLflow run and start codecarbon; each closes with its stack."""
     from cifar10_pipeline import emissions, tracking
 
-    with tracking.stage_run("train", params) as run_log:
+    run_log = run_stack.enter_context(tracking.stage_run("train", params))
+    energy_stack.enter_context(
+        emissions.measure("train", params.emissions.country_iso_code, STAGE_EMISSIONS_DIR / "train.json")
+    )
+    return run_log
+
+
+def run(params: Params) -> dict:
+    # Opening the MLflow run (store set-up, parent and child runs, parameters) and starting codecarbon
+    # (hardware probing) take 3-6 s, as long as a whole gpu_fast training. So they happen on a helper thread
+    # while the data loads and the model builds; epochs that end before the run is open are logged once it is.
+    # On an exception the helper is joined first, then codecarbon stops and the run is marked FAILED.
+    pending: list[EpochRecord] = []
+    with (
+        contextlib.ExitStack() as run_stack,
+        contextlib.ExitStack() as energy_stack,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking") as helper,
+    ):
+        opening = helper.submit(_start_tracking, params, run_stack, energy_stack)
+
+        def log_pending() -> None:
+            run_log = opening.result()  # re-raises here if MLflow or codecarbon could not start
+            while pending:
+                record = pending.pop(0)
+                metrics = {k: v for k, v in dataclasses.asdict(record).items() if k not in ("epoch", "step")}
+                run_log.log_metrics(metrics, step=record.epoch)
 
         def log_epoch(record: EpochRecord) -> None:
-            metrics = {k: v for k, v in dataclasses.asdict(record).items() if k not in ("epoch", "step")}
-            run_log.log_metrics(metrics, step=record.epoch)
+            pending.append(record)
+            if opening.done():
+                log_pending()
 
-        with emissions.measure(
-            "train", params.emissions.country_iso_code, STAGE_EMISSIONS_DIR / "train.json"
-        ):
-            _, _, summary = train(params.train, on_epoch=log_epoch)
+        _, _, summary = train(params.train, on_epoch=log_epoch)
+        log_pending()
+        energy_stack.close()  # the emissions record covers training, not the uploads below
+        run_log = opening.result()
         run_log.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)}, to_parent=True)
         run_log.set_tags({"device": summary["device"], "architecture": summary["architecture"]})
         run_log.log_artifact(TRAIN_HISTORY)
         run_log.log_artifact(TRAIN_CURVES)
         run_log.log_artifact(MODEL_DIR, "model")
+    val_accuracy = summary["val_accuracy"]
+    validation = f"val_accuracy={val_accuracy:.4f}" if val_accuracy is not None else "no validation split"
     print(
-        f"train: val_accuracy={summary['val_accuracy']:.4f} in {summary['train_seconds']:.1f}s of training "
+        f"train: {validation}; {summary['train_seconds']:.1f}s of training "
         f"({summary['train_images_per_second']:.0f} img/s on {summary['device']}); model -> {MODEL_DIR}"
     )
     return summary
