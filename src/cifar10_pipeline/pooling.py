@@ -20,56 +20,37 @@ import functools
 import torch
 import torch.nn.functional as F
 
-BLOCK = 1024  # output elements per program: 4 windows of 256 channels, or 16 of 64
-
 
 @functools.cache
 def _kernels():
-    """The Triton kernels, compiled on first use: Triton is imported only when a CUDA pool runs."""
-    import triton
-
+    """The Triton kernels' launchers, on first use: Triton is imported only when a CUDA pool runs."""
     from cifar10_pipeline import pooling_kernels
 
-    return triton.cdiv, pooling_kernels.forward_kernel, pooling_kernels.backward_kernel
-
-
-def _geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
-    """(total outputs, channels, out_w, out_h, in_w, in_h): the kernels' shape arguments."""
-    n, channels, in_h, in_w = x.shape
-    out_h, out_w = in_h // 2, in_w // 2
-    return n * channels * out_h * out_w, channels, out_w, out_h, in_w, in_h
+    return pooling_kernels
 
 
 class _MaxPool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        cdiv, forward_kernel, _ = _kernels()
-        geometry = _geometry(x)
-        total, _, out_w, out_h, _, _ = geometry
+        n, channels, height, width = x.shape
         out = torch.empty(
-            (x.shape[0], x.shape[1], out_h, out_w),
+            (n, channels, height // 2, width // 2),
             device=x.device,
             dtype=x.dtype,
             memory_format=torch.channels_last,
         )
-        if total:
-            forward_kernel[(cdiv(total, BLOCK),)](x, out, *geometry, BLOCK=BLOCK)
+        _kernels().pool_forward(x, out)
         ctx.save_for_backward(x, out)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        cdiv, _, backward_kernel = _kernels()
         x, out = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        geometry = _geometry(x)
-        total, _, out_w, out_h, _, _ = geometry
         grad_in = torch.empty_like(x, memory_format=torch.channels_last)
         # The kernel writes every element of the pooled area; the row/column odd sizes drop gets zero.
-        grad_in[:, :, 2 * out_h :].zero_()
-        grad_in[:, :, :, 2 * out_w :].zero_()
-        if total:
-            backward_kernel[(cdiv(total, BLOCK),)](x, out, grad, grad_in, *geometry, BLOCK=BLOCK)
+        grad_in[:, :, 2 * out.shape[2] :].zero_()
+        grad_in[:, :, :, 2 * out.shape[3] :].zero_()
+        _kernels().pool_backward(x, out, grad.contiguous(memory_format=torch.channels_last), grad_in)
         return grad_in
 
 

@@ -4,8 +4,11 @@ The tensors are channels-last, i.e. (N, H, W, C) in memory; ``offs`` index the p
 so neighbouring lanes read neighbouring channels (coalesced loads and stores).
 """
 
+import torch
 import triton
 import triton.language as tl
+
+BLOCK = 1024  # output elements per program: 4 windows of 256 channels, or 16 of 64
 
 
 @triton.jit
@@ -58,3 +61,23 @@ def backward_kernel(
         tl.store(grad_in_ptr + where, tl.where(take, g, zero), mask=mask)
         taken = taken | take
     tl.store(grad_in_ptr + top_left + below + channels, tl.where(taken, zero, g), mask=mask)
+
+
+def _launch(kernel, x: torch.Tensor, out: torch.Tensor, *tensors: torch.Tensor) -> None:
+    """Run ``kernel`` over the pooled output ``out`` of the channels-last ``x``."""
+    n, channels, in_h, in_w = x.shape
+    out_h, out_w = out.shape[2], out.shape[3]
+    total = n * channels * out_h * out_w
+    if total:
+        grid = (triton.cdiv(total, BLOCK),)
+        kernel[grid](x, out, *tensors, total, channels, out_w, out_h, in_w, in_h, BLOCK=BLOCK)
+
+
+def pool_forward(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the 2x2 maxima of ``x`` into ``out``."""
+    _launch(forward_kernel, x, out)
+
+
+def pool_backward(x: torch.Tensor, out: torch.Tensor, grad: torch.Tensor, grad_in: torch.Tensor) -> None:
+    """Write ``grad`` to each window's first maximum in ``grad_in``, zero to its other elements."""
+    _launch(backward_kernel, x, out, grad, grad_in)
