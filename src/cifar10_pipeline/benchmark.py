@@ -1,35 +1,63 @@
-"""Training benchmark: the train stage's own code, several seeds, timed the way speed-run records are.
+"""Training benchmark: the train stage's own code over several seeds, reference recipes side by side, and
+knob choice on a validation hold-out. Not a DVC stage: run it on the machine the figures should describe.
 
-    python -m cifar10_pipeline.benchmark --profile default --seeds 3
-    python -m cifar10_pipeline.benchmark --profile gpu_fast --seeds 5 --key gpu_fast
-    python -m cifar10_pipeline.benchmark --vit-throughput      # ViT-B/16 at 224 px, random weights
+    python -m cifar10_pipeline.benchmark run --profile default --seeds 3
+    python -m cifar10_pipeline.benchmark run --profile gpu_fast --seeds 10
+    python -m cifar10_pipeline.benchmark select --profile gpu_fast --processed-dir data/processed_val5000 \\
+        --grid train.head_lr_scale=0.5,1.0 --grid train.label_smoothing=0.15,0.2 --seeds 6
+    python -m cifar10_pipeline.benchmark reference ../airbench/airbench94_muon.py --runs 10 \\
+        --source https://github.com/KellerJordan/cifar10-airbench@<commit>
+    python -m cifar10_pipeline.benchmark vit-throughput
+    python -m cifar10_pipeline.benchmark merge results-from-the-gpu-machine.json
 
-Timed per seed (device-synchronised): the training loop plus the final test-set evaluation with the model's
-test-time augmentation; one-off warm-up (kernel selection, compilation) is timed separately. Results merge
-into ``metrics/benchmark.json`` under the profile's name (or ``--key``) and render to
-``reports/benchmark.md``. Not a DVC stage: run it when you want the figures, on the machine they describe.
+Every entry is written by this module and carries its provenance: machine, device, torch version, git commit
+and date (``Provenance``). Entries merge into ``metrics/benchmark.json`` by name, so figures from several
+machines (a CPU VM, an H200) live side by side, each naming its own; ``reports/benchmark.md`` is re-rendered
+from the merged file every time. ``--metrics-file`` writes elsewhere (e.g. ``$OUT`` on a GPU machine), and
+``merge`` brings such a file in.
+
+Timing: ``train_seconds`` is device-synchronised from the start of ``train_classifier`` (the data copied to
+the device, whitening, graph capture, every epoch) to the end of the final evaluation with test-time
+augmentation; ``loop_seconds`` is the epochs' loop alone. A reference recipe is timed by its own clock
+(CUDA events around its training and final evaluation, data already on the GPU) and reported as it prints it.
+
+Choosing knobs (``select``): candidates are trained on the training part of a stratified hold-out split and
+scored on its validation images only, never on the test set; the candidate with the highest mean validation
+accuracy over the given seeds wins. The chosen values are then set in the profile, which trains on all
+training images, and ``run`` scores the test set once per reported seed (docs/gpu.md, "How knobs are chosen").
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import datetime
+import itertools
 import json
+import os
+import re
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import psutil
 import torch
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from cifar10_pipeline.data import atomic_output, load_processed
+from cifar10_pipeline import CLASS_NAMES
+from cifar10_pipeline.data import ArraySplit, atomic_output, file_digest, load_processed
 from cifar10_pipeline.params import Params, resolve
 from cifar10_pipeline.paths import DATA_SOURCE, PARAMS_FILE, PROCESSED_DIR, STAGE_EMISSIONS_DIR
 from cifar10_pipeline.stages.train import build_model
 from cifar10_pipeline.training import (
+    cpu_model_name,
     describe_device,
     evaluate_normalised,
     resolve_device,
@@ -39,126 +67,304 @@ from cifar10_pipeline.training import (
 
 BENCHMARK_METRICS = Path("metrics/benchmark.json")
 BENCHMARK_REPORT = Path("reports/benchmark.md")
+SELECTION_SEED_START = 100  # selection runs use seeds 100, 101, ...; reported test runs use 0, 1, ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What an entry holds. extra="forbid": a key that this module does not write cannot be in the file (the test
+# of metrics/ validates the committed file against these models).
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Provenance(_Record):
+    machine: str  # the host: CPU model and cores, plus the GPU where one was used
+    device: str  # what the work ran on
+    torch: str
+    git_commit: str
+    date: str  # UTC, ISO 8601
+    command: str  # how to make this entry again
+
+
+class Emissions(_Record):
+    emissions_kg: float
+    energy_kwh: float
+    duration_s: float
+    country_iso_code: str
+
+
+class TrainingEntry(Provenance):
+    kind: Literal["training"] = "training"
+    profile: str
+    overrides: list[str]
+    model: str
+    epochs: float
+    batch_size: int
+    widths: list[int]
+    compile: str | bool
+    cuda_graphs: bool
+    augmentation: dict[str, int | bool]
+    tta_level: int
+    train_images: int
+    scored_split: Literal["test", "val"]
+    scored_images: int
+    seeds: list[int]
+    accuracies: list[float]
+    accuracy_mean: float
+    accuracy_std: float
+    train_seconds: list[float]
+    train_seconds_median: float
+    loop_seconds: list[float]
+    loop_seconds_median: float
+    warmup_seconds: float
+    process_to_first_seed_seconds: float
+    data: str
+    emissions: Emissions | None = None
+    parameters: int | None = None
+    forward_macs_per_image: dict[str, float] | None = None
+
+
+class Candidate(_Record):
+    overrides: dict[str, Any]
+    val_accuracies: list[float]
+    val_accuracy_mean: float
+    val_accuracy_std: float
+    train_seconds_median: float
+
+
+class SelectionEntry(Provenance):
+    kind: Literal["selection"] = "selection"
+    profile: str
+    protocol: str
+    grid: dict[str, list[Any]]
+    fixed_overrides: list[str]
+    seeds: list[int]
+    train_images: int
+    val_images: int
+    candidates: list[Candidate]
+    chosen: dict[str, Any]
+    data: str
+
+
+class ReferenceEntry(Provenance):
+    kind: Literal["reference"] = "reference"
+    recipe: str
+    recipe_sha256: str
+    source: str
+    runs: int
+    accuracies: list[float]
+    accuracy_mean: float
+    accuracy_std: float
+    seconds: list[float]
+    seconds_median: float
+    timing: str
+    train_images: int
+    test_images: int
+    data: str
+
+
+class VitThroughputEntry(Provenance):
+    kind: Literal["vit_throughput"] = "vit_throughput"
+    model: str
+    parameters: int
+    batch_size: int
+    train_images_per_second: float
+    inference_images_per_second: float
+    train_peak_memory_gib: float | None
+
+
+Entry = Annotated[
+    TrainingEntry | SelectionEntry | ReferenceEntry | VitThroughputEntry, Field(discriminator="kind")
+]
+BENCHMARK_FILE = TypeAdapter(dict[str, Entry])
+
+
+def read_results(path: Path) -> dict[str, Entry]:
+    """The entries in ``path``, validated (an empty dict when the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return BENCHMARK_FILE.validate_python(json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Provenance
+
+
+def git_commit(default: str | None = None) -> str:
+    """HEAD of the checkout, or ``default`` for a copy without .git (e.g. a tree sent to a GPU machine)."""
+    if default:
+        return default
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def machine_name(device: torch.device) -> str:
+    host = f"{cpu_model_name()}, {psutil.cpu_count(logical=True)} logical cores"
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)} (host {host})"
+    return host
+
+
+def provenance(device: torch.device, commit: str | None, command: str) -> dict[str, str]:
+    return {
+        "machine": machine_name(device),
+        "device": describe_device(device),
+        "torch": torch.__version__,
+        "git_commit": git_commit(commit),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command,
+    }
+
+
+def data_source() -> str:
+    if not DATA_SOURCE.is_file():
+        return "unknown (metrics/data_source.json missing)"
+    source = json.loads(DATA_SOURCE.read_text())
+    suffix = " (JPEG-derived mirror)" if source["source"] == "mirror" else ""
+    return f"{source['source']}{suffix}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Our training runs
 
 
 def load_profile(profile: str, overrides: list[str], params_file: Path = PARAMS_FILE) -> Params:
+    """params.yaml with ``profile`` active and ``-S section.key=value`` overrides, which win over the
+    profile's own values (as with dvc exp run -S)."""
     raw = yaml.safe_load(Path(params_file).read_text())
     raw["profile"] = profile
-    for item in overrides:  # same syntax as dvc exp run -S section.key=value
+    for item in overrides:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
+        if section not in raw or not isinstance(raw[section], dict) or name not in raw[section]:
+            raise SystemExit(f"-S {item}: {key!r} is not a key of {params_file}")
         raw[section][name] = yaml.safe_load(value)
         raw["profiles"].get(profile, {}).get(section, {}).pop(name, None)
     return resolve(raw, source=f"{params_file} (profile {profile})")
 
 
-def run_seed(params: Params, splits: dict, seed: int, device: torch.device) -> dict:
+def run_seed(params: Params, train: ArraySplit, scored: ArraySplit, seed: int, device: torch.device) -> dict:
+    """Train one seed on ``train`` and score ``scored`` with the model's test-time augmentation."""
+    from cifar10_pipeline.inference import normalize
+
     hp = params.train.model_copy(update={"seed": seed})
     model = build_model(hp)
     synchronize(device)
     start = time.perf_counter()
-    result = train_classifier(model, splits["train"], None, hp, device, progress=False)
-    # Final evaluation with test-time augmentation counts as training time, as in the published records.
-    test = splits["test"]
-    from cifar10_pipeline.inference import normalize
-
-    x_test = normalize(
-        torch.as_tensor(test.images).to(device), model.config.image_mean, model.config.image_std
-    )
-    y_test = torch.as_tensor(test.labels).to(device)
-    _, accuracy = evaluate_normalised(model, x_test, y_test, hp.precision, tta_level=model.config.tta_level)
+    result = train_classifier(model, train, None, hp, device, progress=False)
+    # The final evaluation with test-time augmentation counts as training time, as in the published records.
+    x = normalize(torch.as_tensor(scored.images).to(device), model.config.image_mean, model.config.image_std)
+    y = torch.as_tensor(scored.labels).to(device)
+    _, accuracy = evaluate_normalised(model, x, y, hp.precision, tta_level=model.config.tta_level)
     synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"seed": seed, "accuracy": accuracy, "seconds": seconds, "loop_seconds": result.train_seconds}
+    return {
+        "seed": seed,
+        "accuracy": accuracy,
+        "seconds": time.perf_counter() - start,
+        "loop_seconds": result.train_seconds,
+    }
 
 
-def _data_source() -> str:
-    if not DATA_SOURCE.is_file():
-        return "unknown (metrics/data_source.json missing)"
-    source = json.loads(DATA_SOURCE.read_text())
-    suffix = " (JPEG-derived mirror)" if source["source"] == "mirror" else ""
-    return f"{source['source']}: {source['location']}{suffix}"
-
-
-def warm_up(params: Params, splits: dict, device: torch.device) -> float:
+def warm_up(params: Params, train: ArraySplit, device: torch.device) -> float:
     """A short run that pays the one-off costs (cuDNN autotuning, torch.compile) before timing starts."""
+    if device.type != "cuda" and not params.train.compile:
+        return 0.0
     hp = params.train.model_copy(update={"epochs": min(params.train.epochs, 0.3)})
     start = time.perf_counter()
-    train_classifier(build_model(hp), splits["train"], None, hp, device, progress=False)
+    train_classifier(build_model(hp), train, None, hp, device, progress=False)
     synchronize(device)
     return time.perf_counter() - start
 
 
+def _spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def training_entry(
+    params: Params,
+    overrides: list[str],
+    runs: list[dict],
+    train: ArraySplit,
+    scored: ArraySplit,
+    scored_split: Literal["test", "val"],
+    warmup_seconds: float,
+    first_seed_at: float,
+    origin: dict[str, str],
+) -> TrainingEntry:
+    hp = params.train
+    accuracies = [r["accuracy"] for r in runs]
+    seconds = [round(r["seconds"], 3) for r in runs]
+    loops = [round(r["loop_seconds"], 3) for r in runs]
+    mean, std = _spread(accuracies)
+    return TrainingEntry(
+        **origin,
+        profile=params.profile,
+        overrides=overrides,
+        model=hp.model,
+        epochs=hp.epochs,
+        batch_size=hp.batch_size,
+        widths=hp.widths,
+        compile=hp.compile,
+        cuda_graphs=hp.cuda_graphs,
+        augmentation={"flip": hp.flip, "translate": hp.translate, "cutout": hp.cutout},
+        tta_level=hp.tta_level,
+        train_images=len(train),
+        scored_split=scored_split,
+        scored_images=len(scored),
+        seeds=[r["seed"] for r in runs],
+        accuracies=accuracies,
+        accuracy_mean=mean,
+        accuracy_std=std,
+        train_seconds=seconds,
+        train_seconds_median=statistics.median(seconds),
+        loop_seconds=loops,
+        loop_seconds_median=statistics.median(loops),
+        warmup_seconds=round(warmup_seconds, 2),
+        process_to_first_seed_seconds=round(first_seed_at, 2),
+        data=data_source(),
+        **model_facts(params),
+    )
+
+
 def benchmark_training(
     params: Params,
-    seeds: int,
+    seeds: list[int],
     processed_dir: Path = PROCESSED_DIR,
-    on_seed: Callable[[dict], None] | None = None,
-) -> dict:
-    """Time ``seeds`` runs; ``on_seed`` gets the summary so far after each (long runs lose nothing)."""
+    on_seed: Callable[[TrainingEntry], None] | None = None,
+    overrides: list[str] | None = None,
+    origin: dict[str, str] | None = None,
+) -> TrainingEntry:
+    """Train and test-score each seed; ``on_seed`` gets the entry so far after each (long runs lose nothing)."""
     device = resolve_device(params.train.device)
     splits = load_processed(processed_dir)
-    warmup_seconds = warm_up(params, splits, device) if device.type == "cuda" or params.train.compile else 0.0
-    facts = model_facts(params)
-    runs = []
-    stage_wall = None
-    for seed in range(seeds):
-        runs.append(run_seed(params, splits, seed, device))
-        if stage_wall is None:
-            stage_wall = time.time() - psutil.Process().create_time()
-        run = runs[-1]
+    origin = origin or provenance(device, None, "benchmark_training()")
+    warmup_seconds = warm_up(params, splits["train"], device)
+    runs: list[dict] = []
+    first_seed_at = 0.0
+    for seed in seeds:
+        runs.append(run_seed(params, splits["train"], splits["test"], seed, device))
+        first_seed_at = first_seed_at or time.time() - psutil.Process().create_time()
         print(
-            f"seed {seed}: accuracy {run['accuracy']:.4f} in {run['seconds']:.2f} s "
-            f"({run['loop_seconds']:.2f} s in the epochs' loop)",
+            f"seed {seed}: test accuracy {runs[-1]['accuracy']:.4f} in {runs[-1]['seconds']:.2f} s "
+            f"({runs[-1]['loop_seconds']:.2f} s in the epochs' loop)",
             flush=True,
         )
-        entry = summarize(params, runs, device, splits, warmup_seconds, stage_wall) | facts
+        entry = training_entry(
+            params, overrides or [], runs, splits["train"], splits["test"], "test", warmup_seconds,
+            first_seed_at, origin,
+        )  # fmt: skip
         if on_seed is not None:
             on_seed(entry)
     return entry
 
 
-def summarize(
-    params: Params,
-    runs: list[dict],
-    device: torch.device,
-    splits: dict,
-    warmup_seconds: float,
-    stage_wall: float,
-) -> dict:
-    accuracies = [r["accuracy"] for r in runs]
-    seconds = [round(r["seconds"], 3) for r in runs]
-    hp = params.train
-    entry = {
-        "device": describe_device(device),
-        "torch": torch.__version__,
-        "seeds": len(runs),
-        "model": hp.model,
-        "epochs": hp.epochs,
-        "batch_size": hp.batch_size,
-        "widths": hp.widths,
-        "compile": hp.compile,
-        "cuda_graphs": hp.cuda_graphs,
-        "augmentation": {"flip": hp.flip, "translate": hp.translate, "cutout": hp.cutout},
-        "train_images": len(splits["train"]),
-        "test_images": len(splits["test"]),
-        "accuracy_mean": statistics.fmean(accuracies),
-        "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-        "accuracies": accuracies,
-        "train_seconds": seconds,
-        "train_seconds_median": statistics.median(seconds),
-        # The epochs alone (augmentation and steps): the rest of train_seconds is moving the data to the
-        # device, whitening, recording the CUDA graph and the final evaluation.
-        "loop_seconds": [round(r["loop_seconds"], 3) for r in runs],
-        "warmup_seconds": round(warmup_seconds, 2),
-        "stage_wall_seconds": round(stage_wall or 0.0, 2),
-        "tta_level": hp.tta_level,
-        "data": _data_source(),
-    }
-    return entry
-
-
-def model_facts(params: Params) -> dict:
+def model_facts(params: Params) -> dict[str, Any]:
     """Size and compute split of the from-scratch ViT (nothing extra for the other models)."""
     hp = params.train
     if hp.model != "cifar_vit":
@@ -167,13 +373,226 @@ def model_facts(params: Params) -> dict:
 
     model = build_model(hp)
     return {
-        "vit": {"dim": hp.vit_dim, "depth": hp.vit_depth, "heads": hp.vit_heads},
         "forward_macs_per_image": flops_split(model.config),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
 
-def vit_throughput(batch_size: int = 128, steps: int = 20) -> dict:
+# ---------------------------------------------------------------------------------------------------------
+# Knob choice on validation data
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``section.key=v1,v2`` items -> {section.key: [v1, v2]} (values parsed as YAML)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or "." not in key or not values:
+            raise SystemExit(f"--grid {item!r}: expected section.key=value1,value2")
+        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
+
+
+def select_knobs(
+    profile: str,
+    grid: dict[str, list[Any]],
+    seeds: int,
+    processed_dir: Path,
+    fixed: list[str] | None = None,
+    params_file: Path = PARAMS_FILE,
+    origin: dict[str, str] | None = None,
+    on_candidate: Callable[[SelectionEntry], None] | None = None,
+) -> SelectionEntry:
+    """Train every grid point on the hold-out split's training part, score its validation images only."""
+    splits = load_processed(processed_dir)
+    train, val = splits["train"], splits["val"]
+    if not len(val):
+        raise SystemExit(
+            f"{processed_dir} has no validation images: knobs are chosen on a hold-out, never on the test "
+            "set. Make one with the preprocess stage and preprocess.val_size > 0."
+        )
+    fixed = fixed or []
+    keys = list(grid)
+    seed_list = [SELECTION_SEED_START + i for i in range(seeds)]
+    device: torch.device | None = None
+    candidates: list[Candidate] = []
+    for values in itertools.product(*grid.values()):
+        chosen = dict(zip(keys, values, strict=True))
+        sets = fixed + [f"{k}={json.dumps(v)}" for k, v in chosen.items()]
+        params = load_profile(profile, sets, params_file)
+        if device is None:
+            device = resolve_device(params.train.device)
+            origin = origin or provenance(device, None, "select_knobs()")
+            warm_up(params, train, device)
+        runs = [run_seed(params, train, val, seed, device) for seed in seed_list]
+        accuracies = [r["accuracy"] for r in runs]
+        mean, std = _spread(accuracies)
+        candidates.append(
+            Candidate(
+                overrides=chosen,
+                val_accuracies=accuracies,
+                val_accuracy_mean=mean,
+                val_accuracy_std=std,
+                train_seconds_median=statistics.median(round(r["seconds"], 3) for r in runs),
+            )
+        )
+        print(f"{chosen}: validation accuracy {100 * mean:.2f}% ± {100 * std:.2f}", flush=True)
+        best = max(candidates, key=lambda c: c.val_accuracy_mean)
+        entry = SelectionEntry(
+            **origin,
+            profile=profile,
+            protocol=(
+                f"trained on {len(train):,} images of a stratified hold-out split of the training images, "
+                f"scored on its {len(val):,} validation images (never the test set); highest mean "
+                f"validation accuracy over seeds {seed_list[0]}-{seed_list[-1]} wins"
+            ),
+            grid=grid,
+            fixed_overrides=fixed,
+            seeds=seed_list,
+            train_images=len(train),
+            val_images=len(val),
+            candidates=candidates,
+            chosen=best.overrides,
+            data=data_source(),
+        )
+        if on_candidate is not None:
+            on_candidate(entry)
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference recipes (their code stays in their own repositories; we only run it)
+
+_DASHES = re.compile(r"^-{10,}$")
+
+
+def parse_recipe_rows(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """The final row of every run from the airbench-style tables the speed-run recipes print.
+
+    The table prints one row per epoch with the run number on its first row only, and a dashed rule after
+    each run's final row; yields {column: value} for each final row, with ``run`` filled in.
+    """
+    header: list[str] | None = None
+    pending: list[str] | None = None
+    run = ""
+    for raw in lines:
+        line = raw.rstrip("\n").split("\r")[-1].strip()  # progress lines end in \r, not \n
+        if _DASHES.match(line):
+            if header is not None and pending is not None:
+                yield dict(zip(header, pending, strict=False)) | {"run": run}
+            pending = None
+            continue
+        if not (line.startswith("|") and line.endswith("|")):
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if header is None or cells[0] == "run":
+            header, pending = cells, None
+            continue
+        run = cells[0] or run
+        pending = cells
+
+
+def write_recipe_data(processed_dir: Path, folder: Path) -> tuple[int, int]:
+    """Our processed split in the recipes' data format: cifar10/{train,test}.pt of uint8 NHWC tensors."""
+    splits = load_processed(processed_dir)
+    if len(splits["val"]):
+        raise SystemExit(
+            f"{processed_dir} holds a validation hold-out: reference recipes train on every training image "
+            "(use a processed folder made with preprocess.val_size: 0)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "test"):
+        split = splits[name]
+        torch.save(
+            {
+                "images": torch.from_numpy(split.images),
+                "labels": torch.from_numpy(split.labels),
+                "classes": list(CLASS_NAMES),
+            },
+            folder / f"{name}.pt",
+        )
+    return len(splits["train"]), len(splits["test"])
+
+
+def run_reference(
+    recipe: Path,
+    runs: int,
+    source: str,
+    processed_dir: Path = PROCESSED_DIR,
+    timeout: float = 1800.0,
+    origin: dict[str, str] | None = None,
+    python: str = sys.executable,
+) -> ReferenceEntry:
+    """Run ``recipe`` unmodified in a scratch folder holding our data; stop it after ``runs`` timed runs."""
+    recipe = Path(recipe).resolve()
+    if not recipe.is_file():
+        raise SystemExit(f"reference recipe {recipe} not found: pass the path to its .py file")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    origin = origin or provenance(device, None, "run_reference()")
+    rows: list[dict[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="reference-") as scratch:
+        n_train, n_test = write_recipe_data(processed_dir, Path(scratch) / "cifar10")
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(
+            [python, str(recipe)], cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        tail: list[str] = []
+
+        def lines() -> Iterator[str]:
+            assert process.stdout is not None
+            for line in process.stdout:
+                tail.append(line)
+                del tail[:-40]
+                print(line, end="", flush=True)
+                yield line
+                if time.monotonic() > deadline:
+                    return
+
+        try:
+            for row in parse_recipe_rows(lines()):
+                if row["run"] != "warmup":
+                    rows.append(row)
+                if len(rows) >= runs:
+                    break
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+    if len(rows) < runs:
+        raise SystemExit(
+            f"{recipe.name} finished {len(rows)} of {runs} runs (exit {process.returncode}); its last output:\n"
+            + "".join(tail)
+        )
+    time_column = next(c for c in rows[0] if "time" in c)
+    accuracies = [float(r["tta_val_acc"]) for r in rows]
+    seconds = [float(r[time_column]) for r in rows]
+    mean, std = _spread(accuracies)
+    return ReferenceEntry(
+        **origin,
+        recipe=recipe.name,
+        recipe_sha256=file_digest(recipe),
+        source=source,
+        runs=len(rows),
+        accuracies=accuracies,
+        accuracy_mean=mean,
+        accuracy_std=std,
+        seconds=seconds,
+        seconds_median=statistics.median(seconds),
+        timing=f"the recipe's own clock, as it prints it ({time_column}): CUDA events around training "
+        "and the final evaluation, data already on the GPU, first (warm-up/compile) run excluded",
+        train_images=n_train,
+        test_images=n_test,
+        data=data_source(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ViT-B/16 cost
+
+
+def vit_throughput(origin: dict[str, str], batch_size: int = 128, steps: int = 20) -> VitThroughputEntry:
     """Training and inference images/s and peak memory of ViT-B/16 at 224 px with random weights."""
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -191,7 +610,7 @@ def vit_throughput(batch_size: int = 128, steps: int = 20) -> dict:
         loss.backward()
         optimizer.step()
 
-    def timed(fn, n: int) -> float:
+    def timed(fn: Callable[[], None], n: int) -> float:
         for _ in range(3):
             fn()
         synchronize(device)
@@ -213,121 +632,38 @@ def vit_throughput(batch_size: int = 128, steps: int = 20) -> dict:
             model(pixel_values=x)
 
     infer_time = timed(infer_step, steps)
-    return {
-        "device": describe_device(device),
-        "torch": torch.__version__,
-        "model": "ViT-B/16 (architecture of google/vit-base-patch16-224-in21k, random weights), 224 px, bf16",
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "batch_size": batch_size,
-        "train_images_per_second": round(batch_size * steps / train_time, 1),
-        "inference_images_per_second": round(batch_size * steps / infer_time, 1),
-        "train_peak_memory_gib": round(train_peak, 2) if train_peak is not None else None,
-    }
+    return VitThroughputEntry(
+        **origin,
+        model="ViT-B/16 (architecture of google/vit-base-patch16-224-in21k, random weights), 224 px, bf16",
+        parameters=sum(p.numel() for p in model.parameters()),
+        batch_size=batch_size,
+        train_images_per_second=round(batch_size * steps / train_time, 1),
+        inference_images_per_second=round(batch_size * steps / infer_time, 1),
+        train_peak_memory_gib=round(train_peak, 2) if train_peak is not None else None,
+    )
 
 
-def render_report(results: dict) -> str:
-    lines = [
-        "# Training benchmark",
-        "",
-        "Written by `python -m cifar10_pipeline.benchmark`. Accuracy is on the CIFAR-10 test split of the",
-        "local mirror, which is JPEG-derived: published recipes score about 3 points lower on it than on the",
-        "original. Training time is device-synchronised: training loop plus the final test evaluation with",
-        "test-time augmentation, one-off warm-up excluded (reported apart). Stage wall time runs from",
-        "process start to the end of the first seed (imports, data loading and warm-up included), or, where",
-        "a note says so, from the start of a fresh train-stage process to the model saved.",
-        "",
-        "| run | model | device | train images | epochs | compile | CUDA graphs | seeds "
-        "| accuracy (mean ± std) | training time median (s) | warm-up (s) | stage wall (s) | energy (Wh) |",
-        "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    notes = []
-    for key, r in results.items():
-        if key == "vit_b16_throughput":
-            continue
-        energy = f"{1000 * r['emissions']['energy_kwh']:.2f}" if "emissions" in r else "not measured"
-        graphs = {True: "whole step", False: "no"}.get(r.get("cuda_graphs"), "-")
-        if r.get("compile") == "reduce-overhead":
-            graphs = "model only (reduce-overhead)"
-        lines.append(
-            f"| {key} | {r.get('model', 'cifar_convnet')} | {r['device']} | {r['train_images']:,} | "
-            f"{r['epochs']} | {r.get('compile') or 'no'} | {graphs} | {r['seeds']} | "
-            f"{100 * r['accuracy_mean']:.2f}% ± {100 * r['accuracy_std']:.2f} | "
-            f"{r['train_seconds_median']:.2f} | "
-            f"{r['warmup_seconds']:.1f} | {r['stage_wall_seconds']:.1f} | {energy} |"
-        )
-        if "note" in r:
-            notes.append(f"- **{key}**: {r['note']}")
-        if "forward_macs_per_image" in r:
-            macs = r["forward_macs_per_image"]
-            notes.append(
-                f"- **{key}**: {r['parameters']:,} parameters; forward pass {macs['total'] / 1e6:.0f} M "
-                f"multiply-accumulates per image, {100 * macs['transformer'] / macs['total']:.0f}% of them "
-                f"in the transformer encoder, {100 * macs['tokenizer'] / macs['total']:.0f}% in the "
-                "convolutional tokenizer."
-            )
-    if notes:
-        lines += ["", *notes]
-    vit = results.get("vit_b16_throughput")
-    if vit:
-        lines += [
-            "",
-            "## What a ViT-B/16 fine-tune costs",
-            "",
-            f"{vit['model']}, batch {vit['batch_size']}, on {vit['device']} (torch {vit['torch']}):",
-            "",
-            "| training images/s | inference images/s | peak training memory (GiB) | parameters |",
-            "|---:|---:|---:|---:|",
-            f"| {vit['train_images_per_second']:.0f} | {vit['inference_images_per_second']:.0f} | "
-            f"{vit['train_peak_memory_gib']} | {vit['parameters']:,} |",
-            "",
-            "One epoch of CIFAR-10 (50,000 images) at that rate takes "
-            f"{50_000 / vit['train_images_per_second']:.0f} s of training.",
-        ]
-    return "\n".join(lines) + "\n"
+# ---------------------------------------------------------------------------------------------------------
+# Saving and the report
+
+
+def render_report(results: dict[str, Entry]) -> str:
+    from cifar10_pipeline.docs import render_template
+
+    return render_template("benchmark_report.md.j2", results=results)
 
 
 def save(
-    key: str, entry: dict, metrics_file: Path = BENCHMARK_METRICS, report_file: Path = BENCHMARK_REPORT
+    entries: dict[str, Entry], metrics_file: Path = BENCHMARK_METRICS, report_file: Path | None = None
 ) -> None:
-    results = json.loads(Path(metrics_file).read_text()) if Path(metrics_file).is_file() else {}
-    results = copy.deepcopy(results)
-    results[key] = entry
+    """Merge ``entries`` into ``metrics_file`` by name (and re-render the report beside it, if given)."""
+    results = read_results(metrics_file) | entries
+    payload = {name: entry.model_dump(mode="json") for name, entry in sorted(results.items())}
     with atomic_output(Path(metrics_file)) as staged:
-        staged.write_text(json.dumps(results, indent=2) + "\n")
-    with atomic_output(Path(report_file)) as staged:
-        staged.write_text(render_report(results))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--profile", default="default", help="profile from params.yaml (default: default)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--key", help="name of the entry in metrics/benchmark.json (default: the profile)")
-    parser.add_argument("-S", "--set", action="append", default=[], help="override, e.g. -S train.epochs=12")
-    parser.add_argument("--processed-dir", type=Path, default=PROCESSED_DIR)
-    parser.add_argument("--vit-throughput", action="store_true", help="measure ViT-B/16 at 224 px instead")
-    args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
-    params = load_profile(args.profile, args.set)
-    key = "vit_b16_throughput" if args.vit_throughput else args.key or args.profile
-    emissions_file = STAGE_EMISSIONS_DIR / f"benchmark_{key}.json"
-    with _measured(params.emissions.country_iso_code, emissions_file):
-        if args.vit_throughput:
-            entry = vit_throughput()
-        else:
-            entry = benchmark_training(
-                params, args.seeds, args.processed_dir, on_seed=lambda partial: save(key, partial)
-            )
-    if emissions_file.is_file():
-        record = json.loads(emissions_file.read_text())
-        entry["emissions"] = {
-            k: record[k] for k in ("emissions_kg", "energy_kwh", "duration_s", "country_iso_code")
-        }
-    save(key, entry)
-    print(json.dumps(entry, indent=2))
+        staged.write_text(json.dumps(payload, indent=2) + "\n")
+    if report_file is not None:
+        with atomic_output(Path(report_file)) as staged:
+            staged.write_text(render_report(read_results(metrics_file)))
 
 
 def _measured(country_iso_code: str, out_file: Path) -> contextlib.AbstractContextManager:
@@ -340,6 +676,102 @@ def _measured(country_iso_code: str, out_file: Path) -> contextlib.AbstractConte
     from cifar10_pipeline.emissions import measure
 
     return measure("benchmark", country_iso_code, out_file)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--metrics-file", type=Path, default=BENCHMARK_METRICS)
+    common.add_argument(
+        "--report", type=Path, default=BENCHMARK_REPORT, help="re-rendered after each save ('' for none)"
+    )
+    common.add_argument("--git-commit", help="commit of the code, for a copy of the tree without .git")
+    common.add_argument("--processed-dir", type=Path, default=PROCESSED_DIR)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    run = verbs.add_parser("run", parents=[common], help="train and test-score a profile over seeds")
+    run.add_argument("--profile", default="default")
+    run.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    run.add_argument("--key", help="entry name (default: the profile)")
+    run.add_argument("-S", "--set", action="append", default=[], help="override, e.g. -S train.epochs=12")
+
+    select = verbs.add_parser("select", parents=[common], help="choose knobs on a validation hold-out")
+    select.add_argument("--profile", required=True)
+    select.add_argument("--grid", action="append", required=True, help="section.key=v1,v2 (repeatable)")
+    select.add_argument("--seeds", type=int, default=4, help=f"seeds {SELECTION_SEED_START}..")
+    select.add_argument("--key", help="entry name (default: select_<profile>)")
+    select.add_argument("-S", "--set", action="append", default=[], help="override held fixed")
+
+    ref = verbs.add_parser("reference", parents=[common], help="run a published recipe on our data")
+    ref.add_argument("recipe", type=Path, help="path to the recipe's .py file (its repository stays apart)")
+    ref.add_argument("--runs", type=int, default=10)
+    ref.add_argument("--source", required=True, help="where the recipe comes from, e.g. repo URL@commit")
+    ref.add_argument("--key", help="entry name (default: reference_<recipe file stem>)")
+    ref.add_argument("--timeout", type=float, default=1800.0)
+
+    verbs.add_parser("vit-throughput", parents=[common], help="ViT-B/16 at 224 px, random weights")
+
+    merge = verbs.add_parser("merge", help="merge entries written elsewhere into metrics/benchmark.json")
+    merge.add_argument("files", type=Path, nargs="+")
+    merge.add_argument("--metrics-file", type=Path, default=BENCHMARK_METRICS)
+    merge.add_argument("--report", type=Path, default=BENCHMARK_REPORT)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    report = args.report if str(args.report) else None
+    if args.verb == "merge":
+        entries: dict[str, Entry] = {}
+        for path in args.files:
+            entries |= read_results(path)
+        save(entries, args.metrics_file, report)
+        print(f"merged {sorted(entries)} into {args.metrics_file}")
+        return
+    if getattr(args, "seeds", 1) < 1 or getattr(args, "runs", 1) < 1:
+        parser.error("--seeds and --runs must be at least 1")
+    command = "python -m cifar10_pipeline.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def keep(key: str) -> Callable[[Any], None]:
+        return lambda entry: save({key: entry}, args.metrics_file, report)
+
+    if args.verb == "run":
+        params = load_profile(args.profile, args.set)
+        device = resolve_device(params.train.device)
+        key = args.key or args.profile
+        emissions_file = STAGE_EMISSIONS_DIR / f"benchmark_{key}.json"
+        with _measured(params.emissions.country_iso_code, emissions_file):
+            entry = benchmark_training(
+                params, list(range(args.seeds)), args.processed_dir, keep(key), args.set,
+                provenance(device, args.git_commit, command),
+            )  # fmt: skip
+        if emissions_file.is_file():
+            record = json.loads(emissions_file.read_text())
+            entry.emissions = Emissions(**{k: record[k] for k in Emissions.model_fields})
+        keep(key)(entry)
+    elif args.verb == "select":
+        params = load_profile(args.profile, args.set)
+        origin = provenance(resolve_device(params.train.device), args.git_commit, command)
+        key = args.key or f"select_{args.profile}"
+        entry = select_knobs(
+            args.profile, parse_grid(args.grid), args.seeds, args.processed_dir, args.set,
+            origin=origin, on_candidate=keep(key),
+        )  # fmt: skip
+        print(f"chosen on validation: {entry.chosen}")
+    elif args.verb == "reference":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        entry = run_reference(
+            args.recipe, args.runs, args.source, args.processed_dir, args.timeout,
+            provenance(device, args.git_commit, command),
+        )  # fmt: skip
+        keep(args.key or f"reference_{args.recipe.stem}")(entry)
+    else:
+        entry = vit_throughput(provenance(resolve_device("auto"), args.git_commit, command))
+        keep("vit_b16_throughput")(entry)
+    print(entry.model_dump_json(indent=2))
 
 
 if __name__ == "__main__":

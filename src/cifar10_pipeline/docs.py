@@ -1,0 +1,141 @@
+"""Figures in the docs come from ``metrics/``: marked blocks that this module renders, never typed by hand.
+
+    python -m cifar10_pipeline.docs            # re-render every block (and reports/benchmark.md) in place
+    python -m cifar10_pipeline.docs --check    # exit 1, naming each block, if a committed one is stale
+
+A block is the text between ``<!-- generated:NAME ... -->`` and ``<!-- /generated:NAME -->`` in a
+document listed in ``DOCUMENTS``; it is rendered from ``templates/NAME.md.j2`` with every file in
+``metrics/`` as context (``tests/test_docs.py`` fails when a committed block differs from its rendering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from cifar10_pipeline.paths import METRICS_DIR, PARAMS_FILE
+
+DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"))
+BENCHMARK_REPORT = Path("reports/benchmark.md")
+PINNED_TORCH = "2.13.0"  # pyproject.toml's pin: figures from another torch say so
+BLOCK = re.compile(
+    r"(?P<open><!-- generated:(?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)(?P<close><!-- /generated:(?P=name) -->)",
+    re.DOTALL,
+)
+
+
+def pct(value: float, digits: int = 2) -> str:
+    return f"{100 * value:.{digits}f}%"
+
+
+def pm(values: dict[str, Any], mean: str = "accuracy_mean", std: str = "accuracy_std") -> str:
+    """``90.86% ± 0.15`` from an entry's mean and standard deviation (points)."""
+    return f"{100 * values[mean]:.2f}% ± {100 * values[std]:.2f}"
+
+
+def torch_label(version: str) -> str:
+    """The torch version, flagged where it is not the project's pinned one."""
+    return version if version.startswith(PINNED_TORCH) else f"{version} (not the pinned {PINNED_TORCH})"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("cifar10_pipeline", "templates"),
+        undefined=jinja2.StrictUndefined,  # a missing metric is an error, not an empty cell
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters |= {"pct": pct, "pm": pm, "torch_label": torch_label}
+    return env
+
+
+def load_metrics(metrics_dir: Path = METRICS_DIR, params_file: Path = PARAMS_FILE) -> dict[str, Any]:
+    """Every JSON and CSV file in ``metrics_dir`` by stem (``emissions/train.json`` -> ``emissions_train``),
+    benchmark entries validated, plus the active profile from params.yaml."""
+    from cifar10_pipeline.benchmark import read_results
+
+    context: dict[str, Any] = {"params": yaml.safe_load(Path(params_file).read_text())}
+    for path in sorted(Path(metrics_dir).rglob("*")):
+        name = "_".join(path.relative_to(metrics_dir).with_suffix("").parts)
+        if path.suffix == ".json":
+            context[name] = json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            with open(path, newline="") as handle:
+                context[name] = list(csv.DictReader(handle))
+    context["benchmark"] = read_results(Path(metrics_dir) / "benchmark.json")
+    return context
+
+
+def render_template(name: str, **context: Any) -> str:
+    return _environment().get_template(name).render(**context)
+
+
+@dataclass
+class Stale:
+    document: Path
+    block: str
+
+
+def render_document(text: str, context: dict[str, Any]) -> tuple[str, list[str]]:
+    """``text`` with every block re-rendered, and the names of the blocks whose body changed."""
+    changed: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        body = render_template(f"{match['name']}.md.j2", **context)
+        if body != match["body"]:
+            changed.append(match["name"])
+        return match["open"] + body + match["close"]
+
+    return BLOCK.sub(replace, text), changed
+
+
+def render_all(root: Path = Path("."), write: bool = True) -> list[Stale]:
+    """Re-render every block of every document (and the benchmark report); returns what was stale."""
+    root = Path(root)
+    context = load_metrics(root / METRICS_DIR, root / PARAMS_FILE)
+    stale: list[Stale] = []
+    for document in DOCUMENTS:
+        path = root / document
+        text = path.read_text()
+        if not BLOCK.search(text):
+            raise SystemExit(f"{path} has no generated block: it must quote its figures through one")
+        rendered, changed = render_document(text, context)
+        stale += [Stale(document, name) for name in changed]
+        if write and changed:
+            path.write_text(rendered)
+    report = render_template("benchmark_report.md.j2", results=context["benchmark"])
+    path = root / BENCHMARK_REPORT
+    if not path.is_file() or path.read_text() != report:
+        stale.append(Stale(BENCHMARK_REPORT, "(whole file)"))
+        if write:
+            path.write_text(report)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--check", action="store_true", help="only report stale blocks (exit 1 if any)")
+    args = parser.parse_args(argv)
+    stale = render_all(write=not args.check)
+    for item in stale:
+        verb = "is stale" if args.check else "re-rendered"
+        print(f"{item.document}: block {item.block} {verb}")
+    if args.check and stale:
+        print("run `python -m cifar10_pipeline.docs` and commit the result", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
