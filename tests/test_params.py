@@ -25,7 +25,7 @@ def test_committed_params_are_valid(raw: dict) -> None:
     assert params.preprocess.max_train_images is None
 
 
-@pytest.mark.parametrize("profile", ["quick", "gpu_fast", "gpu_accurate"])
+@pytest.mark.parametrize("profile", ["quick", "gpu_fast", "gpu_accurate", "gpu_vit"])
 def test_every_profile_resolves(raw: dict, profile: str) -> None:
     changed = copy.deepcopy(raw)
     changed["profile"] = profile
@@ -99,3 +99,22 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     broken.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(broken)
+
+
+def _selections() -> list[tuple[str, object]]:
+    from cifar10_pipeline.benchmark import read_results
+
+    results = read_results(PROJECT_ROOT / "metrics" / "benchmark.json")
+    return [(name, e) for name, e in results.items() if e.kind == "selection"]
+
+
+@pytest.mark.parametrize(("name", "selection"), _selections(), ids=[name for name, _ in _selections()])
+def test_profile_holds_the_values_chosen_on_validation(raw: dict, name: str, selection) -> None:
+    """A profile's swept knobs are what `benchmark select` chose on the hold-out, never hand-picked."""
+    changed = copy.deepcopy(raw)
+    changed["profile"] = selection.profile
+    params = resolve(changed)
+    for key, chosen in selection.chosen.items():
+        section, _, field = key.partition(".")
+        value = getattr(params, section if section != "validate" else "validate_").model_dump()[field]
+        assert value == chosen, f"profiles.{selection.profile}.{key} is {value}, {name} chose {chosen}"

@@ -723,7 +723,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    report = args.report if str(args.report) else None
+    report = args.report if str(args.report) not in ("", ".") else None
     if args.verb == "merge":
         entries: dict[str, Entry] = {}
         for path in args.files:
