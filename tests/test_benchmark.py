@@ -73,7 +73,7 @@ def test_each_seed_is_a_real_run_and_saved_as_it_ends(processed: Path, model: st
 def test_command_line_overrides_win_over_the_profile() -> None:
     params = benchmark.load_profile("gpu_fast", ["train.epochs=12"], PROJECT_ROOT / "params.yaml")
     assert params.train.epochs == 12 and params.train.filter_optimizer == "muon"
-    with pytest.raises(SystemExit, match="train.epoch.*is not a key"):
+    with pytest.raises(SystemExit, match=r"train\.epoch.*is not a key"):
         benchmark.load_profile("gpu_fast", ["train.epoch=12"], PROJECT_ROOT / "params.yaml")
 
 
@@ -132,7 +132,7 @@ def test_reference_recipe_that_fails_reports_its_output(tmp_path: Path) -> None:
     processed = write_processed(tmp_path / "processed", val=0)
     recipe = tmp_path / "broken.py"
     recipe.write_text("raise SystemExit('no GPU here')\n")
-    with pytest.raises(SystemExit, match="(?s)finished 0 of 2 runs.*no GPU here"):
+    with pytest.raises(SystemExit, match=r"(?s)finished 0 of 2 runs.*no GPU here"):
         benchmark.run_reference(
             recipe, 2, "test", processed, timeout=60, origin=ORIGIN, python=sys.executable
         )

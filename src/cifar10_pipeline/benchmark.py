@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.data import ArraySplit, atomic_output, file_digest, load_processed
 from cifar10_pipeline.params import Params, resolve
-from cifar10_pipeline.paths import DATA_SOURCE, PARAMS_FILE, PROCESSED_DIR, STAGE_EMISSIONS_DIR
+from cifar10_pipeline.paths import DATA_SOURCE, PARAMS_FILE, PROCESSED_DIR
 from cifar10_pipeline.stages.train import build_model
 from cifar10_pipeline.training import (
     cpu_model_name,
@@ -340,7 +340,8 @@ def benchmark_training(
     overrides: list[str] | None = None,
     origin: dict[str, str] | None = None,
 ) -> TrainingEntry:
-    """Train and test-score each seed; ``on_seed`` gets the entry so far after each (long runs lose nothing)."""
+    """Train and test-score each seed; ``on_seed`` gets the entry so far after each (long runs lose
+    nothing)."""
     device = resolve_device(params.train.device)
     splits = load_processed(processed_dir)
     origin = origin or provenance(device, None, "benchmark_training()")
@@ -562,8 +563,8 @@ def run_reference(
             process.wait(timeout=30)
     if len(rows) < runs:
         raise SystemExit(
-            f"{recipe.name} finished {len(rows)} of {runs} runs (exit {process.returncode}); its last output:\n"
-            + "".join(tail)
+            f"{recipe.name} finished {len(rows)} of {runs} runs (exit {process.returncode}); "
+            "its last output:\n" + "".join(tail)
         )
     time_column = next(c for c in rows[0] if "time" in c)
     accuracies = [float(r["tta_val_acc"]) for r in rows]
@@ -742,15 +743,17 @@ def main(argv: list[str] | None = None) -> None:
         params = load_profile(args.profile, args.set)
         device = resolve_device(params.train.device)
         key = args.key or args.profile
-        emissions_file = STAGE_EMISSIONS_DIR / f"benchmark_{key}.json"
-        with _measured(params.emissions.country_iso_code, emissions_file):
-            entry = benchmark_training(
-                params, list(range(args.seeds)), args.processed_dir, keep(key), args.set,
-                provenance(device, args.git_commit, command),
-            )  # fmt: skip
-        if emissions_file.is_file():
-            record = json.loads(emissions_file.read_text())
-            entry.emissions = Emissions(**{k: record[k] for k in Emissions.model_fields})
+        # codecarbon's record lands in a scratch file: the entry carries what it measured.
+        with tempfile.TemporaryDirectory() as scratch:
+            emissions_file = Path(scratch) / "emissions.json"
+            with _measured(params.emissions.country_iso_code, emissions_file):
+                entry = benchmark_training(
+                    params, list(range(args.seeds)), args.processed_dir, keep(key), args.set,
+                    provenance(device, args.git_commit, command),
+                )  # fmt: skip
+            if emissions_file.is_file():
+                record = json.loads(emissions_file.read_text())
+                entry.emissions = Emissions(**{k: record[k] for k in Emissions.model_fields})
         keep(key)(entry)
     elif args.verb == "select":
         params = load_profile(args.profile, args.set)

@@ -28,7 +28,8 @@ DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"))
 BENCHMARK_REPORT = Path("reports/benchmark.md")
 PINNED_TORCH = "2.13.0"  # pyproject.toml's pin: figures from another torch say so
 BLOCK = re.compile(
-    r"(?P<open><!-- generated:(?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)(?P<close><!-- /generated:(?P=name) -->)",
+    r"(?P<open><!-- generated:(?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)"
+    r"(?P<close><!-- /generated:(?P=name) -->)",
     re.DOTALL,
 )
 
