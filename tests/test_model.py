@@ -14,7 +14,13 @@ from transformers import AutoModelForImageClassification, ViTConfig, ViTForImage
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.data import ArraySplit
 from cifar10_pipeline.inference import predict_logits
-from cifar10_pipeline.model import build_finetune_model, load_model, register_auto_classes
+from cifar10_pipeline.model import (
+    FrozenScaleBatchNorm,
+    batchnorm_precision,
+    build_finetune_model,
+    load_model,
+    register_auto_classes,
+)
 from cifar10_pipeline.training import train_classifier
 
 from .conftest import synthetic_images
@@ -100,3 +106,18 @@ def test_unloadable_checkpoint_says_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(OSError, match=r"train\.model: cifar_convnet"):
         build_finetune_model(str(tmp_path / "empty"), image_size=224, tta_level=0)
+
+
+def test_batchnorm_precision_is_what_the_forward_pass_does() -> None:
+    model = tiny_convnet()
+    assert batchnorm_precision(model, torch.device("cpu"), "bf16") == "fp32 copy"
+    assert batchnorm_precision(model, torch.device("cuda"), "bf16") == "bf16"
+    assert batchnorm_precision(model, torch.device("cuda"), "fp32") == "fp32"
+    assert batchnorm_precision(torch.nn.Linear(2, 2), torch.device("cuda"), "bf16") is None
+    # On the CPU a bf16 activation is normalised as its fp32 copy and cast back.
+    norm = FrozenScaleBatchNorm(4, momentum=0.6).train()
+    x = torch.randn(8, 4, 3, 3).to(torch.bfloat16)
+    expected = F.batch_norm(x.float(), None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)

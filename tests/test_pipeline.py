@@ -131,8 +131,9 @@ def test_model_card_matches_metrics(pipeline_run: Path) -> None:
     card = (pipeline_run / "reports/model_card.md").read_text()
     assert_card_matches(card, json.loads((pipeline_run / "metrics/eval.json").read_text()))
     assert "JPEG-derived" in card  # figures are labelled as measured on the mirror
-    registry = json.loads((pipeline_run / "metrics/registry.json").read_text())
-    assert f"version {registry['version']}" in card
+    # Registry versions depend on the MLflow store's history: they stay in MLflow, the card says where.
+    assert not (pipeline_run / "metrics/registry.json").exists()
+    assert "`models:/cifar10-classifier@champion`" in card and not re.search(r"version \d", card)
 
 
 def test_mlflow_holds_the_pipeline_run(pipeline_run: Path) -> None:

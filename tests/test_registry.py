@@ -66,6 +66,29 @@ def champion_version(client) -> str:
     return str(client.get_model_version_by_alias(NAME, registry.CHAMPION).version)
 
 
+def register_history(tmp_path: Path, versions: int, name: str = "cifar10-classifier") -> None:
+    """``versions`` promoted registrations of ``name`` in the store that MLFLOW_TRACKING_URI names."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("history", artifact_location=(tmp_path / "art").as_uri())
+    model_dir = save_tiny_convnet(tmp_path / "old-model")
+    images, _ = synthetic_images(4, seed=0)
+    for accuracy in np.linspace(0.5, 0.7, versions):
+        registry.log_and_register(
+            client.create_run(experiment_id).info.run_id,
+            model_dir,
+            name,
+            example_images=images,
+            example_probabilities=np.full((4, 10), 0.1),
+            accuracy=float(accuracy),
+            test_set="earlier",
+            evaluate_champion=lambda uri: 0.0,
+        )
+    champion = client.get_model_version_by_alias(name, registry.CHAMPION)
+    assert str(champion.version) == str(versions)
+
+
 def test_champion_alias_rule(mlflow_store, model_dir: Path) -> None:
     client, experiment_id = mlflow_store
     first = register(client, experiment_id, model_dir, accuracy=0.80, test_set="A")

@@ -3,6 +3,7 @@ model trains; every epoch still reaches MLflow, and a failure marks the runs FAI
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -50,6 +51,10 @@ def test_every_epoch_reaches_mlflow_without_a_validation_split(
 
     assert summary["val_accuracy"] is None
     assert "no validation split" in capsys.readouterr().out
+    # Nothing to fit a temperature on: none is recorded and the saved model applies none.
+    assert summary["temperature"] is None
+    assert json.loads((project / MODEL_DIR / "config.json").read_text())["temperature"] == 1.0
+    assert summary["batchnorm_precision"] == "fp32 copy"  # bf16 autocast on the CPU
     (run,) = stage_runs(project)
     assert run.info.status == "FINISHED"
     from mlflow.tracking import MlflowClient

@@ -87,6 +87,22 @@ class ConvGroup(nn.Module):
         return x
 
 
+def batchnorm_on_activations(device_type: str) -> bool:
+    """Whether FrozenScaleBatchNorm normalises the activations in their own dtype (True) or an fp32 copy."""
+    return device_type == "cuda"
+
+
+def batchnorm_precision(model: nn.Module, device: torch.device, precision: str) -> str | None:
+    """What FrozenScaleBatchNorm normalises when run on ``device`` under ``precision`` autocast: "bf16" (the
+    bf16 activations as they are), "fp32 copy" (fp32 copies of bf16 activations) or "fp32"; None when
+    ``model`` has no such layer. Recorded by the train stage for the model card."""
+    if not any(isinstance(m, FrozenScaleBatchNorm) for m in model.modules()):
+        return None
+    if precision != "bf16":
+        return "fp32"
+    return "bf16" if batchnorm_on_activations(device.type) else "fp32 copy"
+
+
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
     """Batch norm with a learned shift only: the scale stays 1 (the next conv can absorb any scale)."""
 
@@ -96,7 +112,7 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
         self.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda":
+        if batchnorm_on_activations(x.device.type):
             # The CUDA kernels take bf16 activations with fp32 parameters and statistics as they are and
             # accumulate in fp32, so no fp32 copy is made (that copy and the cast back cost two extra
             # passes over every activation, forward and backward).

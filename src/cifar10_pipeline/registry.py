@@ -56,7 +56,8 @@ def log_and_register(
     """Log ``model_dir`` to ``run_id`` as a pyfunc model, register it, and apply the champion rule.
 
     ``evaluate_champion(model_uri)`` re-measures the current champion when it was scored on another test set.
-    Returns {"version", "champion_version", "promoted", "previous_champion_accuracy"}.
+    Returns {"registered_model", "version", "champion_version", "promoted", "previous_champion_accuracy"}:
+    answers that depend on the store's history, so callers keep them in MLflow, out of DVC outputs.
     """
     import mlflow
     from mlflow.exceptions import MlflowException

@@ -1,8 +1,9 @@
 """Stage 3, preprocess: decode the raw splits to uint8 arrays and hold out a stratified validation split.
 
 Outputs ``data/processed/{train,val,test}.npz`` (images (N, 32, 32, 3) uint8, labels, and each image's row in
-its raw split for traceability). The validation images come from the training split only; the test split is
-never used for any decision. Deterministic for a given seed; ``max_*_images`` make stratified subsets for
+its raw split for traceability). The validation images come from the training split only; nothing is fitted
+or chosen on the test split (only the MLflow `champion` alias compares test accuracy, as the model card
+says). Deterministic for a given seed; ``max_*_images`` make stratified subsets for
 quick runs.
 """
 

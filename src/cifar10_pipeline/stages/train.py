@@ -10,6 +10,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +23,12 @@ from transformers import PreTrainedModel
 from cifar10_pipeline import plots
 from cifar10_pipeline.data import atomic_output, load_split
 from cifar10_pipeline.inference import fit_temperature, predict_logits
-from cifar10_pipeline.model import build_cifar_convnet, build_finetune_model, register_auto_classes
+from cifar10_pipeline.model import (
+    batchnorm_precision,
+    build_cifar_convnet,
+    build_finetune_model,
+    register_auto_classes,
+)
 from cifar10_pipeline.params import Params, TrainParams, load_params
 from cifar10_pipeline.paths import (
     MODEL_DIR,
@@ -106,6 +112,8 @@ def train(
         "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": describe_device(device),
+        "batchnorm_precision": batchnorm_precision(model, device, hp.precision),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "epochs": hp.epochs,
         "steps": result.steps,
