@@ -116,3 +116,20 @@ def test_cross_entropy_of_calibrated_logits_is_not_worse() -> None:
     labels = torch.randint(0, 10, (2000,), generator=generator)
     t = fit_temperature(logits * 0.3, labels)
     assert F.cross_entropy(logits * 0.3 / t, labels) <= F.cross_entropy(logits * 0.3, labels) + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [("fpu sse2 avx2 fma", False), ("avx2 avx512f avx512bw", False), ("avx512f avx512_bf16", True),
+     ("avx2 amx_bf16 amx_tile", True)],
+)  # fmt: skip
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(tmp_path: Path, flags: str, native: bool) -> None:
+    from cifar10_pipeline.inference import native_bf16, resolve_precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    assert native_bf16(torch.device("cpu"), cpuinfo) is native
+    # Explicit choices are kept whatever the hardware.
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")

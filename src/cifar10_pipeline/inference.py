@@ -110,8 +110,30 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp())
 
 
+def native_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether ``device`` runs bf16 matrix kernels in hardware: a CUDA GPU that supports bf16, or a CPU with
+    AVX-512 BF16 or AMX. Elsewhere (e.g. an AVX2-only CPU) torch emulates bf16, tens of times slower than
+    fp32, so ``precision: auto`` falls back to fp32 there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> "bf16" where the hardware has it, else "fp32"; "bf16" and "fp32" are kept as asked."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -127,7 +149,7 @@ def predict_logits(
     images: np.ndarray | torch.Tensor,
     batch_size: int = 500,
     tta_level: int | None = None,
-    precision: str = "bf16",
+    precision: str = "auto",
     progress: bool = False,
     calibrated: bool = True,
 ) -> torch.Tensor:

@@ -86,7 +86,7 @@ class TrainParams(_Section):
     translate: Annotated[int, Field(ge=0, le=8)]
     flip: bool
     tta_level: Literal[0, 1, 2]
-    precision: Literal["bf16", "fp32"]
+    precision: Literal["auto", "bf16", "fp32"]
     # torch.compile: false, or a mode ("default", "reduce-overhead" = with CUDA graphs, "max-autotune").
     compile: Literal[False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
     cuda_graphs: bool

@@ -61,7 +61,9 @@ def cpu_model_name() -> str:
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model_name()} CPU, {torch.get_num_threads()} threads"
+    # The vector unit matters as much as the model name: "AMD EPYC" covers AVX2-only and AVX-512 parts.
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_model_name()} CPU ({capability}), {torch.get_num_threads()} threads"
 
 
 def synchronize(device: torch.device) -> None:

@@ -379,7 +379,7 @@ prepares images for evaluation, the CLI and the web service.
 | batch size | {hp.batch_size} |
 {_optimiser_rows(hp)}
 | label smoothing | {hp.label_smoothing} |
-| precision | {precision_row(hp.precision, train["batchnorm_precision"])} |
+| precision | {precision_row(train["precision"], train["batchnorm_precision"])} |
 | test-time augmentation | level {config.get("tta_level", 0)} (0 none, 1 mirror, 2 mirror + 1-px shifts) |
 | seed | {hp.seed} |
 
@@ -471,7 +471,7 @@ def type_name(config: dict) -> str:
 def gather_facts(model_dir: Path = MODEL_DIR) -> dict:
     """Every input of the card: all of them are DVC deps of the model_card stage."""
     train = _load(TRAIN_METRICS)
-    missing = sorted({"batchnorm_precision", "python", "temperature"} - set(train))
+    missing = sorted({"batchnorm_precision", "precision", "python", "temperature"} - set(train))
     if missing:
         raise ValueError(f"{TRAIN_METRICS} lacks {missing}: it predates the train stage's code, re-run it")
     return {

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from cifar10_pipeline import plots
 from cifar10_pipeline.data import atomic_output, load_split
-from cifar10_pipeline.inference import fit_temperature, predict_logits
+from cifar10_pipeline.inference import fit_temperature, predict_logits, resolve_precision
 from cifar10_pipeline.model import (
     batchnorm_precision,
     build_cifar_convnet,
@@ -112,7 +112,8 @@ def train(
         "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": describe_device(device),
-        "batchnorm_precision": batchnorm_precision(model, device, hp.precision),
+        "precision": resolve_precision(hp.precision, device),
+        "batchnorm_precision": batchnorm_precision(model, device, resolve_precision(hp.precision, device)),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "epochs": hp.epochs,
