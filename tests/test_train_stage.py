@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cifar10_pipeline.data import ArraySplit, save_split
+from cifar10_pipeline.inference import resolve_precision
 from cifar10_pipeline.params import load_params
 from cifar10_pipeline.paths import MODEL_DIR, STAGE_EMISSIONS_DIR, TRAIN_HISTORY, TRAIN_METRICS
 from cifar10_pipeline.stages import train as train_stage
@@ -54,7 +56,9 @@ def test_every_epoch_reaches_mlflow_without_a_validation_split(
     # Nothing to fit a temperature on: none is recorded and the saved model applies none.
     assert summary["temperature"] is None
     assert json.loads((project / MODEL_DIR / "config.json").read_text())["temperature"] == 1.0
-    assert summary["batchnorm_precision"] == "fp32 copy"  # bf16 autocast on the CPU
+    # precision: auto is bf16 autocast (batch norm on fp32 copies) on a CPU with native bf16, else fp32.
+    assert summary["precision"] == resolve_precision("auto", torch.device("cpu"))
+    assert summary["batchnorm_precision"] == {"bf16": "fp32 copy", "fp32": "fp32"}[summary["precision"]]
     (run,) = stage_runs(project)
     assert run.info.status == "FINISHED"
     from mlflow.tracking import MlflowClient
