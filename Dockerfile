@@ -1,4 +1,4 @@
-# CPU-only image serving the CIFAR-10 classifier (python -m cifar10_pipeline.serve) on port 8000.
+# CPU-only image serving the CIFAR-10 classifier (python -m cifar10_pipeline.serving.serve) on port 8000.
 # Build and run commands: docs/serving.md.
 #   docker build -t cifar10-serve .                          # default target: models/cifar10 baked in
 #   docker build --target runtime -t cifar10-serve:bare .    # no model: mount one at /models/cifar10
@@ -32,7 +32,7 @@ print('\n'.join(pins[name] for name in sorted(want)))" > /tmp/requirements.txt \
  && pip install --index-url https://download.pytorch.org/whl/cpu -r /tmp/torch.txt \
  && pip install -r /tmp/requirements.txt \
  && pip install --no-deps . \
- && python -c "import cifar10_pipeline.serve" \
+ && python -c "import cifar10_pipeline.serving.serve" \
  && rm -rf /app/src /tmp/*.txt
 
 # The commit the image was built from, reported by GET /health (there is no .git inside the image).
@@ -48,7 +48,7 @@ WORKDIR /home/app
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-CMD ["python", "-m", "cifar10_pipeline.serve"]
+CMD ["python", "-m", "cifar10_pipeline.serving.serve"]
 
 # Default target: the trained model (dvc repro train) copied in, read-only for the server's user.
 FROM runtime AS bundled

@@ -1,6 +1,7 @@
 """Bounded load benchmark of the web service and of the CLI's batch inference, on this machine.
 
-Starts ``python -m cifar10_pipeline.serve`` on 127.0.0.1 (a free port), then, for single-image and batched
+Starts ``python -m cifar10_pipeline.serving.serve`` on 127.0.0.1 (a free port), then, for single-image and
+batched
 requests at each concurrency, runs closed-loop clients for a fixed ``--duration`` after a short warm-up, and
 records throughput and p50/p95/p99 latency. Any failed request makes the run exit 1. Then it measures the CLI
 path in-process: ``image_to_array`` decoding and ``predict_logits`` on CPU, in images per second.
@@ -31,9 +32,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from cifar10_pipeline.localserver import model_server
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The loopback server harness is shared with the tests (tests/localserver.py), not shipped in the package.
+sys.path.insert(0, str(PROJECT_ROOT))
+from tests.localserver import model_server  # noqa: E402
+
 TEST_SHARD = "test-00000-of-00001.parquet"
 IMAGE_POOL = 256  # distinct images cycled through by the clients
 
@@ -176,9 +179,9 @@ async def run_load(
 
 def cli_path_throughput(model_dir: str, pngs: list[bytes], duration: float) -> dict[str, Any]:
     """Images/s of the CLI's two steps, decoding (image_to_array) and batched predict_logits on CPU."""
-    from cifar10_pipeline.cli import DEFAULT_BATCH_SIZE
-    from cifar10_pipeline.inference import image_to_array, predict_logits
-    from cifar10_pipeline.model import load_model
+    from cifar10_pipeline.modeling.inference import image_to_array, predict_logits
+    from cifar10_pipeline.modeling.model import load_model
+    from cifar10_pipeline.serving.cli import DEFAULT_BATCH_SIZE
 
     model = load_model(model_dir, device="cpu")
     started = time.perf_counter()

@@ -365,7 +365,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def expected_quick(raw_params: dict[str, Any], profile: str = QUICK_PROFILE) -> dict[str, Any]:
     """Image counts and epochs that ``profile`` asks for, resolved by the project's own params loader."""
     from cifar10_pipeline import SPLIT_SIZES
-    from cifar10_pipeline.params import resolve
+    from cifar10_pipeline.core.params import resolve
 
     params = resolve({**raw_params, "profile": profile})
     pre = params.preprocess
@@ -600,7 +600,7 @@ def record_baseline(
     root: Path, command: str, run_seconds: float | None, others: list[Json] | None = None
 ) -> dict[str, Any]:
     """The quick baseline from the quick run in ``root``'s workspace, with where and how it was made."""
-    from cifar10_pipeline.params import resolve
+    from cifar10_pipeline.core.params import resolve
 
     raw_params = yaml.safe_load((root / "params.yaml").read_text())
     evaluation = read_json(root / "metrics/eval.json")

@@ -43,7 +43,7 @@ import yaml
 from ci_gates import ACCURACY_MARGIN, BASELINE_FILE, QUICK_PROFILE, cpu_model, flatten
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.params import resolve
+from cifar10_pipeline.core.params import resolve
 
 # Run from the project root (scripts/pr_report.sh changes there), like dvc itself.
 ROOT = Path.cwd()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cifar10_pipeline import NUM_CLASSES
-from cifar10_pipeline.data import write_checksums
+from cifar10_pipeline.core.data import write_checksums
 from cifar10_pipeline.stages.download import write_parquet_split
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

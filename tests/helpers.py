@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from cifar10_pipeline.model import build_cifar_convnet
-from cifar10_pipeline.params import TrainParams, resolve
+from cifar10_pipeline.core.params import TrainParams, resolve
+from cifar10_pipeline.modeling.model import build_cifar_convnet
 
 from .conftest import PROJECT_ROOT
 

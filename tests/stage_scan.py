@@ -7,9 +7,9 @@ For each stage (its module comes from ``cmd: python -m <module>``) the checker d
 
 code    every project source file the stage can execute: the stage module, the ``__init__.py`` of every
         package above it, and, transitively, every project module any of them imports anywhere in its body.
-paths   the path constants of ``cifar10_pipeline.paths`` the *stage module* references (library modules take
-        paths as arguments) and the ``Path("data|models|metrics|reports/...")`` literals in it, each folded
-        with literal ``/ "name"`` suffixes where the code joins them.
+paths   the path constants of ``cifar10_pipeline.core.paths`` the *stage module* references (library
+        modules take paths as arguments) and the ``Path("data|models|metrics|reports/...")`` literals in it,
+        each folded with literal ``/ "name"`` suffixes where the code joins them.
 params  the params sections/keys the stage reads from ``load_params()``: attribute access on the Params object
         and on its sections, followed into every project function the object (or a section) is passed to.
 
@@ -41,8 +41,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 PACKAGE = "cifar10_pipeline"
-PATHS_MODULE = f"{PACKAGE}.paths"
-PARAMS_MODULE = f"{PACKAGE}.params"
+PATHS_MODULE = f"{PACKAGE}.core.paths"
+PARAMS_MODULE = f"{PACKAGE}.core.params"
 LOAD_PARAMS = (f"{PARAMS_MODULE}.load_params", f"{PARAMS_MODULE}.resolve")
 # Top-level folders of pipeline data; a Path literal elsewhere (/proc/cpuinfo, mlflow.db) is not a DVC path.
 # PARAMS_FILE (params.yaml) is not checked as a path either: its keys are checked against `params:` instead.
@@ -50,14 +50,14 @@ DATA_ROOTS = frozenset({"data", "models", "metrics", "reports"})
 
 # Project files a stage may execute without declaring them, each with the reason.
 NOT_A_RESULT_DEP: dict[str, str] = {
-    f"src/{PACKAGE}/tracking.py": (
+    f"src/{PACKAGE}/tracking/runs.py": (
         "only mirrors results into MLflow; changing how runs are logged must not retrain the model"
     ),
     f"src/{PACKAGE}/stages/__init__.py": "empty package marker of the stage modules",
 }
 # Modules whose own imports and params reads are not followed: what only tracking.py pulls in serves
 # logging, not results (today it imports params.py and paths.py, which every stage declares anyway).
-NOT_FOLLOWED = frozenset({f"{PACKAGE}.tracking"})
+NOT_FOLLOWED = frozenset({f"{PACKAGE}.tracking.runs"})
 
 CODE_MISSING = "missing code dep"
 CODE_STALE = "stale code dep"
@@ -156,7 +156,7 @@ def runtime_nodes(node: ast.AST) -> Iterator[ast.AST]:
     """Every node below ``node`` except the bodies of ``if TYPE_CHECKING:`` blocks (their ``else`` stays).
 
     TYPE_CHECKING-only imports do not count as code deps: they never execute, so they cannot change a result
-    (train.py's ``from cifar10_pipeline.tracking import StageRun`` is one).
+    (train.py's ``from cifar10_pipeline.tracking.runs import StageRun`` is one).
     """
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.If) and _is_type_checking(child.test):
@@ -204,6 +204,14 @@ class ProjectIndex:
         path = self.module_file(module)
         assert path is not None, module
         return path.relative_to(self.root).as_posix()
+
+    def is_package_marker(self, file: str) -> bool:
+        """A layer's ``__init__.py`` holding only its docstring: running it cannot change a result."""
+        path = self.root / file
+        if path.name != "__init__.py" or path.parent == self.src / PACKAGE:
+            return False
+        body = ast.parse(path.read_text(encoding="utf-8")).body
+        return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
 
     def tree(self, module: str) -> ast.Module:
         if module not in self._trees:
@@ -291,7 +299,8 @@ class ProjectIndex:
         return names
 
     def qualname(self, module: str, expr: ast.expr) -> str | None:
-        """The dotted name ``expr`` stands for in ``module`` (``paths.X`` is ``cifar10_pipeline.paths.X``)."""
+        """The dotted name ``expr`` stands for in ``module`` (``paths.X`` is
+        ``cifar10_pipeline.core.paths.X``)."""
         if isinstance(expr, ast.Name):
             return self.bindings(module).get(expr.id)
         if isinstance(expr, ast.Attribute):
@@ -664,8 +673,10 @@ def check_stage(name: str, stage: Mapping[str, Any], index: ProjectIndex) -> lis
     # Code.
     code_deps = [PurePosixPath(dep) for dep in deps if path_under(PurePosixPath(dep), src_prefix)]
     for file, chain in sorted(needs.code.items()):
-        if file not in NOT_A_RESULT_DEP and not any(
-            path_under(PurePosixPath(file), dep) for dep in code_deps
+        if (
+            file not in NOT_A_RESULT_DEP
+            and not index.is_package_marker(file)
+            and not any(path_under(PurePosixPath(file), dep) for dep in code_deps)
         ):
             problems.append(Problem(name, CODE_MISSING, file, f"executed via {chain}"))
     executed = [PurePosixPath(file) for file in needs.code]

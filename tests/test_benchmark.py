@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from cifar10_pipeline import benchmark
-from cifar10_pipeline.data import ArraySplit, save_split
+from cifar10_pipeline.core.data import ArraySplit, save_split
 
 from .conftest import PROJECT_ROOT, synthetic_images
 

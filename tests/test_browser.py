@@ -14,7 +14,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from cifar10_pipeline.localserver import model_server
+from tests.localserver import model_server
 
 from .conftest import PROJECT_ROOT, mirror_dir
 from .helpers import headless_chrome, save_tiny_convnet

@@ -561,7 +561,7 @@ def test_pr_report_compares_a_quick_run_with_the_quick_baseline(
 
 def test_known_stale_stages_are_reported_not_failed_and_must_really_be_stale() -> None:
     problems = [
-        "train: changed deps: src/cifar10_pipeline/training.py: modified",
+        "train: changed deps: src/cifar10_pipeline/training/loop.py: modified",
         "evaluate: changed deps: src/cifar10_pipeline/stages/evaluate.py: modified",
         "preprocess: changed deps: params.yaml: preprocess modified",
     ]

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
-from cifar10_pipeline.data import decode_png
-from cifar10_pipeline.inference import image_to_array, predict_logits
-from cifar10_pipeline.model import load_model
+from cifar10_pipeline.core.data import decode_png
+from cifar10_pipeline.modeling.inference import image_to_array, predict_logits
+from cifar10_pipeline.modeling.model import load_model
+from cifar10_pipeline.serving.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
 
 from .conftest import mirror_dir
 from .helpers import save_tiny_convnet
@@ -204,7 +204,7 @@ def test_python_module_entry_point(model_dir: Path, image_tree: Path) -> None:
         [
             sys.executable,
             "-m",
-            "cifar10_pipeline.cli",
+            "cifar10_pipeline.serving.cli",
             "predict",
             str(image_tree),
             "--model",

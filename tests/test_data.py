@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar10_pipeline.data import (
+from cifar10_pipeline.core.data import (
     DataError,
     atomic_output,
     decode_split,

@@ -9,7 +9,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from cifar10_pipeline import docs
+from cifar10_pipeline.reporting import docs
 
 from .conftest import PROJECT_ROOT
 
@@ -25,7 +25,9 @@ def copy_project(tmp_path: Path) -> Path:
 
 def test_committed_blocks_are_what_the_metrics_render() -> None:
     stale = docs.render_all(PROJECT_ROOT, write=False)
-    assert not stale, f"stale generated blocks {stale}: run `python -m cifar10_pipeline.docs` and commit"
+    assert not stale, (
+        f"stale generated blocks {stale}: run `python -m cifar10_pipeline.reporting.docs` and commit"
+    )
 
 
 def test_a_hand_edited_figure_is_caught_and_rendering_restores_it(tmp_path: Path) -> None:

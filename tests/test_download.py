@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar10_pipeline.data import DataError, decode_split, read_raw_split, verify_checksums
-from cifar10_pipeline.params import load_params
+from cifar10_pipeline.core.data import DataError, decode_split, read_raw_split, verify_checksums
+from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.stages.download import download, source_order
 
 from .conftest import synthetic_images

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from cifar10_pipeline.data import ArraySplit, save_split
-from cifar10_pipeline.params import load_params
-from cifar10_pipeline.paths import EVAL_METRICS, MODEL_DIR, PROCESSED_DIR, STAGE_EMISSIONS_DIR
+from cifar10_pipeline.core.data import ArraySplit, save_split
+from cifar10_pipeline.core.params import load_params
+from cifar10_pipeline.core.paths import EVAL_METRICS, MODEL_DIR, PROCESSED_DIR, STAGE_EMISSIONS_DIR
 from cifar10_pipeline.stages import evaluate as evaluate_stage
 
 from .conftest import PROJECT_ROOT, synthetic_images

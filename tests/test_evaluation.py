@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cifar10_pipeline.evaluation import (
+from cifar10_pipeline.evaluation.metrics import (
     CORRUPTIONS,
     SEVERITIES,
     calibration,

@@ -1,7 +1,7 @@
 """Experiments: every knob settable with ``dvc exp run -S``, and a real sweep seen by DVC and by MLflow.
 
 Fast: each leaf key of params.yaml is changed through the function ``dvc exp run -S`` edits params.yaml with
-(``dvc.utils.hydra.apply_overrides``), and the result must pass ``cifar10_pipeline.params.resolve``.
+(``dvc.utils.hydra.apply_overrides``), and the result must pass ``cifar10_pipeline.core.params.resolve``.
 
 Slow (integration, needs the CIFAR-10 mirror): a clone of the project runs a tiny sweep of named experiments
 with ``dvc exp run``; ``dvc exp show`` must list them; a real ``mlflow server`` on that store must hold one
@@ -28,8 +28,8 @@ import httpx
 import pytest
 import yaml
 
-from cifar10_pipeline.localserver import free_port, local_server
-from cifar10_pipeline.params import ParamsError, resolve
+from cifar10_pipeline.core.params import ParamsError, resolve
+from tests.localserver import free_port, local_server
 
 from .conftest import PROJECT_ROOT, mirror_dir
 from .helpers import default_raw_params, headless_chrome

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cifar10_pipeline.inference import (
+from cifar10_pipeline.modeling.inference import (
     ImageInputError,
     fit_temperature,
     image_to_array,
@@ -124,7 +124,7 @@ def test_cross_entropy_of_calibrated_logits_is_not_worse() -> None:
      ("avx2 amx_bf16 amx_tile", True)],
 )  # fmt: skip
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(tmp_path: Path, flags: str, native: bool) -> None:
-    from cifar10_pipeline.inference import native_bf16, resolve_precision
+    from cifar10_pipeline.modeling.inference import native_bf16, resolve_precision
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")

@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.data import ArraySplit
-from cifar10_pipeline.inference import predict_logits
-from cifar10_pipeline.model import (
+from cifar10_pipeline.core.data import ArraySplit
+from cifar10_pipeline.modeling.inference import predict_logits
+from cifar10_pipeline.modeling.model import (
     FrozenScaleBatchNorm,
     batchnorm_precision,
     build_finetune_model,
     load_model,
     register_auto_classes,
 )
-from cifar10_pipeline.training import train_classifier
+from cifar10_pipeline.training.loop import train_classifier
 
 from .conftest import synthetic_images
 from .helpers import tiny_convnet, train_params

@@ -17,9 +17,8 @@ import torch
 import yaml
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.model import batchnorm_precision
-from cifar10_pipeline.params import Params, resolve
-from cifar10_pipeline.paths import (
+from cifar10_pipeline.core.params import Params, resolve
+from cifar10_pipeline.core.paths import (
     BENCHMARK_METRICS,
     DATA_SOURCE,
     EMISSIONS_METRICS,
@@ -29,6 +28,7 @@ from cifar10_pipeline.paths import (
     TRAIN_METRICS,
     VALIDATION_METRICS,
 )
+from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.stages import model_card
 from cifar10_pipeline.stages.train import build_model
 

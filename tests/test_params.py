@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar10_pipeline.params import ParamsError, load_params, resolve
+from cifar10_pipeline.core.params import ParamsError, load_params, resolve
 
 from .conftest import PROJECT_ROOT
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar10_pipeline.pooling import max_pool2x2
+from cifar10_pipeline.modeling.pooling import max_pool2x2
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -56,7 +56,7 @@ INTERPRETER_CHECK = textwrap.dedent(
     import sys
     import torch
     import torch.nn.functional as F
-    from cifar10_pipeline.pooling import _MaxPool2x2
+    from cifar10_pipeline.modeling.pooling import _MaxPool2x2
     from tests.test_pooling import SHAPES, pool_and_grad, tied_channels_last
 
     failures = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar10_pipeline import registry
+from cifar10_pipeline.tracking import model_registry as registry
 
 from .conftest import synthetic_images
 from .helpers import save_tiny_convnet

@@ -18,10 +18,16 @@ from PIL import Image
 from pydantic import ValidationError
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.inference import image_to_array, predict_logits
-from cifar10_pipeline.localserver import model_server
-from cifar10_pipeline.model import load_model
-from cifar10_pipeline.serve import ErrorResponse, HealthResponse, PredictResponse, ServeSettings, create_app
+from cifar10_pipeline.modeling.inference import image_to_array, predict_logits
+from cifar10_pipeline.modeling.model import load_model
+from cifar10_pipeline.serving.serve import (
+    ErrorResponse,
+    HealthResponse,
+    PredictResponse,
+    ServeSettings,
+    create_app,
+)
+from tests.localserver import model_server
 
 from .conftest import mirror_dir
 from .helpers import save_tiny_convnet

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from cifar10_pipeline.data import ArraySplit, save_split
-from cifar10_pipeline.inference import resolve_precision
-from cifar10_pipeline.params import load_params
-from cifar10_pipeline.paths import MODEL_DIR, STAGE_EMISSIONS_DIR, TRAIN_HISTORY, TRAIN_METRICS
+from cifar10_pipeline.core.data import ArraySplit, save_split
+from cifar10_pipeline.core.params import load_params
+from cifar10_pipeline.core.paths import MODEL_DIR, STAGE_EMISSIONS_DIR, TRAIN_HISTORY, TRAIN_METRICS
+from cifar10_pipeline.modeling.inference import resolve_precision
 from cifar10_pipeline.stages import train as train_stage
 
 from .conftest import synthetic_images

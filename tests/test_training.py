@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cifar10_pipeline.data import ArraySplit
+from cifar10_pipeline.core.data import ArraySplit
 from cifar10_pipeline.stages.train import build_model
-from cifar10_pipeline.training import (
+from cifar10_pipeline.training.loop import (
     Muon,
     augment,
     lr_factor,

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cifar10_pipeline.data import ArraySplit
+from cifar10_pipeline.core.data import ArraySplit
 from cifar10_pipeline.stages.train import build_model
-from cifar10_pipeline.training import train_classifier
+from cifar10_pipeline.training.loop import train_classifier
 
 from .conftest import synthetic_images
 from .helpers import train_params

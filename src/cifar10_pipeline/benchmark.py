@@ -52,11 +52,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.data import ArraySplit, atomic_output, file_digest, load_processed
-from cifar10_pipeline.params import Params, resolve
-from cifar10_pipeline.paths import DATA_SOURCE, PARAMS_FILE, PROCESSED_DIR
+from cifar10_pipeline.core.data import ArraySplit, atomic_output, file_digest, load_processed
+from cifar10_pipeline.core.params import Params, resolve
+from cifar10_pipeline.core.paths import DATA_SOURCE, PARAMS_FILE, PROCESSED_DIR
 from cifar10_pipeline.stages.train import build_model
-from cifar10_pipeline.training import (
+from cifar10_pipeline.training.loop import (
     cpu_model_name,
     describe_device,
     evaluate_normalised,
@@ -251,7 +251,7 @@ def load_profile(profile: str, overrides: list[str], params_file: Path = PARAMS_
 
 def run_seed(params: Params, train: ArraySplit, scored: ArraySplit, seed: int, device: torch.device) -> dict:
     """Train one seed on ``train`` and score ``scored`` with the model's test-time augmentation."""
-    from cifar10_pipeline.inference import normalize
+    from cifar10_pipeline.modeling.inference import normalize
 
     hp = params.train.model_copy(update={"seed": seed})
     model = build_model(hp)
@@ -370,7 +370,7 @@ def model_facts(params: Params) -> dict[str, Any]:
     hp = params.train
     if hp.model != "cifar_vit":
         return {}
-    from cifar10_pipeline.vit import flops_split
+    from cifar10_pipeline.modeling.vit import flops_split
 
     model = build_model(hp)
     return {
@@ -649,7 +649,7 @@ def vit_throughput(origin: dict[str, str], batch_size: int = 128, steps: int = 2
 
 
 def render_report(results: dict[str, Entry]) -> str:
-    from cifar10_pipeline.docs import render_template
+    from cifar10_pipeline.reporting.docs import render_template
 
     return render_template("benchmark_report.md.j2", results=results)
 
@@ -674,7 +674,7 @@ def _measured(country_iso_code: str, out_file: Path) -> contextlib.AbstractConte
     except ImportError:
         print("codecarbon is not installed: benchmark emissions not measured")
         return contextlib.nullcontext()
-    from cifar10_pipeline.emissions import measure
+    from cifar10_pipeline.tracking.emissions import measure
 
     return measure("benchmark", country_iso_code, out_file)
 

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.data import (
+from cifar10_pipeline.core.data import (
     CHECKSUM_FILE,
     SPLITS,
     DataError,
@@ -40,8 +40,8 @@ from cifar10_pipeline.data import (
     verify_checksums,
     write_checksums,
 )
-from cifar10_pipeline.params import DownloadParams, load_params
-from cifar10_pipeline.paths import DATA_SOURCE, RAW_DIR
+from cifar10_pipeline.core.params import DownloadParams, load_params
+from cifar10_pipeline.core.paths import DATA_SOURCE, RAW_DIR
 
 
 class SourceUnavailable(RuntimeError):
@@ -241,7 +241,7 @@ def data_fingerprint(raw_dir: Path = RAW_DIR) -> str:
 
 
 def main() -> None:
-    from cifar10_pipeline import tracking
+    from cifar10_pipeline.tracking import runs as tracking
 
     params = load_params()
     info = download(params.download)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cifar10_pipeline.data import DataError, atomic_output
-from cifar10_pipeline.emissions import STAGE_FIELDS
-from cifar10_pipeline.params import load_params
-from cifar10_pipeline.paths import EMISSIONS_METRICS, EMISSIONS_REPORT, STAGE_EMISSIONS_DIR
+from cifar10_pipeline.core.data import DataError, atomic_output
+from cifar10_pipeline.core.params import load_params
+from cifar10_pipeline.core.paths import EMISSIONS_METRICS, EMISSIONS_REPORT, STAGE_EMISSIONS_DIR
+from cifar10_pipeline.tracking.emissions import STAGE_FIELDS
 
 COMPUTE_STAGES = ("train", "evaluate")
 
@@ -75,7 +75,7 @@ the right order of magnitude, not meter readings.
 
 
 def main() -> None:
-    from cifar10_pipeline import tracking
+    from cifar10_pipeline.tracking import runs as tracking
 
     params = load_params()
     summary = aggregate()

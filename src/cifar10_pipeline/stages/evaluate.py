@@ -19,20 +19,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
-from cifar10_pipeline import CLASS_NAMES, plots
-from cifar10_pipeline.data import atomic_output, load_split, remove_outputs
-from cifar10_pipeline.evaluation import (
-    CORRUPTIONS,
-    SEVERITIES,
-    calibration,
-    classification_metrics,
-    corrupt,
-    most_confident_mistakes,
-)
-from cifar10_pipeline.inference import predict_logits
-from cifar10_pipeline.model import load_model
-from cifar10_pipeline.params import EvaluateParams, Params, load_params
-from cifar10_pipeline.paths import (
+from cifar10_pipeline import CLASS_NAMES
+from cifar10_pipeline.core.data import atomic_output, load_split, remove_outputs
+from cifar10_pipeline.core.params import EvaluateParams, Params, load_params
+from cifar10_pipeline.core.paths import (
     CONFUSION_PAIRS,
     EVAL_FIGURES_DIR,
     EVAL_METRICS,
@@ -43,7 +33,18 @@ from cifar10_pipeline.paths import (
     ROBUSTNESS_METRICS,
     STAGE_EMISSIONS_DIR,
 )
-from cifar10_pipeline.training import describe_device, resolve_device, synchronize
+from cifar10_pipeline.evaluation import plots
+from cifar10_pipeline.evaluation.metrics import (
+    CORRUPTIONS,
+    SEVERITIES,
+    calibration,
+    classification_metrics,
+    corrupt,
+    most_confident_mistakes,
+)
+from cifar10_pipeline.modeling.inference import predict_logits
+from cifar10_pipeline.modeling.model import load_model
+from cifar10_pipeline.training.loop import describe_device, resolve_device, synchronize
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -192,7 +193,9 @@ def evaluate(
 
 
 def run(params: Params) -> dict:
-    from cifar10_pipeline import emissions, registry, tracking
+    from cifar10_pipeline.tracking import emissions
+    from cifar10_pipeline.tracking import model_registry as registry
+    from cifar10_pipeline.tracking import runs as tracking
 
     with tracking.stage_run("evaluate", params) as run_log:
         with emissions.measure(

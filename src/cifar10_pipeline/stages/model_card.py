@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from cifar10_pipeline.data import atomic_output
-from cifar10_pipeline.params import Params, TrainParams, load_params
-from cifar10_pipeline.paths import (
+from cifar10_pipeline.core.data import atomic_output
+from cifar10_pipeline.core.params import Params, TrainParams, load_params
+from cifar10_pipeline.core.paths import (
     BENCHMARK_METRICS,
     DATA_SOURCE,
     EMISSIONS_METRICS,
@@ -341,8 +341,8 @@ cifar10 serve                                    # web service on http://127.0.0
 ```
 
 ```python
-from cifar10_pipeline.inference import image_to_array, predict_logits
-from cifar10_pipeline.model import load_model
+from cifar10_pipeline.modeling.inference import image_to_array, predict_logits
+from cifar10_pipeline.modeling.model import load_model
 
 model = load_model("{MODEL_DIR.as_posix()}")
 images = image_to_array("path/to/image.png")[None]          # any size/format Pillow reads -> (1, 32, 32, 3)
@@ -368,7 +368,7 @@ CIFAR-10 training split from {_data_note(source)}. Validation before training: {
 ### Preprocessing
 
 Images are decoded to 32x32 RGB uint8 and standardised per channel (mean {config["image_mean"]}, std
-{config["image_std"]}). Training augmentation: {augmentation}. The same `cifar10_pipeline.inference` code
+{config["image_std"]}). Training augmentation: {augmentation}. The same `cifar10_pipeline.modeling.inference` code
 prepares images for evaluation, the CLI and the web service.
 
 ### Training hyper-parameters

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from cifar10_pipeline.data import ArraySplit, atomic_output, decode_split, read_raw_split, save_split
-from cifar10_pipeline.params import PreprocessParams, ValidateParams, load_params
-from cifar10_pipeline.paths import PROCESSED_DIR, PROCESSED_VALIDATION, RAW_DIR
+from cifar10_pipeline.core.data import ArraySplit, atomic_output, decode_split, read_raw_split, save_split
+from cifar10_pipeline.core.params import PreprocessParams, ValidateParams, load_params
+from cifar10_pipeline.core.paths import PROCESSED_DIR, PROCESSED_VALIDATION, RAW_DIR
 
 
 def stratified_subset(labels: np.ndarray, rows: np.ndarray, size: int | None, seed: int) -> np.ndarray:
@@ -63,7 +63,7 @@ def preprocess(
     checks_file: Path = PROCESSED_VALIDATION,
 ) -> dict[str, int]:
     """Decode, split and check; the arrays are written only if the checks on them pass."""
-    from cifar10_pipeline.expectations import check_processed_splits
+    from cifar10_pipeline.validation.expectations import check_processed_splits
 
     train_images, train_labels = decode_split(read_raw_split(raw_dir, "train"), "train")
     test_images, test_labels = decode_split(read_raw_split(raw_dir, "test"), "test")
@@ -91,7 +91,7 @@ def preprocess(
 
 
 def main() -> None:
-    from cifar10_pipeline import tracking
+    from cifar10_pipeline.tracking import runs as tracking
 
     params = load_params()
     counts = preprocess(params.preprocess, params.validate_)

@@ -20,17 +20,9 @@ import psutil
 import torch
 from transformers import PreTrainedModel
 
-from cifar10_pipeline import plots
-from cifar10_pipeline.data import atomic_output, load_split
-from cifar10_pipeline.inference import fit_temperature, predict_logits, resolve_precision
-from cifar10_pipeline.model import (
-    batchnorm_precision,
-    build_cifar_convnet,
-    build_finetune_model,
-    register_auto_classes,
-)
-from cifar10_pipeline.params import Params, TrainParams, load_params
-from cifar10_pipeline.paths import (
+from cifar10_pipeline.core.data import atomic_output, load_split
+from cifar10_pipeline.core.params import Params, TrainParams, load_params
+from cifar10_pipeline.core.paths import (
     MODEL_DIR,
     PROCESSED_DIR,
     STAGE_EMISSIONS_DIR,
@@ -38,17 +30,25 @@ from cifar10_pipeline.paths import (
     TRAIN_HISTORY,
     TRAIN_METRICS,
 )
-from cifar10_pipeline.training import (
+from cifar10_pipeline.evaluation import plots
+from cifar10_pipeline.modeling.inference import fit_temperature, predict_logits, resolve_precision
+from cifar10_pipeline.modeling.model import (
+    batchnorm_precision,
+    build_cifar_convnet,
+    build_finetune_model,
+    register_auto_classes,
+)
+from cifar10_pipeline.modeling.vit import build_cifar_vit
+from cifar10_pipeline.training.loop import (
     EpochRecord,
     TrainingResult,
     describe_device,
     resolve_device,
     train_classifier,
 )
-from cifar10_pipeline.vit import build_cifar_vit
 
 if TYPE_CHECKING:
-    from cifar10_pipeline.tracking import StageRun
+    from cifar10_pipeline.tracking.runs import StageRun
 
 HISTORY_FIELDS = [f.name for f in dataclasses.fields(EpochRecord)]
 
@@ -139,7 +139,8 @@ def _start_tracking(
     params: Params, run_stack: contextlib.ExitStack, energy_stack: contextlib.ExitStack
 ) -> StageRun:
     """Open the stage's MLflow run and start codecarbon; each closes with its stack."""
-    from cifar10_pipeline import emissions, tracking
+    from cifar10_pipeline.tracking import emissions
+    from cifar10_pipeline.tracking import runs as tracking
 
     run_log = run_stack.enter_context(tracking.stage_run("train", params))
     energy_stack.enter_context(

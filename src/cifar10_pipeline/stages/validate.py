@@ -1,9 +1,9 @@
 """Stage 2, validate: check the raw CIFAR-10 splits with Great Expectations before anything uses them.
 
-The suites live in ``cifar10_pipeline.expectations``: shards readable with the right ClassLabel names, row
-counts, labels, exact class balance, every image a 32x32 RGB uint8 PNG, no duplicate images within a split or
-between train and test (beyond the counts measured in the mirror, params.yaml ``validate.known_*``), and
-per-channel pixel statistics close to the data card.
+The suites live in ``cifar10_pipeline.validation.expectations``: shards readable with the right ClassLabel
+names, row counts, labels, exact class balance, every image a 32x32 RGB uint8 PNG, no duplicate images
+within a split or between train and test (beyond the counts measured in the mirror, params.yaml
+``validate.known_*``), and per-channel pixel statistics close to the data card.
 
 Outputs, all or nothing: Data Docs (HTML) in ``reports/data_docs/`` and ``metrics/validation.json``. On any
 failed expectation the stage removes both, prints one line per failure and exits non-zero.
@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from cifar10_pipeline import SPLIT_SIZES
-from cifar10_pipeline.data import SPLITS, atomic_output, remove_outputs
-from cifar10_pipeline.expectations import DataValidationError, check_raw_splits
-from cifar10_pipeline.params import ValidateParams, load_params
-from cifar10_pipeline.paths import DATA_DOCS_DIR, RAW_DIR, VALIDATION_METRICS
+from cifar10_pipeline.core.data import SPLITS, atomic_output, remove_outputs
+from cifar10_pipeline.core.params import ValidateParams, load_params
+from cifar10_pipeline.core.paths import DATA_DOCS_DIR, RAW_DIR, VALIDATION_METRICS
+from cifar10_pipeline.validation.expectations import DataValidationError, check_raw_splits
 
 
 def validate(
@@ -68,7 +68,7 @@ def mlflow_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
 
 
 def main() -> None:
-    from cifar10_pipeline import tracking
+    from cifar10_pipeline.tracking import runs as tracking
 
     params = load_params()
     with tracking.stage_run("validate", params) as run:

@@ -31,12 +31,12 @@ def _python_model_class():
         """uint8 images (N, 32, 32, 3) in, class probabilities (N, 10) out; wraps the saved model."""
 
         def load_context(self, context) -> None:
-            from cifar10_pipeline.model import load_model
+            from cifar10_pipeline.modeling.model import load_model
 
             self.model = load_model(context.artifacts["model_dir"])
 
         def predict(self, context, model_input, params=None):
-            from cifar10_pipeline.inference import predict_logits
+            from cifar10_pipeline.modeling.inference import predict_logits
 
             return predict_logits(self.model, np.asarray(model_input, dtype=np.uint8)).softmax(1).numpy()
 

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cifar10_pipeline.params import Params
-from cifar10_pipeline.paths import PARAMS_FILE, RAW_DIR
+from cifar10_pipeline.core.params import Params
+from cifar10_pipeline.core.paths import PARAMS_FILE, RAW_DIR
 
 PARENT_ROLE = "pipeline"
 KEY_TAG = "pipeline.key"

@@ -21,7 +21,13 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from cifar10_pipeline.model import CIFAR10_MEAN, CIFAR10_STD, ConvGroup, init_whitening, whitening_layer
+from cifar10_pipeline.modeling.model import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    ConvGroup,
+    init_whitening,
+    whitening_layer,
+)
 
 
 @strict
@@ -151,7 +157,7 @@ def flops_split(config: CifarViTConfig) -> dict[str, float]:
 def build_cifar_vit(
     tokenizer_widths: list[int], dim: int, depth: int, heads: int, mlp_ratio: float, tta_level: int
 ) -> CifarViTForImageClassification:
-    from cifar10_pipeline.model import label_maps
+    from cifar10_pipeline.modeling.model import label_maps
 
     id2label, label2id = label_maps()
     config = CifarViTConfig(

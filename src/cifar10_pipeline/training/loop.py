@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from cifar10_pipeline.data import ArraySplit
-from cifar10_pipeline.inference import autocast, fit_input_size, normalize, tta_logits
-from cifar10_pipeline.model import CifarConvNetForImageClassification
-from cifar10_pipeline.params import TrainParams
+from cifar10_pipeline.core.data import ArraySplit
+from cifar10_pipeline.core.params import TrainParams
+from cifar10_pipeline.modeling.inference import autocast, fit_input_size, normalize, tta_logits
+from cifar10_pipeline.modeling.model import CifarConvNetForImageClassification
 
 LOOKAHEAD_EVERY = 5  # steps between lookahead pulls
 # Eager steps before capture. One is enough: lazy state (momentum buffers), cuDNN's algorithm choice and any

@@ -1,7 +1,7 @@
 """Figures in the docs come from ``metrics/``: marked blocks that this module renders, never typed by hand.
 
-    python -m cifar10_pipeline.docs            # re-render every block (and reports/benchmark.md) in place
-    python -m cifar10_pipeline.docs --check    # exit 1, naming each block, if a committed one is stale
+    python -m cifar10_pipeline.reporting.docs          # re-render every block and reports/benchmark.md
+    python -m cifar10_pipeline.reporting.docs --check  # exit 1, naming each stale block
 
 A block is the text between ``<!-- generated:NAME ... -->`` and ``<!-- /generated:NAME -->`` in a
 document listed in ``DOCUMENTS``; it is rendered from ``templates/NAME.md.j2`` with every file in
@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from cifar10_pipeline.paths import METRICS_DIR, PARAMS_FILE
+from cifar10_pipeline.core.paths import METRICS_DIR, PARAMS_FILE
 
 DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"))
 BENCHMARK_REPORT = Path("reports/benchmark.md")
@@ -50,7 +50,7 @@ def torch_label(version: str) -> str:
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("cifar10_pipeline", "templates"),
+        loader=jinja2.PackageLoader("cifar10_pipeline.reporting", "templates"),
         undefined=jinja2.StrictUndefined,  # a missing metric is an error, not an empty cell
         keep_trailing_newline=True,
         trim_blocks=True,
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         verb = "is stale" if args.check else "re-rendered"
         print(f"{item.document}: block {item.block} {verb}")
     if args.check and stale:
-        print("run `python -m cifar10_pipeline.docs` and commit the result", file=sys.stderr)
+        print("run `python -m cifar10_pipeline.reporting.docs` and commit the result", file=sys.stderr)
         sys.exit(1)
 
 

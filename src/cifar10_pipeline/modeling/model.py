@@ -29,7 +29,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.pooling import max_pool2x2
+from cifar10_pipeline.modeling.pooling import max_pool2x2
 
 # Per-channel statistics of the CIFAR-10 training split (pixel/255), from the data card.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -211,7 +211,7 @@ class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
 
 def register_auto_classes() -> None:
     """Let AutoConfig / AutoModelForImageClassification resolve this project's model types."""
-    from cifar10_pipeline.vit import CifarViTConfig, CifarViTForImageClassification
+    from cifar10_pipeline.modeling.vit import CifarViTConfig, CifarViTForImageClassification
 
     for config_class, model_class in (
         (CifarConvNetConfig, CifarConvNetForImageClassification),

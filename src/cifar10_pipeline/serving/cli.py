@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cifar10_pipeline import NUM_CLASSES, __version__
-from cifar10_pipeline.paths import MODEL_DIR
+from cifar10_pipeline.core.paths import MODEL_DIR
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -105,7 +105,7 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
 
 def _decode(path: Path) -> tuple[Any, str | None]:
     """(uint8 32x32x3 array, None) or (None, why it failed) for one file."""
-    from cifar10_pipeline.inference import ImageInputError, image_to_array
+    from cifar10_pipeline.modeling.inference import ImageInputError, image_to_array
 
     try:
         return image_to_array(path), None
@@ -192,8 +192,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging
 
-    from cifar10_pipeline.inference import predict_logits
-    from cifar10_pipeline.model import load_model
+    from cifar10_pipeline.modeling.inference import predict_logits
+    from cifar10_pipeline.modeling.model import load_model
 
     transformers_logging.disable_progress_bar()  # its weight-loading bar would clutter every run's stderr
     try:
@@ -253,13 +253,13 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from cifar10_pipeline.serve import add_server_arguments
+    from cifar10_pipeline.serving.serve import add_server_arguments
 
     add_server_arguments(parser)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from cifar10_pipeline.serve import run, settings_from_args
+    from cifar10_pipeline.serving.serve import run, settings_from_args
 
     run(settings_from_args(args))
     return EXIT_OK

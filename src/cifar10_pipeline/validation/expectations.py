@@ -31,13 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cifar10_pipeline import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES, SPLIT_SIZES
-from cifar10_pipeline.data import SPLITS, ArraySplit, DataError
+from cifar10_pipeline.core.data import SPLITS, ArraySplit, DataError
 
 if TYPE_CHECKING:
     from great_expectations.data_context import EphemeralDataContext
     from great_expectations.expectations import Expectation
 
-    from cifar10_pipeline.params import ValidateParams
+    from cifar10_pipeline.core.params import ValidateParams
 
 # Per-channel statistics (RGB, pixel/255) from the mirror's data card, ../shared/data/cifar10/README.md.
 # The tolerance around them is params.yaml validate.channel_stat_tolerance.

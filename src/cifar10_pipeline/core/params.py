@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cifar10_pipeline.paths import PARAMS_FILE
+from cifar10_pipeline.core.paths import PARAMS_FILE
 
 SourceName = Literal["mirror", "hub", "url"]
 # Networks this project defines and trains from scratch; any other train.model is a checkpoint to fine-tune.

@@ -40,9 +40,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cifar10_pipeline import IMAGE_SHAPE, NUM_CLASSES, __version__
-from cifar10_pipeline.paths import MODEL_DIR
+from cifar10_pipeline.core.paths import MODEL_DIR
 
-logger = logging.getLogger("cifar10_pipeline.serve")
+logger = logging.getLogger("cifar10_pipeline.serving.serve")
 
 REGISTRY_PREFIX = "models:/"
 PREDICT_PATH = "/predict"
@@ -229,7 +229,7 @@ def download_registry_model(uri: str, scratch: Path) -> tuple[Path, str | None]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from cifar10_pipeline.tracking import tracking_uri
+    from cifar10_pipeline.tracking.runs import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     reference = uri[len(REGISTRY_PREFIX) :]
@@ -245,15 +245,16 @@ def download_registry_model(uri: str, scratch: Path) -> tuple[Path, str | None]:
     if len(candidates) != 1:
         raise RuntimeError(
             f"{uri}: expected one saved model directory (config.json + *.safetensors) in the registered "
-            f"artifacts, found {len(candidates)}; register models with cifar10_pipeline.registry."
+            f"artifacts, found {len(candidates)}; register models with "
+            "cifar10_pipeline.tracking.model_registry."
         )
     return candidates[0], version
 
 
 def load_runtime(settings: ServeSettings) -> Runtime:
     """Load the model named by the settings and describe it for /health."""
-    from cifar10_pipeline.inference import predict_logits
-    from cifar10_pipeline.model import load_model
+    from cifar10_pipeline.modeling.inference import predict_logits
+    from cifar10_pipeline.modeling.model import load_model
 
     scratch: Path | None = None
     version: str | None = None
@@ -391,7 +392,7 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     """Bytes of one upload -> (32, 32, 3) uint8 via the shared ``image_to_array``, after the size checks."""
     from PIL import Image, UnidentifiedImageError
 
-    from cifar10_pipeline.inference import ImageInputError, image_to_array
+    from cifar10_pipeline.modeling.inference import ImageInputError, image_to_array
 
     if not data:
         raise UploadProblem(400, "the file is empty (0 bytes); choose an image file")
@@ -428,7 +429,7 @@ def get_runtime(request: Request) -> Runtime:
 
 
 def _infer(runtime: Runtime, images: np.ndarray) -> np.ndarray:
-    from cifar10_pipeline.inference import predict_logits
+    from cifar10_pipeline.modeling.inference import predict_logits
 
     with runtime.lock:
         return predict_logits(runtime.model, images).softmax(1).numpy()
@@ -475,7 +476,9 @@ def _validation_detail(exc: RequestValidationError) -> tuple[str, list[ErrorItem
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
     """Build the web app; the model is loaded when the app starts (lifespan), not here."""
     settings = settings or ServeSettings()
-    index_html = resources.files("cifar10_pipeline").joinpath("static/index.html").read_text(encoding="utf-8")
+    index_html = (
+        resources.files("cifar10_pipeline.serving").joinpath("static/index.html").read_text(encoding="utf-8")
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -620,7 +623,7 @@ def run(settings: ServeSettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m cifar10_pipeline.serve",
+        prog="python -m cifar10_pipeline.serving.serve",
         description="Serve the CIFAR-10 classifier over HTTP. Settings come from CIFAR10_SERVE_* environment "
         "variables; these flags override them.",
     )

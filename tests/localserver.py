@@ -64,7 +64,8 @@ def local_server(
 
 
 def model_server(model: str | Path, log_path: Path, timeout: float = 120.0, **settings: object):
-    """``python -m cifar10_pipeline.serve`` for ``model``; extra CIFAR10_SERVE_* settings as keywords."""
+    """``python -m cifar10_pipeline.serving.serve`` for ``model``; extra CIFAR10_SERVE_* settings as
+    keywords."""
     port = free_port()
     env = {
         "CIFAR10_SERVE_MODEL": str(model),
@@ -73,5 +74,5 @@ def model_server(model: str | Path, log_path: Path, timeout: float = 120.0, **se
         **{f"CIFAR10_SERVE_{key.upper()}": str(value) for key, value in settings.items()},
     }
     return local_server(
-        [sys.executable, "-m", "cifar10_pipeline.serve"], port, log_path, env, timeout=timeout
+        [sys.executable, "-m", "cifar10_pipeline.serving.serve"], port, log_path, env, timeout=timeout
     )

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 @functools.cache
 def _kernels():
     """The Triton kernels' launchers, on first use: Triton is imported only when a CUDA pool runs."""
-    from cifar10_pipeline import pooling_kernels
+    from cifar10_pipeline.modeling import pooling_kernels
 
     return pooling_kernels
 

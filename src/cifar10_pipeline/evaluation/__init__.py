@@ -1,0 +1,1 @@
+"""Metrics and plots for a trained model (scikit-learn, matplotlib)."""

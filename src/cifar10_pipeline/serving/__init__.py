@@ -1,0 +1,1 @@
+"""The command-line classifier and the web service (FastAPI, uvicorn)."""
