@@ -15,7 +15,6 @@ covered without editing this file. Run from the project root, like dvc.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import hashlib
 import importlib.metadata
@@ -47,8 +46,6 @@ QUICK_PROFILE = "quick"
 # change on other hardware passes, narrow enough that a change costing 5 of the quick profile's ~62 points
 # fails (the old fixed 0.40 let a model 20 points worse through).
 ACCURACY_MARGIN = 0.05
-# The params that select the profile (not compared themselves: the effective values they select are).
-PROFILE_PARAMS = ("profile", "profiles")
 # A file's mtime can be stored at a coarser tick than time.time(): allow 1 s so a file written right after the
 # fingerprint cannot read as older than it. (Nothing else writes the outputs in that second: the fingerprint
 # is taken, then they are deleted, then dvc starts.)
@@ -161,22 +158,6 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
-def effective_params(raw: dict[str, Any]) -> dict[str, Any]:
-    """params.yaml's values with its active profile's overrides merged in, as every stage reads them."""
-    merged = copy.deepcopy({k: v for k, v in raw.items() if k != "profiles"})
-    overrides = (raw.get("profiles") or {}).get(raw.get("profile", "default")) or {}
-
-    def merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = copy.deepcopy(value)
-
-    merge(merged, overrides)
-    return merged
-
-
 _ABSENT = object()
 
 
@@ -194,20 +175,16 @@ def stages_changed_by(
 ) -> set[str]:
     """Stages whose results can differ between params ``before`` and ``after`` (raw params.yaml contents).
 
-    A stage is changed when an effective value it reads differs (the profile merged in first: switching to
-    the quick profile changes preprocess's caps and train's epochs, not the download or validate sections),
-    or when it depends on an output of a changed stage. ``profile`` and ``profiles`` themselves are left out:
-    a stage reads them to merge its own section, whose effective value is what is compared. A key of another
+    A stage is changed when a value it reads differs (params.yaml holds resolved values: `dvc exp run -S
+    profile=quick` composes the profile into the sections, changing preprocess's caps and train's epochs, not
+    the download or validate sections), or when it depends on an output of a changed stage. A key of another
     params file is not compared (there is none in this project); its stage counts as unchanged.
     """
-    old, new = effective_params(before), effective_params(after)
     changed = {
         name
         for name, stage in stages.items()
         for key in _param_keys(stage)
-        if key is not None
-        and key.split(".")[0] not in PROFILE_PARAMS
-        and _lookup(old, key) != _lookup(new, key)
+        if key is not None and _lookup(before, key) != _lookup(after, key)
     }
     grew = True
     while grew:  # to a fixed point: dvc.yaml need not list stages in pipeline order
@@ -362,12 +339,13 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def expected_quick(raw_params: dict[str, Any], profile: str = QUICK_PROFILE) -> dict[str, Any]:
-    """Image counts and epochs that ``profile`` asks for, resolved by the project's own params loader."""
+def expected_quick(raw_params: dict[str, Any]) -> dict[str, Any]:
+    """Image counts and epochs that params (the quick run's params.yaml) ask for, validated by the project's
+    own params loader."""
     from cifar10_pipeline import SPLIT_SIZES
-    from cifar10_pipeline.core.params import resolve
+    from cifar10_pipeline.core.params import validate_params
 
-    params = resolve({**raw_params, "profile": profile})
+    params = validate_params(raw_params)
     pre = params.preprocess
     # Same rule as the preprocess stage (a cap, or the whole split when null), from the params alone.
     kept_train = min(pre.max_train_images or SPLIT_SIZES["train"], SPLIT_SIZES["train"])
@@ -404,7 +382,7 @@ def count_problems(
     problems: list[str] = []
     if raw_params.get("profile") != profile:
         problems.append(f"params.yaml says profile {raw_params.get('profile')!r}, not {profile!r}")
-    want = expected_quick(raw_params, profile)
+    want = expected_quick(raw_params)
     expected = {
         "eval test_images": want["images"]["test"],
         "train train_images": want["images"]["train"],
@@ -430,7 +408,7 @@ def check_quick(
 ) -> tuple[list[str], list[str]]:
     """(problems, notes): the run is the quick profile's (counts, epochs), no worse than its baseline."""
     problems = count_problems(raw_params, evaluation, train, processed, profile)
-    want = expected_quick(raw_params, profile)
+    want = expected_quick(raw_params)
     notes = [] if problems else [f"image counts and epochs are the {profile} profile's: {want}"]
     # Like with like: a baseline measured on other counts says nothing about this run.
     if baseline.get("profile") != profile:
@@ -600,7 +578,7 @@ def record_baseline(
     root: Path, command: str, run_seconds: float | None, others: list[Json] | None = None
 ) -> dict[str, Any]:
     """The quick baseline from the quick run in ``root``'s workspace, with where and how it was made."""
-    from cifar10_pipeline.core.params import resolve
+    from cifar10_pipeline.core.params import validate_params
 
     raw_params = yaml.safe_load((root / "params.yaml").read_text())
     evaluation = read_json(root / "metrics/eval.json")
@@ -634,7 +612,7 @@ def record_baseline(
             "run_seconds": run_seconds,
         },
         "also_measured": others or [],
-        "params": resolve(raw_params).as_flat_dict(),
+        "params": validate_params(raw_params).as_flat_dict(),
         "metrics": {
             "metrics/eval.json": _kept(evaluation, BASELINE_METRICS["metrics/eval.json"])
             | _recalls(evaluation),

@@ -43,7 +43,7 @@ import yaml
 from ci_gates import ACCURACY_MARGIN, BASELINE_FILE, QUICK_PROFILE, cpu_model, flatten
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.core.params import resolve
+from cifar10_pipeline.core.params import validate_params
 
 # Run from the project root (scripts/pr_report.sh changes there), like dvc itself.
 ROOT = Path.cwd()
@@ -170,12 +170,12 @@ def baseline_metrics_diff(baseline: dict) -> str:
 
 
 def effective_params() -> dict[str, object]:
-    """The workspace's params.yaml with its profile applied, as ``section.key`` pairs."""
-    return resolve(yaml.safe_load((ROOT / "params.yaml").read_text())).as_flat_dict()
+    """The workspace's params.yaml (resolved values), as ``section.key`` pairs."""
+    return validate_params(yaml.safe_load((ROOT / "params.yaml").read_text())).as_flat_dict()
 
 
 def baseline_params_section(baseline: dict) -> str:
-    """The effective params that differ between the baseline's run and this one (profile applied to both)."""
+    """The params that differ between the baseline's run and this one."""
     old, new = baseline.get("params") or {}, effective_params()
     changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
     if not changed:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -11,14 +10,15 @@ import pytest
 
 from cifar10_pipeline import NUM_CLASSES
 from cifar10_pipeline.core.data import write_checksums
+from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.stages.download import write_parquet_split
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def mirror_dir() -> Path | None:
-    """The real CIFAR-10 mirror (CIFAR10_MIRROR or ../shared/data/cifar10), or None when absent."""
-    candidate = Path(os.environ.get("CIFAR10_MIRROR") or PROJECT_ROOT.parent / "shared" / "data" / "cifar10")
+    """The real CIFAR-10 mirror (params.yaml's download.mirror_dir, from the project root), or None."""
+    candidate = PROJECT_ROOT / load_params(PROJECT_ROOT / "params.yaml").download.mirror_dir
     return candidate if (candidate / "SHA256SUMS").is_file() else None
 
 
@@ -59,8 +59,6 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copy(PROJECT_ROOT / "params.yaml", root / "params.yaml")
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    monkeypatch.delenv("CIFAR10_MIRROR", raising=False)
-    monkeypatch.delenv("CIFAR10_SOURCES", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     return root
 
@@ -69,5 +67,5 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def real_mirror() -> Path:
     path = mirror_dir()
     if path is None:
-        pytest.skip("the CIFAR-10 mirror is not available (set CIFAR10_MIRROR)")
+        pytest.skip("the CIFAR-10 mirror is not available (download.mirror_dir in conf/config.yaml)")
     return path

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from cifar10_pipeline.core.params import TrainParams, resolve
+from cifar10_pipeline.core.params import TrainParams, validate_params
 from cifar10_pipeline.modeling.model import build_cifar_convnet
 
 from .conftest import PROJECT_ROOT
@@ -27,7 +27,7 @@ def train_params(**changes) -> TrainParams:
     """The committed train section with ``changes`` applied (validated like params.yaml)."""
     raw = copy.deepcopy(default_raw_params())
     raw["train"].update(changes)
-    return resolve(raw).train
+    return validate_params(raw).train
 
 
 def tiny_convnet(tta_level: int = 0, seed: int = 0):

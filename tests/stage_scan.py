@@ -43,7 +43,7 @@ from typing import Any
 PACKAGE = "cifar10_pipeline"
 PATHS_MODULE = f"{PACKAGE}.core.paths"
 PARAMS_MODULE = f"{PACKAGE}.core.params"
-LOAD_PARAMS = (f"{PARAMS_MODULE}.load_params", f"{PARAMS_MODULE}.resolve")
+LOAD_PARAMS = (f"{PARAMS_MODULE}.load_params", f"{PARAMS_MODULE}.validate_params")
 # Top-level folders of pipeline data; a Path literal elsewhere (/proc/cpuinfo, mlflow.db) is not a DVC path.
 # PARAMS_FILE (params.yaml) is not checked as a path either: its keys are checked against `params:` instead.
 DATA_ROOTS = frozenset({"data", "models", "metrics", "reports"})
@@ -99,14 +99,13 @@ class StageNeeds:
 
 @dataclass(frozen=True)
 class ParamsSchema:
-    """What params.py defines: the sections of Params, their fields and properties, what profiles override."""
+    """What params.py defines: the sections of Params, their fields and properties."""
 
     attr_to_section: dict[str, str]  # Params attribute -> params.yaml key (validate_ -> validate)
-    top_level: frozenset[str]  # Params attributes that are plain values (profile, profiles)
+    top_level: frozenset[str]  # Params attributes that are plain values (profile)
     class_to_section: dict[str, str]  # TrainParams -> train
     fields: dict[str, frozenset[str]]  # section -> its keys
     properties: dict[str, dict[str, frozenset[str]]]  # section -> property -> keys it reads
-    overridable: frozenset[str]  # sections a profile may override
 
 
 # Kinds of values the params scan follows: the whole Params object, or one section of it.
@@ -448,20 +447,7 @@ class ProjectIndex:
                 if isinstance(n, ast.FunctionDef)
                 and any(isinstance(d, ast.Name) and d.id == "property" for d in n.decorator_list)
             }
-        # The sections a profile may override: the set Params._profiles_name_sections accepts.
-        validator = next(
-            n
-            for n in params_class.body
-            if isinstance(n, ast.FunctionDef) and n.name == "_profiles_name_sections"
-        )
-        overridable = next(
-            frozenset(str(e.value) for e in n.elts if isinstance(e, ast.Constant))
-            for n in ast.walk(validator)
-            if isinstance(n, ast.Set)
-        )
-        return ParamsSchema(
-            attr_to_section, frozenset(top_level), class_to_section, fields, properties, overridable
-        )
+        return ParamsSchema(attr_to_section, frozenset(top_level), class_to_section, fields, properties)
 
     def params_reads(self, module: str) -> dict[str, str]:
         """Params sections/keys the stage module reads (see the module docstring for how far it looks)."""
@@ -704,12 +690,6 @@ def check_stage(name: str, stage: Mapping[str, Any], index: ProjectIndex) -> lis
 
     # Params.
     required = dict(needs.params)
-    schema = index.params_schema
-    overridden = sorted({item.split(".")[0] for item in required} & schema.overridable)
-    if overridden:  # the active profile merges its overrides of these sections before the stage sees them
-        why = f"profiles may override {', '.join(overridden)} (params.py _profiles_name_sections)"
-        for key in ("profile", "profiles"):
-            required.setdefault(key, why)
     entries = params_entries(stage.get("params"))
     for item, where in sorted(required.items()):
         if not any(param_under(item, entry) for entry in entries):

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from cifar10_pipeline import benchmark
 from cifar10_pipeline.core.data import ArraySplit, save_split
+from cifar10_pipeline.core.params import ParamsError
 
 from .conftest import PROJECT_ROOT, synthetic_images
 
@@ -51,7 +52,7 @@ def processed(tmp_path: Path) -> Path:
 
 
 def tiny_params(model: str = "cifar_convnet"):
-    return benchmark.load_profile("quick", [f"train.model={model}", *TINY], PROJECT_ROOT / "params.yaml")
+    return benchmark.load_profile("quick", [f"train.model={model}", *TINY], PROJECT_ROOT / "conf")
 
 
 @pytest.mark.parametrize("model", ["cifar_convnet", "cifar_vit"])
@@ -71,16 +72,16 @@ def test_each_seed_is_a_real_run_and_saved_as_it_ends(processed: Path, model: st
 
 
 def test_command_line_overrides_win_over_the_profile() -> None:
-    params = benchmark.load_profile("gpu_fast", ["train.epochs=12"], PROJECT_ROOT / "params.yaml")
+    params = benchmark.load_profile("gpu_fast", ["train.epochs=12"], PROJECT_ROOT / "conf")
     assert params.train.epochs == 12 and params.train.filter_optimizer == "muon"
-    with pytest.raises(SystemExit, match=r"train\.epoch.*is not a key"):
-        benchmark.load_profile("gpu_fast", ["train.epoch=12"], PROJECT_ROOT / "params.yaml")
+    with pytest.raises(ParamsError, match=r"Could not override .train\.epoch."):
+        benchmark.load_profile("gpu_fast", ["train.epoch=12"], PROJECT_ROOT / "conf")
 
 
 def test_selection_scores_validation_images_and_never_the_test_set(tmp_path: Path) -> None:
     processed = write_processed(tmp_path / "processed", val=30)
     entry = benchmark.select_knobs(
-        "quick", {"train.label_smoothing": [0.0, 0.2]}, 2, processed, TINY, PROJECT_ROOT / "params.yaml",
+        "quick", {"train.label_smoothing": [0.0, 0.2]}, 2, processed, TINY, PROJECT_ROOT / "conf",
         ORIGIN,
     )  # fmt: skip
     assert entry.val_images == 30 and entry.train_images == 400
@@ -97,7 +98,7 @@ def test_selection_refuses_a_split_without_validation_images(tmp_path: Path) -> 
     processed = write_processed(tmp_path / "processed", val=0)
     with pytest.raises(SystemExit, match="never on the test set"):
         benchmark.select_knobs(
-            "quick", {"train.epochs": [1]}, 1, processed, TINY, PROJECT_ROOT / "params.yaml"
+            "quick", {"train.epochs": [1]}, 1, processed, TINY, PROJECT_ROOT / "conf"
         )
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from cifar10_pipeline.core.params import compose
+
 from .conftest import PROJECT_ROOT
 
 
@@ -52,7 +54,7 @@ def test_outputs_come_from_dvc_yaml() -> None:
     assert {o.stage for o in outputs.values()} == set(stages)
     # The quick profile overrides nothing download and validate read: their results stay as committed.
     committed = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    quick = committed | {"profile": "quick"}
+    quick = compose(["profile=quick"], PROJECT_ROOT / "conf")
     assert set(stages) - gates.stages_changed_by(stages, committed, quick) == {"download", "validate"}
     assert gates.stages_changed_by(stages, committed, committed) == set()
 
@@ -65,19 +67,18 @@ MINI_PARAMS = {
     "profile": "default",
     "fetch": {"url": "mirror"},
     "fit": {"epochs": 13},
-    "profiles": {"default": {}, "quick": {"fit": {"epochs": 4}}},
 }
 MINI_DVC_YAML = {
     "stages": {
         "fetch": {
             "cmd": "true",
-            "params": ["profile", "profiles", "fetch"],
+            "params": ["fetch"],
             "outs": ["data/raw", {"metrics/source.json": {"cache": False}}],
         },
         "fit": {
             "cmd": "true",
             "deps": ["data/raw"],
-            "params": ["profile", "profiles", "fit"],
+            "params": ["fit"],
             "outs": ["models/m"],
             "metrics": [{"metrics/fit.json": {"cache": False}}],
             "plots": [{"metrics/history.csv": {"cache": False, "x": "epoch"}}],
@@ -115,7 +116,8 @@ def _committed(root: Path) -> None:
 
 def _run(root: Path, skip: tuple[str, ...] = (), same: tuple[str, ...] = ()) -> None:
     """What a quick run does: switch the profile, write every output but ``skip``; ``same`` ones unchanged."""
-    _write(root / "params.yaml", yaml.safe_dump(MINI_PARAMS | {"profile": "quick"}, sort_keys=False))
+    quick = MINI_PARAMS | {"profile": "quick", "fit": {"epochs": 4}}
+    _write(root / "params.yaml", yaml.safe_dump(quick, sort_keys=False))
     for relative in MINI_OUTPUTS:
         if relative in skip:
             continue
@@ -133,12 +135,13 @@ def test_mini_project_stages(tmp_path: Path) -> None:
     _committed(tmp_path)
     assert [o.path for o in gates.declared_outputs(tmp_path)] == MINI_OUTPUTS
     stages = gates.load_stages(tmp_path)
-    quick = MINI_PARAMS | {"profile": "quick"}
+    quick = MINI_PARAMS | {"profile": "quick", "fit": {"epochs": 4}}
     # fit's epochs change; card reads no param but fit's result; fetch's section is the same in both
     assert gates.stages_changed_by(stages, MINI_PARAMS, quick) == {"fit", "card"}
-    # a profile that overrides what fetch reads changes fetch, and so everything downstream
-    both = copy.deepcopy(quick)
-    both["profiles"]["quick"]["fetch"] = {"url": "hub"}
+    # the profile's name alone is read by no stage here: it changes nothing
+    assert gates.stages_changed_by(stages, MINI_PARAMS, MINI_PARAMS | {"profile": "quick"}) == set()
+    # a profile that sets what fetch reads changes fetch, and so everything downstream
+    both = quick | {"fetch": {"url": "hub"}}
     assert gates.stages_changed_by(stages, MINI_PARAMS, both) == {"fetch", "fit", "card"}
     # a -S override outside the profile counts too
     assert gates.stages_changed_by(stages, MINI_PARAMS, MINI_PARAMS | {"fit": {"epochs": 12}}) == {
@@ -222,9 +225,8 @@ def test_fingerprint_refuses_paths_outside_the_project(tmp_path: Path) -> None:
 
 
 def _quick_params() -> dict[str, Any]:
-    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    raw["profile"] = "quick"  # what `dvc exp run -S profile=quick` leaves in params.yaml
-    return raw
+    # what `dvc exp run -S profile=quick` leaves in params.yaml
+    return compose(["profile=quick"], PROJECT_ROOT / "conf")
 
 
 def _quick_run(raw: dict[str, Any], accuracy: float = 0.62) -> dict[str, dict[str, Any]]:
@@ -252,7 +254,7 @@ def _quick_problems(
 
 def test_expected_counts_are_read_from_the_quick_profile() -> None:
     raw = _quick_params()
-    quick = raw["profiles"]["quick"]
+    quick = yaml.safe_load((PROJECT_ROOT / "conf" / "profile" / "quick.yaml").read_text())
     want = gates.expected_quick(raw)
     pre = quick["preprocess"]
     assert want["images"] == {
@@ -262,7 +264,7 @@ def test_expected_counts_are_read_from_the_quick_profile() -> None:
     }
     assert want["epochs"] == quick["train"]["epochs"]
     changed = copy.deepcopy(raw)
-    changed["profiles"]["quick"]["preprocess"]["max_test_images"] = 1500
+    changed["preprocess"]["max_test_images"] = 1500
     assert gates.expected_quick(changed)["images"]["test"] == 1500
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from cifar10_pipeline.core.data import DataError, decode_split, read_raw_split, verify_checksums
 from cifar10_pipeline.core.params import load_params
-from cifar10_pipeline.stages.download import download, source_order
+from cifar10_pipeline.stages.download import download
 
 from .conftest import synthetic_images
 
@@ -33,12 +33,6 @@ def test_mirror_copy_is_verified(project: Path, synthetic_mirror: Path) -> None:
     assert info["source"] == "mirror"
     assert verify_checksums(project / "data/raw")
     assert json.loads((project / "metrics/data_source.json").read_text())["source"] == "mirror"
-
-
-def test_env_var_points_at_the_mirror(project: Path, synthetic_mirror: Path, monkeypatch) -> None:
-    monkeypatch.setenv("CIFAR10_MIRROR", str(synthetic_mirror))
-    info = download(_params(project, sources=["mirror"], mirror_dir="/nonexistent"))
-    assert info["location"] == str(synthetic_mirror)
 
 
 def test_checksum_mismatch_stops_and_leaves_nothing(project: Path, synthetic_mirror: Path) -> None:
@@ -57,12 +51,16 @@ def test_missing_mirror_is_a_clear_error(project: Path, tmp_path: Path) -> None:
     assert not (project / "data/raw").exists()
 
 
-def test_source_order_env_override(project: Path, monkeypatch) -> None:
-    monkeypatch.setenv("CIFAR10_SOURCES", "url, mirror")
-    assert source_order(_params(project)) == ["url", "mirror"]
-    monkeypatch.setenv("CIFAR10_SOURCES", "ftp")
-    with pytest.raises(ValueError, match="unknown source"):
-        source_order(_params(project))
+def test_sources_are_tried_in_the_params_order(
+    project: Path, synthetic_mirror: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The data source is a param, nothing else: the environment variables of older versions change nothing.
+    monkeypatch.setenv("CIFAR10_MIRROR", "/nonexistent")
+    monkeypatch.setenv("CIFAR10_SOURCES", "url")
+    info = download(_params(project, sources=["mirror", "url"], mirror_dir=str(synthetic_mirror)))
+    assert info["source"] == "mirror"
+    with pytest.raises(DataError, match=r"(?s)mirror folder .*does not exist.*download.mirror_dir"):
+        download(_params(project, sources=["mirror"], mirror_dir="/nonexistent"))
 
 
 # --- the original archive, built in the real format and served over loopback HTTP ------------------------

@@ -1,7 +1,9 @@
 """Experiments: every knob settable with ``dvc exp run -S``, and a real sweep seen by DVC and by MLflow.
 
-Fast: each leaf key of params.yaml is changed through the function ``dvc exp run -S`` edits params.yaml with
-(``dvc.utils.hydra.apply_overrides``), and the result must pass ``cifar10_pipeline.core.params.resolve``.
+Fast: each leaf key of params.yaml is changed through the function ``dvc exp run -S`` composes params.yaml
+with (DVC's Hydra composition, ``dvc.utils.hydra.compose_and_dump``), alone and under every profile; the
+explicit value must win, the result must pass ``cifar10_pipeline.core.params.validate_params``, and the
+project's own ``compose`` (the benchmark's path) must give the same params.
 
 Slow (integration, needs the CIFAR-10 mirror): a clone of the project runs a tiny sweep of named experiments
 with ``dvc exp run``; ``dvc exp show`` must list them; a real ``mlflow server`` on that store must hold one
@@ -28,7 +30,7 @@ import httpx
 import pytest
 import yaml
 
-from cifar10_pipeline.core.params import ParamsError, resolve
+from cifar10_pipeline.core.params import ParamsError, compose, validate_params
 from tests.localserver import free_port, local_server
 
 from .conftest import PROJECT_ROOT, mirror_dir
@@ -117,30 +119,32 @@ def leaf_keys(raw: dict) -> list[str]:
     """``section.key`` for every knob (lists are single knobs), ``key`` for top-level scalars."""
     keys = []
     for name, value in raw.items():
-        if name == "profiles":
-            continue
         keys += [f"{name}.{key}" for key in value] if isinstance(value, dict) else [name]
     return keys
 
 
-def profile_keys(raw: dict) -> list[str]:
-    """``profiles.<name>.<section>.<key>`` for every override a profile holds."""
-    return [
-        f"profiles.{name}.{section}.{key}"
-        for name, sections in raw["profiles"].items()
-        for section, keys in (sections or {}).items()
-        for key in keys
-    ]
+PROFILES = sorted(path.stem for path in (PROJECT_ROOT / "conf" / "profile").glob("*.yaml"))
+
+
+def profile_keys() -> list[str]:
+    """``<profile>:<section>.<key>`` for every value a profile sets (its name aside)."""
+    keys = []
+    for name in PROFILES:
+        profile = yaml.safe_load((PROJECT_ROOT / "conf" / "profile" / f"{name}.yaml").read_text()) or {}
+        keys += [f"{name}:{key}" for key in leaf_keys(profile) if key != "profile"]
+    return keys
 
 
 def set_params(tmp_path: Path, *overrides: str) -> dict:
-    """A copy of params.yaml edited exactly as ``dvc exp run -S <override> ...`` would edit it."""
-    from dvc.utils.hydra import apply_overrides
+    """params.yaml as ``dvc exp run -S <override> ...`` writes it (DVC's own Hydra composition of conf/)."""
+    from dvc.utils.hydra import compose_and_dump
 
     path = tmp_path / "params.yaml"
-    shutil.copy(PROJECT_ROOT / "params.yaml", path)
-    apply_overrides(path, list(overrides))
-    return yaml.safe_load(path.read_text())
+    compose_and_dump(path, str(PROJECT_ROOT / "conf"), None, "config", str(PROJECT_ROOT), list(overrides))
+    raw = yaml.safe_load(path.read_text())
+    # The benchmark resolves params through cifar10_pipeline.core.params.compose: the same values.
+    assert compose(overrides, PROJECT_ROOT / "conf") == raw
+    return raw
 
 
 def effective(params, dotted: str) -> Any:
@@ -148,6 +152,18 @@ def effective(params, dotted: str) -> Any:
         return getattr(params, dotted)
     section, key = dotted.split(".")
     return params.model_dump(by_alias=True)[section][key]
+
+
+def test_committed_params_yaml_is_what_conf_composes() -> None:
+    # Plain `dvc repro` reads params.yaml as committed: it must be conf/'s default composition, byte for byte
+    # (as `dvc exp run` would write it), holding resolved values only.
+    from cifar10_pipeline.core.params import composed_yaml
+
+    committed = (PROJECT_ROOT / "params.yaml").read_text()
+    assert committed == composed_yaml([], PROJECT_ROOT / "conf"), (
+        "params.yaml is not what conf/ composes: run `python -m cifar10_pipeline.core.params` and commit"
+    )
+    assert "profiles" not in yaml.safe_load(committed)
 
 
 def test_every_knob_has_a_changed_value() -> None:
@@ -164,55 +180,57 @@ def test_dvc_set_param_reaches_every_knob(key: str, tmp_path: Path) -> None:
         pytest.fail(f"{key} is new in params.yaml: add a valid changed value for it to CHANGED")
     text = CHANGED[key]
     raw_before = default_raw_params()
-    if key == "profile" and raw_before["profile"] == text:  # e.g. after a `dvc exp run -S profile=quick`
-        text = next(name for name in raw_before["profiles"] if name != text)
     value = yaml.safe_load(text)
-    raw = set_params(tmp_path, f"{key}={text}")
     section, _, name = key.rpartition(".")
     current = raw_before[section][name] if section else raw_before[name]
     assert current != value, f"{key}: pick a value that differs from the committed {current!r}"
-    params = resolve(raw, source=f"params.yaml after -S {key}={text}")
-    active = raw_before["profiles"][raw_before["profile"]] or {}
-    if section and name in (active.get(section) or {}):
-        return  # the active profile sets this knob itself: -S changed the file, the profile still rules
+    params = validate_params(
+        set_params(tmp_path, f"{key}={text}"), source=f"params.yaml after -S {key}={text}"
+    )
     assert effective(params, key) == value
 
 
-@pytest.mark.parametrize("key", profile_keys(default_raw_params()))
-def test_dvc_set_param_reaches_every_profile_override(key: str, tmp_path: Path) -> None:
-    _, profile, section, name = key.split(".")
-    text = CHANGED[f"{section}.{name}"]
-    current = default_raw_params()["profiles"][profile][section][name]
-    if yaml.safe_load(text) == current:
-        text = ALTERNATIVE[f"{section}.{name}"]
+@pytest.mark.parametrize("key", profile_keys())
+def test_an_explicit_set_param_wins_over_every_profile_value(key: str, tmp_path: Path) -> None:
+    profile, dotted = key.split(":")
+    profile_value = compose([f"profile={profile}"], PROJECT_ROOT / "conf")
+    section, name = dotted.split(".")
+    current = profile_value[section][name]
+    text = CHANGED[dotted] if yaml.safe_load(CHANGED[dotted]) != current else ALTERNATIVE[dotted]
     assert current != yaml.safe_load(text), f"{key}: CHANGED holds the profile's own value {current!r}"
-    raw = set_params(tmp_path, f"profile={profile}", f"{key}={text}")
-    params = resolve(raw, source=f"params.yaml after -S profile={profile} -S {key}={text}")
-    assert effective(params, f"{section}.{name}") == yaml.safe_load(text)
+    # Whatever the order on the command line, the explicit value wins and the profile's other values stay.
+    for overrides in ([f"profile={profile}", f"{dotted}={text}"], [f"{dotted}={text}", f"profile={profile}"]):
+        params = validate_params(set_params(tmp_path, *overrides), source=f"params.yaml after -S {overrides}")
+        assert effective(params, dotted) == yaml.safe_load(text), overrides
+        assert params.profile == profile
 
 
-def test_dvc_set_param_refuses_a_typo_and_resolve_refuses_a_bad_value(tmp_path: Path) -> None:
-    from dvc.exceptions import InvalidArgumentError
+def test_dvc_set_param_refuses_a_typo_and_validation_refuses_a_bad_value(tmp_path: Path) -> None:
+    from hydra.errors import ConfigCompositionException
 
-    with pytest.raises(InvalidArgumentError):
-        set_params(tmp_path, "train.epoch=3")  # not a key of params.yaml: dvc itself refuses it
+    with pytest.raises(ConfigCompositionException, match=r"train\.epoch"):
+        set_params(tmp_path, "train.epoch=3")  # not a key of conf/config.yaml: Hydra itself refuses it
+    with pytest.raises(ParamsError, match=r"Could not override 'train\.epoch'"):
+        compose(["train.epoch=3"], PROJECT_ROOT / "conf")
+    with pytest.raises(ParamsError, match=r"profile=NAME, NAME one of \[.*'quick'"):
+        compose(["profile=quik"], PROJECT_ROOT / "conf")
     with pytest.raises(ParamsError, match=r"train\.tta_level"):
-        resolve(set_params(tmp_path, "train.tta_level=5"))
+        validate_params(set_params(tmp_path, "train.tta_level=5"))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # A real sweep in a clone, seen by DVC and by a real MLflow server and browser
 # ---------------------------------------------------------------------------------------------------------
 
-# Tiny runs of the quick profile. Its own keys are overridden (profiles.quick.*): under a profile, the
-# profile's values win over the sections' ones (params.resolve merges the profile on top).
+# Tiny runs of the quick profile: explicit -S values win over the profile's own.
 TINY = {
     "profile": "quick",
-    "profiles.quick.preprocess.max_train_images": "1000",
-    "profiles.quick.preprocess.val_size": "100",
-    "profiles.quick.preprocess.max_test_images": "300",
-    "profiles.quick.train.epochs": "2",  # two points per training curve in the PR report
-    "profiles.quick.evaluate.robustness_images": "100",
+    "preprocess.max_train_images": "1000",
+    "preprocess.val_size": "100",
+    "preprocess.max_test_images": "300",
+    "train.epochs": "2",  # two points per training curve in the PR report
+    "evaluate.robustness_images": "100",
+    "download.sources": "[mirror]",
 }
 SWEEP = {"tiny-seed-1": 1, "tiny-seed-2": 2}  # experiment name -> train.seed
 EXPERIMENT_TIMEOUT_S = 300
@@ -258,7 +276,7 @@ def dvc(*args: str, sweep: Sweep, timeout: float = 120) -> str:
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     mirror = mirror_dir()
     if mirror is None:
-        pytest.skip("the CIFAR-10 mirror is not available (set CIFAR10_MIRROR)")
+        pytest.skip("the CIFAR-10 mirror is not available (download.mirror_dir in conf/config.yaml)")
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     clone = tmp_path_factory.mktemp("experiments") / "clone"
@@ -273,14 +291,13 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         PYTHONPATH=str(clone / "src"),
         MLFLOW_TRACKING_URI=store_uri,
-        CIFAR10_MIRROR=str(mirror),
-        CIFAR10_SOURCES="mirror",
         MPLBACKEND="Agg",
         DVC_NO_ANALYTICS="1",
         HF_HUB_OFFLINE="1",
     )
     result = Sweep(clone, env, store_uri)
     settings = [arg for key, value in TINY.items() for arg in ("-S", f"{key}={value}")]
+    settings += ["-S", f"download.mirror_dir={mirror}"]  # the clone is not beside ../shared
     # One after the other in the workspace: on 2 cores parallel queue workers would only fight for them.
     for name, seed in SWEEP.items():
         started = time.monotonic()
@@ -319,7 +336,7 @@ def test_dvc_exp_show_lists_the_sweep(sweep: Sweep) -> None:
         params = data["params"]["params.yaml"]["data"]
         assert params["train"]["seed"] == seed
         assert params["profile"] == "quick"
-        assert params["profiles"]["quick"]["preprocess"]["max_train_images"] == 1000
+        assert params["preprocess"]["max_train_images"] == 1000  # -S beat the profile's 5000
         evaluation = data["metrics"]["metrics/eval.json"]["data"]
         assert evaluation["test_images"] == 300
         assert 0.0 < evaluation["accuracy"] <= 1.0

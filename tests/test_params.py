@@ -1,16 +1,19 @@
-"""params.yaml is validated on load: unknown keys, bad values and bad profiles fail with clear messages."""
+"""params.yaml (composed from conf/) is validated on load: bad keys, values and profiles fail clearly."""
 
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cifar10_pipeline.core.params import ParamsError, load_params, resolve
+from cifar10_pipeline.core.params import ParamsError, compose, load_params, validate_params
 
 from .conftest import PROJECT_ROOT
+
+CONF = PROJECT_ROOT / "conf"
 
 
 @pytest.fixture(scope="module")
@@ -19,37 +22,42 @@ def raw() -> dict:
 
 
 def test_committed_params_are_valid(raw: dict) -> None:
-    params = resolve(copy.deepcopy(raw))
+    params = validate_params(copy.deepcopy(raw))
     assert params.profile == "default"
     assert params.train.is_builtin_model
     assert params.preprocess.max_train_images is None
 
 
-@pytest.mark.parametrize("profile", ["quick", "gpu_fast", "gpu_accurate", "gpu_vit"])
-def test_every_profile_resolves(raw: dict, profile: str) -> None:
-    changed = copy.deepcopy(raw)
-    changed["profile"] = profile
-    params = resolve(changed)
-    for section, overrides in raw["profiles"][profile].items():
+def _profile_file(profile: str) -> dict:
+    return yaml.safe_load((CONF / "profile" / f"{profile}.yaml").read_text()) or {}
+
+
+@pytest.mark.parametrize("profile", ["default", "quick", "gpu_fast", "gpu_accurate", "gpu_vit"])
+def test_every_profile_composes_to_valid_params(profile: str) -> None:
+    params = validate_params(compose([f"profile={profile}"], CONF), source=f"profile {profile}")
+    assert params.profile == profile, f"conf/profile/{profile}.yaml must set profile: {profile}"
+    for section, overrides in _profile_file(profile).items():
+        if section == "profile":
+            continue
         for key, value in overrides.items():
-            assert (
-                getattr(params, section if section != "validate" else "validate_").model_dump()[key] == value
-            )
+            assert params.model_dump(by_alias=True)[section][key] == value, f"{profile}: {section}.{key}"
 
 
 def test_quick_profile_overrides_only_what_it_names(raw: dict) -> None:
-    changed = copy.deepcopy(raw)
-    changed["profile"] = "quick"
-    params = resolve(changed)
-    assert params.preprocess.max_train_images == raw["profiles"]["quick"]["preprocess"]["max_train_images"]
-    assert params.train.lr == raw["train"]["lr"]
+    quick = compose(["profile=quick"], CONF)
+    named = _profile_file("quick")
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if key not in named.get(section, {}):
+                    assert quick[section][key] == value, f"quick changed {section}.{key}"
 
 
 def test_unknown_key_is_named(raw: dict) -> None:
     changed = copy.deepcopy(raw)
     changed["train"]["epocs"] = 3
     with pytest.raises(ParamsError, match=r"train\.epocs"):
-        resolve(changed)
+        validate_params(changed)
 
 
 @pytest.mark.parametrize(
@@ -68,28 +76,28 @@ def test_invalid_value_is_named(raw: dict, section: str, key: str, value: object
     changed = copy.deepcopy(raw)
     changed[section][key] = value
     with pytest.raises(ParamsError, match=fragment.replace(".", r"\.")):
-        resolve(changed)
+        validate_params(changed)
 
 
 def test_val_size_must_fit_the_subset(raw: dict) -> None:
     changed = copy.deepcopy(raw)
     changed["preprocess"].update(max_train_images=100, val_size=100)
     with pytest.raises(ParamsError, match="val_size"):
-        resolve(changed)
+        validate_params(changed)
 
 
-def test_unknown_profile_lists_the_choices(raw: dict) -> None:
-    changed = copy.deepcopy(raw)
-    changed["profile"] = "fastest"
+def test_unknown_profile_lists_the_choices() -> None:
     with pytest.raises(ParamsError, match="quick"):
-        resolve(changed)
+        compose(["profile=fastest"], CONF)
 
 
-def test_profile_overriding_an_unknown_key_fails(raw: dict) -> None:
-    changed = copy.deepcopy(raw)
-    changed["profiles"]["quick"]["train"]["learning_rate"] = 1.0
-    with pytest.raises(ParamsError, match=r"train\.learning_rate"):
-        resolve(changed)
+def test_profile_setting_an_unknown_key_fails(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    quick = conf / "profile" / "quick.yaml"
+    quick.write_text(quick.read_text() + "  learning_rate: 1.0\n")  # an unknown key under its last section
+    with pytest.raises(ParamsError, match="learning_rate"):
+        validate_params(compose(["profile=quick"], conf))
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
@@ -111,10 +119,10 @@ def _selections() -> list[tuple[str, object]]:
 @pytest.mark.parametrize(("name", "selection"), _selections(), ids=[name for name, _ in _selections()])
 def test_profile_holds_the_values_chosen_on_validation(raw: dict, name: str, selection) -> None:
     """A profile's swept knobs are what `benchmark select` chose on the hold-out, never hand-picked."""
-    changed = copy.deepcopy(raw)
-    changed["profile"] = selection.profile
-    params = resolve(changed)
+    params = validate_params(compose([f"profile={selection.profile}"], CONF))
     for key, chosen in selection.chosen.items():
         section, _, field = key.partition(".")
         value = getattr(params, section if section != "validate" else "validate_").model_dump()[field]
-        assert value == chosen, f"profiles.{selection.profile}.{key} is {value}, {name} chose {chosen}"
+        assert value == chosen, (
+            f"conf/profile/{selection.profile}.yaml {key} is {value}, {name} chose {chosen}"
+        )

@@ -53,16 +53,13 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, real_mirror: Path) ->
 
     root = tmp_path_factory.mktemp("pipeline")
     old_cwd = Path.cwd()
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "CIFAR10_MIRROR", "CIFAR10_SOURCES")}
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI",)}
     os.chdir(root)
-    os.environ.update(
-        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-        CIFAR10_MIRROR=str(real_mirror),
-        CIFAR10_SOURCES="mirror",
-    )
+    os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
     try:
         write_params(
             root,
+            download={"sources": ["mirror"], "mirror_dir": str(real_mirror)},
             preprocess={"max_train_images": 1100, "val_size": 100, "max_test_images": 300},
             train={"epochs": 4, "batch_size": 100, "whiten_bias_epochs": 1, "tta_level": 1},
             evaluate={"robustness_images": 100, "batch_size": 300},

@@ -304,7 +304,7 @@ SYNTHETIC = {
         IN_FILE = Path("data/in.csv")
         """,
     "core/params.py": """
-        from pydantic import BaseModel, Field, field_validator
+        from pydantic import BaseModel, Field
 
 
         class AParams(BaseModel):
@@ -329,14 +329,6 @@ SYNTHETIC = {
             a: AParams
             b_: BParams = Field(alias="b")
             c: CParams
-            profiles: dict
-
-            @field_validator("profiles")
-            @classmethod
-            def _profiles_name_sections(cls, profiles: dict) -> dict:
-                stages = {"a", "b"}
-                assert set(profiles) <= stages
-                return profiles
 
 
         def load_params() -> Params: ...
@@ -389,13 +381,13 @@ def test_scanner_reads_params_through_calls(synthetic: ProjectIndex) -> None:
     stage = {
         "cmd": "python -m cifar10_pipeline.stages.job",
         "deps": [],
-        "params": ["profile", "profiles", "a", "b.z", "c", "unused_section"],
+        "params": ["a", "b.z", "c", "unused_section"],
     }
     problems = check_stage("job", stage, synthetic)
     assert [p.key for p in problems if p.kind.endswith("param")] == ["stale param unused_section"]
     stage["params"] = ["a", "b"]
     missing = {p.item for p in check_stage("job", stage, synthetic) if p.kind == PARAM_MISSING}
-    assert missing == {"c.w", "profile", "profiles"}
+    assert missing == {"c.w"}
 
 
 def test_scanner_checks_paths(synthetic: ProjectIndex) -> None:

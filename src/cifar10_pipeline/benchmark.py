@@ -53,8 +53,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import ArraySplit, atomic_output, file_digest, load_processed
-from cifar10_pipeline.core.params import Params, resolve
-from cifar10_pipeline.core.paths import DATA_SOURCE, PARAMS_FILE, PROCESSED_DIR
+from cifar10_pipeline.core.params import Params, compose, validate_params
+from cifar10_pipeline.core.paths import CONF_DIR, DATA_SOURCE, PROCESSED_DIR
 from cifar10_pipeline.stages.train import build_model
 from cifar10_pipeline.training.loop import (
     cpu_model_name,
@@ -234,19 +234,12 @@ def data_source() -> str:
 # Our training runs
 
 
-def load_profile(profile: str, overrides: list[str], params_file: Path = PARAMS_FILE) -> Params:
-    """params.yaml with ``profile`` active and ``-S section.key=value`` overrides, which win over the
-    profile's own values (as with dvc exp run -S)."""
-    raw = yaml.safe_load(Path(params_file).read_text())
-    raw["profile"] = profile
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if section not in raw or not isinstance(raw[section], dict) or name not in raw[section]:
-            raise SystemExit(f"-S {item}: {key!r} is not a key of {params_file}")
-        raw[section][name] = yaml.safe_load(value)
-        raw["profiles"].get(profile, {}).get(section, {}).pop(name, None)
-    return resolve(raw, source=f"{params_file} (profile {profile})")
+def load_profile(profile: str, overrides: list[str], conf_dir: Path = CONF_DIR) -> Params:
+    """conf/ composed with ``profile`` and ``-S section.key=value`` overrides, through the same Hydra
+    composition as ``dvc exp run -S profile=... -S ...``: an explicit override always wins."""
+    return validate_params(
+        compose([f"profile={profile}", *overrides], conf_dir), source=f"{conf_dir}/ (profile {profile})"
+    )
 
 
 def run_seed(params: Params, train: ArraySplit, scored: ArraySplit, seed: int, device: torch.device) -> dict:
@@ -400,7 +393,7 @@ def select_knobs(
     seeds: int,
     processed_dir: Path,
     fixed: list[str] | None = None,
-    params_file: Path = PARAMS_FILE,
+    conf_dir: Path = CONF_DIR,
     origin: dict[str, str] | None = None,
     on_candidate: Callable[[SelectionEntry], None] | None = None,
 ) -> SelectionEntry:
@@ -420,7 +413,7 @@ def select_knobs(
     for values in itertools.product(*grid.values()):
         chosen = dict(zip(keys, values, strict=True))
         sets = fixed + [f"{k}={json.dumps(v)}" for k, v in chosen.items()]
-        params = load_profile(profile, sets, params_file)
+        params = load_profile(profile, sets, conf_dir)
         if device is None:
             device = resolve_device(params.train.device)
             origin = origin or provenance(device, None, "select_knobs()")

@@ -1,20 +1,21 @@
-"""Typed, validated view of ``params.yaml``: the project's single owner of configuration.
+"""Typed, validated view of ``params.yaml``, which Hydra composes from ``conf/`` (DVC's Hydra composition).
 
-Each stage asks for its own section (``load_params().train``). The active ``profile``'s overrides are merged
-first, then every key is validated, so a typo or a bad value fails before any work is done, with a message
-that names the key and the file.
+Each stage asks for its own section (``load_params().train``) of params.yaml as it is on disk: profiles are
+resolved before any stage runs, when ``dvc exp run -S profile=NAME`` (or :func:`compose`, for the benchmark)
+composes conf/, so a stage depends only on the values it reads. Every key is validated, so a typo or a bad
+value fails before any work is done, with a message that names the key and the file.
 """
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cifar10_pipeline.core.paths import PARAMS_FILE
+from cifar10_pipeline.core.paths import CONF_DIR, CONFIG_NAME, PARAMS_FILE
 
 SourceName = Literal["mirror", "hub", "url"]
 # Networks this project defines and trains from scratch; any other train.model is a checkpoint to fine-tune.
@@ -147,22 +148,11 @@ class Params(_Section):
     evaluate: EvaluateParams
     emissions: EmissionsParams
     mlflow: MlflowParams
-    profiles: dict[str, dict[str, dict[str, Any]]]
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    @field_validator("profiles")
-    @classmethod
-    def _profiles_name_sections(cls, profiles: dict[str, dict[str, dict[str, Any]]]) -> dict:
-        stages = {"download", "validate", "preprocess", "train", "evaluate", "emissions", "mlflow"}
-        for name, overrides in profiles.items():
-            unknown = set(overrides) - stages
-            if unknown:
-                raise ValueError(f"profile {name!r} overrides unknown section(s) {sorted(unknown)}")
-        return profiles
-
     def as_flat_dict(self) -> dict[str, Any]:
-        """Effective values as ``section.key`` pairs (for MLflow), profiles themselves left out."""
+        """Values as ``section.key`` pairs (for MLflow)."""
         flat: dict[str, Any] = {"profile": self.profile}
         for section in ("download", "validate", "preprocess", "train", "evaluate", "emissions"):
             for key, value in self.model_dump(by_alias=True)[section].items():
@@ -170,59 +160,61 @@ class Params(_Section):
         return flat
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def resolve(raw: dict[str, Any], source: str = "params.yaml") -> Params:
-    """Apply the active profile's overrides to ``raw`` and validate the result."""
+def validate_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Check every key and value of a params mapping; the error names each bad key."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    profile = raw.get("profile", "default")
-    profiles = raw.get("profiles") or {}
-    if profile not in profiles:
-        raise ParamsError(
-            f"{source}: profile {profile!r} is not defined; choose one of {sorted(profiles)} "
-            f"(e.g. dvc exp run -S profile=quick)"
-        )
-    # Check every profile, not only the active one: a typo should not wait until someone switches to it.
-    for name, profile_overrides in profiles.items():
-        if not isinstance(profile_overrides or {}, dict):
-            raise ParamsError(f"{source}: profiles.{name} must be a mapping of section -> keys")
-        unknown_keys = [
-            f"{section}.{key}"
-            for section, keys in (profile_overrides or {}).items()
-            if isinstance(keys, dict) and isinstance(raw.get(section), dict)
-            for key in keys
-            if key not in raw[section]
-        ]
-        if unknown_keys:
-            unknown = ", ".join(unknown_keys)
-            raise ParamsError(f"{source}: profiles.{name} overrides unknown key(s): {unknown}")
-    overrides = profiles[profile] or {}
-    effective = _merge({k: v for k, v in raw.items() if k != "profiles"}, overrides)
-    effective["profiles"] = profiles
     try:
-        return Params.model_validate(effective)
+        return Params.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             location = ".".join(str(part) for part in error["loc"])
             problems.append(f"  {location}: {error['msg']} (got {error.get('input')!r})")
         raise ParamsError(
-            f"{source} (profile {profile!r}) is invalid:\n" + "\n".join(problems) + "\n"
-            "Fix the value(s) above; every key is documented in params.yaml."
+            f"{source} (profile {raw.get('profile')!r}) is invalid:\n" + "\n".join(problems) + "\n"
+            f"Fix the value(s) above; every key is documented in {CONF_DIR / CONFIG_NAME}.yaml."
         ) from None
 
 
+def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> dict[str, Any]:
+    """conf/ composed by Hydra with ``overrides`` (``profile=quick``, ``train.epochs=12``), exactly as
+    ``dvc exp run -S ...`` composes params.yaml (dvc.utils.hydra.compose_and_dump): the benchmark and the
+    pipeline resolve params through this one code path, so an explicit override always wins over a profile."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    conf_dir = Path(conf_dir).resolve()
+    if not (conf_dir / f"{CONFIG_NAME}.yaml").is_file():
+        raise ParamsError(
+            f"{conf_dir / CONFIG_NAME}.yaml not found: run from the project root (where dvc.yaml is)."
+        )
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            config = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        OmegaConf.resolve(config)
+    except (HydraException, OmegaConfBaseException) as exc:
+        profiles = sorted(path.stem for path in (conf_dir / "profile").glob("*.yaml"))
+        raise ParamsError(
+            f"cannot compose {conf_dir.name}/ with overrides {list(overrides)}: {exc}\n"
+            "Overrides look like section.key=value (train.epochs=12) or profile=NAME, "
+            f"NAME one of {profiles}."
+        ) from None
+    return OmegaConf.to_container(config)  # type: ignore[return-value]
+
+
+def composed_yaml(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> str:
+    """params.yaml's text for ``overrides``, byte for byte what DVC's Hydra composition writes."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(compose(overrides, conf_dir)))
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Read, merge the active profile into, and validate ``params.yaml``."""
+    """Read and validate ``params.yaml`` (each stage's only source of configuration)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run the pipeline from the project root (where dvc.yaml is).")
@@ -230,4 +222,35 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
-    return resolve(raw, source=str(path))
+    return validate_params(raw, source=str(path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cifar10_pipeline.core.params [OVERRIDE ...] [--check]``: write (or check) params.yaml as
+    conf/ composes it, for plain ``dvc repro`` after editing conf/ by hand (``dvc exp run`` does this
+    itself)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cifar10_pipeline.core.params", description=main.__doc__)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. profile=quick train.epochs=12")
+    parser.add_argument("--check", action="store_true", help="exit 1 if params.yaml differs; write nothing")
+    args = parser.parse_args(argv)
+    text = composed_yaml(args.overrides)
+    validate_params(yaml.safe_load(text), source=f"{CONF_DIR}/ composed with {args.overrides}")
+    if args.check:
+        current = PARAMS_FILE.read_text() if PARAMS_FILE.is_file() else ""
+        if current != text:
+            print(
+                f"{PARAMS_FILE} is not what {CONF_DIR}/ composes: "
+                "run `python -m cifar10_pipeline.core.params`"
+            )
+            return 1
+        print(f"{PARAMS_FILE} matches {CONF_DIR}/")
+        return 0
+    PARAMS_FILE.write_text(text)
+    print(f"wrote {PARAMS_FILE} from {CONF_DIR}/ with {args.overrides or 'no overrides'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,9 @@ that DVC does not track.
 from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
+# Hydra's config folder and its primary config (conf/config.yaml), composed into params.yaml.
+CONF_DIR = Path("conf")
+CONFIG_NAME = "config"
 
 RAW_DIR = Path("data/raw")
 PROCESSED_DIR = Path("data/processed")

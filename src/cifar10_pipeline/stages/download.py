@@ -1,8 +1,8 @@
 """Stage 1, download: bring CIFAR-10 into ``data/raw/`` as Parquet shards with verified checksums.
 
-Sources, tried in the order of ``download.sources`` (env ``CIFAR10_SOURCES`` overrides it):
+Sources, tried in the order of ``download.sources`` (a param like any other: ``-S 'download.sources=[hub]'``):
   mirror  a local folder in the Hub's uoft-cs/cifar10 Parquet schema with a SHA256SUMS file
-          (``download.mirror_dir``, env ``CIFAR10_MIRROR`` overrides it)
+          (``download.mirror_dir``)
   hub     the Hugging Face Hub dataset ``download.hub_repo`` (sha256 checked against the Hub's LFS metadata)
   url     the original cifar-10-python.tar.gz (md5 checked), converted to the same Parquet schema
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import shutil
 import tarfile
@@ -49,15 +48,15 @@ class SourceUnavailable(RuntimeError):
 
 
 def _mirror_dir(params: DownloadParams) -> Path | None:
-    value = os.environ.get("CIFAR10_MIRROR") or params.mirror_dir
-    return Path(value) if value else None
+    return Path(params.mirror_dir) if params.mirror_dir else None
 
 
 def fetch_mirror(params: DownloadParams, staging: Path) -> dict:
     mirror = _mirror_dir(params)
     if mirror is None or not mirror.is_dir():
         raise SourceUnavailable(
-            f"mirror folder {mirror} does not exist (set download.mirror_dir or CIFAR10_MIRROR)"
+            f"mirror folder {mirror} does not exist (set download.mirror_dir, e.g. dvc exp run -S "
+            "download.mirror_dir=/path/to/cifar10)"
         )
     if not (mirror / CHECKSUM_FILE).is_file():
         raise DataError(f"mirror {mirror} has no {CHECKSUM_FILE}; refusing to use unverifiable data")
@@ -194,19 +193,6 @@ FETCHERS: dict[str, Callable[[DownloadParams, Path], dict]] = {
 }
 
 
-def source_order(params: DownloadParams) -> list[str]:
-    override = os.environ.get("CIFAR10_SOURCES")
-    if not override:
-        return list(params.sources)
-    order = [name.strip() for name in override.split(",") if name.strip()]
-    unknown = [name for name in order if name not in FETCHERS]
-    if unknown or not order:
-        raise ValueError(
-            f"CIFAR10_SOURCES={override!r}: unknown source(s) {unknown}; use mirror, hub and/or url"
-        )
-    return order
-
-
 def download(params: DownloadParams, out_dir: Path = RAW_DIR, source_file: Path = DATA_SOURCE) -> dict:
     """Fetch CIFAR-10 from the first source that works into ``out_dir``; return what was fetched.
 
@@ -214,7 +200,7 @@ def download(params: DownloadParams, out_dir: Path = RAW_DIR, source_file: Path 
     lives outside ``out_dir`` so the data's own hash does not depend on where it was fetched from.
     """
     failures = []
-    for source in source_order(params):
+    for source in params.sources:
         try:
             with atomic_output(Path(out_dir)) as staging:
                 staging.mkdir()
@@ -231,7 +217,8 @@ def download(params: DownloadParams, out_dir: Path = RAW_DIR, source_file: Path 
             failures.append(f"  {source}: {exc}")
     raise DataError(
         "no CIFAR-10 source worked:\n" + "\n".join(failures) + "\n"
-        "Point CIFAR10_MIRROR at a local mirror, or run where the Hub or the original URL is reachable."
+        "Point download.mirror_dir at a local mirror (-S download.mirror_dir=PATH), or run where the Hub or "
+        "the original URL is reachable."
     )
 
 
