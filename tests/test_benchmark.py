@@ -97,9 +97,7 @@ def test_selection_scores_validation_images_and_never_the_test_set(tmp_path: Pat
 def test_selection_refuses_a_split_without_validation_images(tmp_path: Path) -> None:
     processed = write_processed(tmp_path / "processed", val=0)
     with pytest.raises(SystemExit, match="never on the test set"):
-        benchmark.select_knobs(
-            "quick", {"train.epochs": [1]}, 1, processed, TINY, PROJECT_ROOT / "conf"
-        )
+        benchmark.select_knobs("quick", {"train.epochs": [1]}, 1, processed, TINY, PROJECT_ROOT / "conf")
 
 
 FAKE_RECIPE = """
