@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from cifar10_pipeline.core.data import DataError, atomic_output
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.core.paths import EMISSIONS_METRICS, EMISSIONS_REPORT, STAGE_EMISSIONS_DIR
+from cifar10_pipeline.reporting.docs import render_template
 from cifar10_pipeline.tracking.emissions import STAGE_FIELDS
 
 COMPUTE_STAGES = ("train", "evaluate")
@@ -43,35 +45,9 @@ def aggregate(stage_dir: Path = STAGE_EMISSIONS_DIR) -> dict:
     }
 
 
-def render_report(summary: dict) -> str:
-    hw = summary["hardware"]
-    gpu = f"{hw['gpu_count']} x {hw['gpu_model']}" if hw["gpu_model"] else "none"
-    rows = "\n".join(
-        f"| {name} | {s['duration_s']:.1f} | {s['energy_kwh'] * 1000:.3f} | {s['emissions_kg'] * 1000:.3f} |"
-        for name, s in summary["stages"].items()
-    )
-    t = summary["total"]
-    total = (
-        f"| **total** | **{t['duration_s']:.1f}** | **{t['energy_kwh'] * 1000:.3f}** "
-        f"| **{t['emissions_kg'] * 1000:.3f}** |"
-    )
-    return f"""# Emissions of the last `dvc repro`
-
-Measured with codecarbon {summary["codecarbon_version"]} (`OfflineEmissionsTracker`,
-{summary["tracking_mode"]} mode) around each compute stage. Carbon intensity: the average grid of
-{summary["country_name"]} ({summary["country_iso_code"]}, set by `emissions.country_iso_code` in params.yaml).
-
-Hardware detected: CPU {hw["cpu_model"]} ({hw["cpu_count"]} cores), GPU {gpu}.
-
-| stage | duration (s) | energy (Wh) | emissions (g CO2eq) |
-|---|---:|---:|---:|
-{rows}
-{total}
-
-How to read it: without hardware power counters (RAPL, NVML) codecarbon estimates CPU power from the
-processor's thermal design power and a load model, and RAM power from its size, so these are estimates of
-the right order of magnitude, not meter readings.
-"""
+def render_report(summary: dict[str, Any]) -> str:
+    """``reports/emissions.md`` from ``templates/emissions.md.j2``."""
+    return render_template("emissions.md.j2", summary=summary)
 
 
 def main() -> None:
