@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from cifar10_pipeline.core.data import DataError, atomic_output
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.core.paths import EMISSIONS_METRICS, EMISSIONS_REPORT, STAGE_EMISSIONS_DIR
-from cifar10_pipeline.reporting.docs import render_template
 from cifar10_pipeline.tracking.emissions import STAGE_FIELDS
 
 COMPUTE_STAGES = ("train", "evaluate")
@@ -46,8 +47,17 @@ def aggregate(stage_dir: Path = STAGE_EMISSIONS_DIR) -> dict:
 
 
 def render_report(summary: dict[str, Any]) -> str:
-    """``reports/emissions.md`` from ``templates/emissions.md.j2``."""
-    return render_template("emissions.md.j2", summary=summary)
+    """``reports/emissions.md`` from ``reporting/templates/emissions.md.j2``."""
+    # Not reporting.docs' render_template: importing that module would make this stage depend (for DVC) on
+    # the benchmark and training code its load_metrics imports.
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("cifar10_pipeline.reporting", "templates"),
+        undefined=jinja2.StrictUndefined,  # a field missing from the summary stops the stage
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return environment.get_template("emissions.md.j2").render(summary=summary)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cifar10_pipeline.core.data import atomic_output
@@ -31,7 +32,6 @@ from cifar10_pipeline.core.paths import (
     TRAIN_METRICS,
     VALIDATION_METRICS,
 )
-from cifar10_pipeline.reporting.docs import render_template
 
 PARENT_MODEL = "google/vit-base-patch16-224-in21k"
 DATASET_ID = "uoft-cs/cifar10"  # the Hub dataset whose schema (and, but for the mirror, pixels) the data have
@@ -41,6 +41,26 @@ BATCHNORM_WORDING = {
     "fp32 copy": "batch norm on fp32 copies of the activations",
     "fp32": "batch norm in fp32",
 }
+
+
+def pct(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def render_body(**facts: Any) -> str:
+    """``reporting/templates/model_card.md.j2`` filled in. Not ``ModelCard.from_template``: its plain
+    ``jinja2.Template`` prints a missing fact as an empty string, where StrictUndefined stops the stage."""
+    # reporting.docs has the same environment, but importing it would make this stage depend (for DVC) on
+    # the benchmark and training code that docs.load_metrics imports.
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("cifar10_pipeline.reporting", "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["pct"] = pct
+    return environment.get_template("model_card.md.j2").render(**facts)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -316,10 +336,7 @@ def render(params: Params, facts: dict[str, Any]) -> str:
     worst_severity = severities[-1]
     at_worst = {name: by_severity[worst_severity] for name, by_severity in robustness["accuracy"].items()}
     weakest = sorted(at_worst, key=at_worst.__getitem__)[:2]
-    # The docs' Jinja environment, not ModelCard.from_template: its plain jinja2.Template would render a
-    # missing fact as an empty string, where StrictUndefined stops the stage.
-    text = render_template(
-        "model_card.md.j2",
+    text = render_body(
         card_data=card_metadata(params, evaluation, source).to_yaml(),
         registered_model=params.mlflow.registered_model,
         data_note=_data_note(source),
