@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jinja2
 import pytest
 
 from cifar10_pipeline.core.paths import EMISSIONS_METRICS, EMISSIONS_REPORT
@@ -52,3 +53,10 @@ def test_committed_report_is_the_rendering_of_committed_metrics() -> None:
     if not (metrics.is_file() and report.is_file()):
         pytest.skip("no committed emissions results yet")
     assert render_report(json.loads(metrics.read_text())) == report.read_text()
+
+
+def test_a_missing_field_stops_the_report() -> None:
+    incomplete = summary(None)
+    del incomplete["country_name"]  # printed as is: without StrictUndefined it would be an empty string
+    with pytest.raises(jinja2.UndefinedError, match="'country_name'"):
+        render_report(incomplete)
