@@ -1,5 +1,6 @@
 """The model card states only what its facts say: each profile's sentences are right for that profile, and the
-card is the same whatever the local MLflow store's history (real SQLite stores in tmp_path).
+card is the same whatever the local MLflow store's history (real SQLite stores in tmp_path). Its front matter
+is model-index metadata that huggingface_hub's own parser reads back as the figures in metrics/eval.json.
 
 Facts are small synthetic metrics plus the real config.json of the profile's network, shaped like the files
 the stages write.
@@ -12,9 +13,11 @@ import json
 import re
 from pathlib import Path
 
+import jinja2
 import pytest
 import torch
 import yaml
+from huggingface_hub import EvalResult, ModelCard
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.params import Params, resolve
@@ -326,3 +329,143 @@ def test_card_is_byte_identical_whatever_the_mlflow_history(
         cards.append((project / MODEL_CARD).read_bytes())
     assert cards[0] == cards[1]
     assert b"models:/cifar10-classifier@champion" in cards[0]
+
+
+# --- The front matter as the Hugging Face Hub reads it ----------------------------------------------------
+
+
+def model_index_figures(card: ModelCard) -> dict[tuple[str, str], float]:
+    """Each eval result of the parsed card as (metric type, averaging) -> value."""
+    return {
+        (result.metric_type, (result.metric_args or {}).get("average", "")): result.metric_value
+        for result in card.data.eval_results or []
+    }
+
+
+def assert_model_index_matches(card: ModelCard, evaluation: dict, dataset_name: str) -> None:
+    """The card's model-index holds exactly the headline test figures of ``evaluation`` (eval.json)."""
+    assert card.data.model_name == "cifar10-classifier"
+    assert model_index_figures(card) == {
+        ("accuracy", ""): evaluation["accuracy"],
+        ("f1", "macro"): evaluation["f1_macro"],
+    }
+    for result in card.data.eval_results:
+        assert (result.task_type, result.dataset_type, result.dataset_split) == (
+            "image-classification",
+            "uoft-cs/cifar10",
+            "test",
+        )
+        assert result.dataset_name == dataset_name
+
+
+def test_written_card_loads_with_the_hubs_parser_and_holds_eval_json(project: Path, tmp_path: Path) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    write_facts(project, synthetic_facts(resolve(raw), tmp_path, "cpu"))
+    model_card.main()
+    card = ModelCard.load(project / MODEL_CARD)
+    evaluation = json.loads((project / EVAL_METRICS).read_text())
+    assert_model_index_matches(card, evaluation, "CIFAR-10 (JPEG-derived mirror)")
+    assert card.data.to_dict() | {"model-index": None} == {
+        "datasets": ["uoft-cs/cifar10"],
+        "library_name": "transformers",
+        "license": "apache-2.0",
+        "metrics": ["accuracy", "f1"],
+        "pipeline_tag": "image-classification",
+        "model-index": None,
+    }
+    assert card.text.startswith("\n# CIFAR-10 classifier (`cifar10-classifier`)\n")
+    assert str(card) == (project / MODEL_CARD).read_text()  # the file is what the parser writes back
+
+
+def test_model_index_names_the_data_the_figures_come_from(cards: dict[str, str], tmp_path: Path) -> None:
+    quick = ModelCard(cards["quick"])
+    names = {result.dataset_name for result in quick.data.eval_results}
+    assert names == {"CIFAR-10 (JPEG-derived mirror; stratified subset of 2,000 test images)"}
+    params = profile_params("default")
+    facts = synthetic_facts(params, tmp_path, "cpu")
+    facts["source"] = {"source": "hub", "location": "uoft-cs/cifar10"}  # the original pixels
+    card = ModelCard(model_card.render(params, facts))
+    assert_model_index_matches(card, facts["eval"], "CIFAR-10")
+
+
+def eval_result_mutations(card: ModelCard, evaluation: dict) -> dict[str, ModelCard]:
+    """Copies of ``card`` whose model-index is wrong in one way each, written out and parsed again."""
+    results = card.data.eval_results
+    wrong_f1 = copy.deepcopy(results)
+    wrong_f1[1].metric_value = evaluation["f1_weighted"]
+    rounded = copy.deepcopy(results)
+    rounded[0].metric_value = round(evaluation["accuracy"], 2)
+    unaveraged = copy.deepcopy(results)
+    unaveraged[1].metric_args = None
+    other_split = copy.deepcopy(results)
+    other_split[0].dataset_split = "train"
+    variants = {
+        "accuracy dropped": results[1:],
+        "f1 dropped": results[:1],
+        "f1 is the weighted one": wrong_f1,
+        "accuracy rounded": rounded,
+        "f1 without its averaging": unaveraged,
+        "accuracy on another split": other_split,
+        "an extra result": [*results, EvalResult(**{**vars(results[0]), "metric_type": "precision"})],
+    }
+    mutated = {}
+    for name, eval_results in variants.items():
+        copy_of_card = ModelCard(str(card))
+        copy_of_card.data.eval_results = eval_results
+        mutated[name] = ModelCard(str(copy_of_card))
+    return mutated
+
+
+def test_the_model_index_check_fails_for_every_wrong_eval_result(
+    cards: dict[str, str], tmp_path: Path
+) -> None:
+    """Mutation check for assert_model_index_matches: each wrong model-index is caught."""
+    params = profile_params("default")
+    evaluation = synthetic_facts(params, tmp_path, "cpu")["eval"]
+    card = ModelCard(cards["default"])
+    assert_model_index_matches(card, evaluation, "CIFAR-10 (JPEG-derived mirror)")
+    missed = []
+    for name, mutated in eval_result_mutations(card, evaluation).items():
+        try:
+            assert_model_index_matches(mutated, evaluation, "CIFAR-10 (JPEG-derived mirror)")
+        except AssertionError:
+            continue
+        missed.append(name)
+    assert not missed, f"wrong model-index not caught: {missed}"
+
+
+def test_a_missing_fact_stops_the_card(tmp_path: Path) -> None:
+    """The template is strict: a fact it quotes but the metrics lack is an error, not an empty cell."""
+    params = profile_params("default")
+    facts = synthetic_facts(params, tmp_path, "cpu")
+    # Printed as is by the template alone (a number it formats fails even without StrictUndefined).
+    del facts["validation"]["failed"]
+    with pytest.raises(jinja2.UndefinedError, match="'failed'"):
+        model_card.render(params, facts)
+
+
+def test_card_of_a_fine_tuned_hub_checkpoint_reads_no_builtin_config_keys(tmp_path: Path) -> None:
+    """Outside model_type_sentence the card uses only keys every transformers config has."""
+    raw = default_raw_params()
+    raw["train"]["model"] = model_card.PARENT_MODEL
+    raw["preprocess"]["val_size"] = 0
+    params = resolve(raw)
+    facts = synthetic_facts(profile_params("gpu_fast"), tmp_path, "cuda")  # no validation split either
+    builtin_config = facts["config"]
+    facts["config"] = {
+        "model_type": "vit",
+        "architectures": ["ViTForImageClassification"],
+        "id2label": builtin_config["id2label"],
+        "image_mean": builtin_config["image_mean"],
+        "image_std": builtin_config["image_std"],
+        "transformers_version": builtin_config["transformers_version"],
+    }
+    facts["train"]["batchnorm_precision"] = None  # no FrozenScaleBatchNorm in a Hub ViT
+    card = normalised(model_card.render(params, facts))
+    assert (
+        "- **Model type:** `vit` image classifier fine-tuned from `google/vit-base-patch16-224-in21k`."
+        in card
+    )
+    assert "- **Parent model:** `google/vit-base-patch16-224-in21k` - **Parameters:**" in card
+    assert "`ViTForImageClassification` (model_type `vit`)" in card
+    assert "| optimiser | AdamW |" in card and "| test-time augmentation | level 0 " in card

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import jinja2
 
 from cifar10_pipeline.core.data import DataError, atomic_output
 from cifar10_pipeline.core.params import load_params
@@ -43,35 +46,18 @@ def aggregate(stage_dir: Path = STAGE_EMISSIONS_DIR) -> dict:
     }
 
 
-def render_report(summary: dict) -> str:
-    hw = summary["hardware"]
-    gpu = f"{hw['gpu_count']} x {hw['gpu_model']}" if hw["gpu_model"] else "none"
-    rows = "\n".join(
-        f"| {name} | {s['duration_s']:.1f} | {s['energy_kwh'] * 1000:.3f} | {s['emissions_kg'] * 1000:.3f} |"
-        for name, s in summary["stages"].items()
+def render_report(summary: dict[str, Any]) -> str:
+    """``reports/emissions.md`` from ``reporting/templates/emissions.md.j2``."""
+    # Not reporting.docs' render_template: importing that module would make this stage depend (for DVC) on
+    # the benchmark and training code its load_metrics imports.
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("cifar10_pipeline.reporting", "templates"),
+        undefined=jinja2.StrictUndefined,  # a field missing from the summary stops the stage
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
-    t = summary["total"]
-    total = (
-        f"| **total** | **{t['duration_s']:.1f}** | **{t['energy_kwh'] * 1000:.3f}** "
-        f"| **{t['emissions_kg'] * 1000:.3f}** |"
-    )
-    return f"""# Emissions of the last `dvc repro`
-
-Measured with codecarbon {summary["codecarbon_version"]} (`OfflineEmissionsTracker`,
-{summary["tracking_mode"]} mode) around each compute stage. Carbon intensity: the average grid of
-{summary["country_name"]} ({summary["country_iso_code"]}, set by `emissions.country_iso_code` in params.yaml).
-
-Hardware detected: CPU {hw["cpu_model"]} ({hw["cpu_count"]} cores), GPU {gpu}.
-
-| stage | duration (s) | energy (Wh) | emissions (g CO2eq) |
-|---|---:|---:|---:|
-{rows}
-{total}
-
-How to read it: without hardware power counters (RAPL, NVML) codecarbon estimates CPU power from the
-processor's thermal design power and a load model, and RAM power from its size, so these are estimates of
-the right order of magnitude, not meter readings.
-"""
+    return environment.get_template("emissions.md.j2").render(summary=summary)
 
 
 def main() -> None:

@@ -5,6 +5,10 @@ saved model's ``config.json``, and every sentence that holds only for some profi
 those facts (``data_use``, ``calibration``, ``precision_row``). The card reads nothing DVC does not track: the
 registry's version numbers and alias depend on the MLflow store's history, so the card only says where to
 find them. Where the pipeline cannot know a fact, the card says so instead of "More information needed".
+
+The front matter is huggingface_hub's ``ModelCardData`` (test accuracy and macro F1 as ``model-index`` eval
+results), the body ``reporting/templates/model_card.md.j2``; this module chooses the sentences, the template
+lays them out. Only ``model_type_sentence`` reads architecture-specific keys of ``config.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import jinja2
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cifar10_pipeline.core.data import atomic_output
 from cifar10_pipeline.core.params import Params, TrainParams, load_params
@@ -27,6 +34,7 @@ from cifar10_pipeline.core.paths import (
 )
 
 PARENT_MODEL = "google/vit-base-patch16-224-in21k"
+DATASET_ID = "uoft-cs/cifar10"  # the Hub dataset whose schema (and, but for the mirror, pixels) the data have
 # What FrozenScaleBatchNorm normalised in training, by the train stage's record (model.batchnorm_precision).
 BATCHNORM_WORDING = {
     "bf16": "batch norm on the bf16 activations (fp32 parameters and statistics)",
@@ -35,21 +43,37 @@ BATCHNORM_WORDING = {
 }
 
 
-def _load(path: Path) -> dict:
+def pct(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def render_body(**facts: Any) -> str:
+    """``reporting/templates/model_card.md.j2`` filled in. Not ``ModelCard.from_template``: its plain
+    ``jinja2.Template`` prints a missing fact as an empty string, where StrictUndefined stops the stage."""
+    # reporting.docs has the same environment, but importing it would make this stage depend (for DVC) on
+    # the benchmark and training code that docs.load_metrics imports.
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("cifar10_pipeline.reporting", "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["pct"] = pct
+    return environment.get_template("model_card.md.j2").render(**facts)
+
+
+def _load(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} is missing: run the pipeline up to here first (dvc repro)")
     return json.loads(Path(path).read_text())
 
 
-def pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def _data_note(source: dict) -> str:
+def _data_note(source: dict[str, Any]) -> str:
     if source["source"] == "mirror":
         return (
-            f"the local mirror `{source['location']}` (Parquet in the `uoft-cs/cifar10` schema). **That mirror "
-            "is JPEG-derived** (see its README): its pixels differ from the original CIFAR-10, so its "
+            f"the local mirror `{source['location']}` (Parquet in the `{DATASET_ID}` schema). **That "
+            "mirror is JPEG-derived** (see its README): its pixels differ from the original CIFAR-10, so its "
             "accuracies are not directly comparable with published CIFAR-10 figures; all figures in this "
             "card are measured on the mirror"
         )
@@ -59,7 +83,7 @@ def _data_note(source: dict) -> str:
 
 
 def _optimiser_rows(hp: TrainParams) -> str:
-    """Hyper-parameter table rows for the optimiser the model was trained with (see training.make_optimizers)."""
+    """Hyper-parameter table rows for the optimiser the model was trained with (training.make_optimizers)."""
     warmup = f"warm-up over {hp.warmup_fraction:.0%} of the steps" if hp.warmup_fraction else "no warm-up"
     schedule = f"{warmup}, linear decay to {hp.final_lr_fraction}"
     if hp.model == "cifar_convnet":
@@ -116,7 +140,9 @@ class DataUse(NamedTuple):
     testing: str  # "Testing data": how knobs were chosen, what the model trained on, what the test set did
 
 
-def data_use(params: Params, train: dict, validation: dict, selections: list[dict]) -> DataUse:
+def data_use(
+    params: Params, train: dict[str, Any], validation: dict[str, Any], selections: list[dict[str, Any]]
+) -> DataUse:
     """The sentences on which data did what, for every case in one place."""
     pre, n = params.preprocess, train["train_images"]
     if selections:
@@ -160,38 +186,43 @@ def data_use(params: Params, train: dict, validation: dict, selections: list[dic
 
 class Calibration(NamedTuple):
     sentence: str  # in "Bias, risks and limitations"
-    rows: str  # results-table rows
+    rows: list[tuple[str, str]]  # results-table rows: (metric, value)
 
 
-def calibration(train: dict, ev: dict, val_size: int) -> Calibration:
+def calibration(train: dict[str, Any], evaluation: dict[str, Any], val_size: int) -> Calibration:
     """What temperature scaling did, from the train stage's record (None: nothing fitted, no split)."""
     fitted = train["temperature"]
+    ece = evaluation["ece"]
     if fitted is None:
-        if val_size or ev["temperature"] != 1.0:
+        if val_size or evaluation["temperature"] != 1.0:
             raise ValueError(
                 f"{TRAIN_METRICS} records no temperature but val_size is {val_size} and {EVAL_METRICS} used "
-                f"{ev['temperature']}: the metrics are stale, re-run the pipeline (dvc repro)"
+                f"{evaluation['temperature']}: the metrics are stale, re-run the pipeline (dvc repro)"
             )
         return Calibration(
             "No temperature scaling (no validation split): the probabilities are the network's own softmax "
-            f"(test ECE {ev['ece']:.4f}).",
-            f"| expected calibration error | {ev['ece']:.4f} |\n"
-            "| softmax temperature | none (no temperature scaling: no validation split) |",
+            f"(test ECE {ece:.4f}).",
+            [
+                ("expected calibration error", f"{ece:.4f}"),
+                ("softmax temperature", "none (no temperature scaling: no validation split)"),
+            ],
         )
-    if not val_size or ev["temperature"] != fitted:
+    if not val_size or evaluation["temperature"] != fitted:
         raise ValueError(
             f"{TRAIN_METRICS} records temperature {fitted} but val_size is {val_size} and {EVAL_METRICS} "
-            f"used {ev['temperature']}: the metrics are stale, re-run the pipeline (dvc repro)"
+            f"used {evaluation['temperature']}: the metrics are stale, re-run the pipeline (dvc repro)"
         )
     confidence = "under" if fitted < 1 else "over" if fitted > 1 else "neither under- nor over"
+    raw_ece = evaluation["ece_before_temperature"]
     return Calibration(
         f"The raw network is {confidence}-confident on the validation split: a softmax temperature of "
         f"{fitted:.3f}, fitted on those {val_size:,} images after training and stored in `config.json`, "
-        f"takes the test ECE from {ev['ece_before_temperature']:.4f} to {ev['ece']:.4f}. Every consumer "
+        f"takes the test ECE from {raw_ece:.4f} to {ece:.4f}. Every consumer "
         "(evaluation, CLI, web service) applies it.",
-        f"| expected calibration error | {ev['ece']:.4f} (before temperature scaling: "
-        f"{ev['ece_before_temperature']:.4f}) |\n"
-        f"| softmax temperature (fitted on the validation split) | {fitted:.3f} |",
+        [
+            ("expected calibration error", f"{ece:.4f} (before temperature scaling: {raw_ece:.4f})"),
+            ("softmax temperature (fitted on the validation split)", f"{fitted:.3f}"),
+        ],
     )
 
 
@@ -201,61 +232,33 @@ def precision_row(precision: str, batchnorm: str | None) -> str:
     return f"{autocast}; {BATCHNORM_WORDING[batchnorm]}" if batchnorm else autocast
 
 
-def render(params: Params, facts: dict) -> str:
-    train, ev, em, val = facts["train"], facts["eval"], facts["emissions"], facts["validation"]
-    source, config = facts["source"], facts["config"]
-    hp, registered = params.train, params.mlflow.registered_model
-    builtin = hp.is_builtin_model
-    use = data_use(params, train, val, selections_in_effect(params, facts["benchmark"]))
-    calib = calibration(train, ev, params.preprocess.val_size)
-    classes = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    per_class_rows = "\n".join(
-        f"| {name} | {pct(s['precision'])} | {pct(s['recall'])} | {pct(s['f1'])} | {s['support']} |"
-        for name, s in ev["per_class"].items()
-    )
-    gap = ev["class_gap"]
-    robust = ev["robustness"]
-    severities = sorted(next(iter(robust["accuracy"].values())), key=int)
-    robust_rows = "\n".join(
-        f"| {name} | " + " | ".join(pct(row[s]) for s in severities) + " |"
-        for name, row in robust["accuracy"].items()
-    )
-    stage_rows = "\n".join(
-        f"| {name} | {s['duration_s']:.0f} | {s['energy_kwh'] * 1000:.2f} | {s['emissions_kg'] * 1000:.2f} |"
-        for name, s in em["stages"].items()
-    )
-    hw = em["hardware"]
-    country = params.emissions.country_iso_code
-    if em["country_iso_code"] != country:
-        raise ValueError(
-            f"{EMISSIONS_METRICS} was measured for {em['country_iso_code']}, params say {country}: the metrics "
-            "are stale, re-run the pipeline (dvc repro)"
-        )
-    validation_line = f"{val['evaluated']} expectations evaluated, {val['failed']} failed"
-    extra = config.get("extra_convs", 0)
-    residual = f"plus {extra} residual conv layer(s) per group" if extra else "no residual connections"
-    confusions = ", ".join(
-        f"{c['true']} taken for {c['predicted']} ({c['count']})" for c in ev["most_confused"]
-    )
-    top = severities[-1]
-    worst = sorted(robust["accuracy"], key=lambda name: robust["accuracy"][name][top])[:2]
-    if hp.model == "cifar_convnet":
-        model_type = (
+def model_type_sentence(model: str, config: dict[str, Any]) -> str:
+    """What kind of network this is: the card's only sentence that reads architecture-specific config keys."""
+    if model == "cifar_convnet":
+        extra = config.get("extra_convs", 0)
+        residual = f"plus {extra} residual conv layer(s) per group" if extra else "no residual connections"
+        return (
             "convolutional network for 32x32 images trained from scratch (`cifar_convnet`: a frozen "
             f"patch-whitening layer, three conv groups of widths {config['widths']}, batch norm, GELU, "
             f"{residual}, global max-pool, linear head)"
         )
-    elif hp.model == "cifar_vit":
+    if model == "cifar_vit":
         grid = (config["image_size"] - config["whiten_kernel_size"] + 1) // 4  # as in vit.py
-        model_type = (
+        return (
             "vision transformer for 32x32 images trained from scratch (`cifar_vit`: a convolutional "
             f"tokenizer of two conv groups, widths {config['tokenizer_widths']}, makes a {grid}x{grid} grid "
             f"of tokens; {config['num_hidden_layers']} pre-norm encoder layers of width "
             f"{config['hidden_size']} with {config['num_attention_heads']} heads; mean-pooled tokens, "
             "linear head)"
         )
-    else:
-        model_type = f"`{config.get('model_type')}` image classifier fine-tuned from `{hp.model}`"
+    return f"`{config.get('model_type')}` image classifier fine-tuned from `{model}`"
+
+
+def type_name(config: dict[str, Any]) -> str:
+    return f"`{(config.get('architectures') or ['?'])[0]}` (model_type `{config.get('model_type')}`)"
+
+
+def augmentation_sentence(hp: TrainParams) -> str:
     augmentation = (
         f"random translation by up to {hp.translate} px (reflect padding)"
         if hp.translate
@@ -265,210 +268,117 @@ def render(params: Params, facts: dict) -> str:
         augmentation += ", horizontal flips (each image flipped on every other epoch)"
     if hp.cutout:
         augmentation += f", a {hp.cutout}x{hp.cutout} cutout square per image"
-    if builtin:
-        parent = (
-            f"none: this run trains the built-in `{hp.model}` from scratch (`train.model`). The Hugging "
-            f"Face template this card follows names `{PARENT_MODEL}`; set `train.model` to that Hub id "
-            "(or a local copy) to fine-tune it instead."
-        )
-    else:
-        parent = f"`{hp.model}`"
-    test_split = (
-        "The CIFAR-10 test split"
-        if params.preprocess.max_test_images is None
-        else "A stratified subset of the CIFAR-10 test split"
+    return augmentation
+
+
+def parent_sentence(hp: TrainParams) -> str:
+    if not hp.is_builtin_model:
+        return f"`{hp.model}`"
+    return (
+        f"none: this run trains the built-in `{hp.model}` from scratch (`train.model`). The Hugging "
+        f"Face template this card follows names `{PARENT_MODEL}`; set `train.model` to that Hub id "
+        "(or a local copy) to fine-tune it instead."
     )
-    return f"""---
-license: apache-2.0
-library_name: transformers
-pipeline_tag: image-classification
-datasets:
-  - uoft-cs/cifar10
-metrics:
-  - accuracy
-  - f1
----
-
-# CIFAR-10 classifier (`{registered}`)
-
-Generated by the `model_card` stage of `dvc repro` from `params.yaml`, `metrics/` and the saved model's
-`config.json`; do not edit by hand. Figures were measured on {_data_note(source)}.
-
-## Model details
-
-- **Model type:** {model_type}.
-- **Classes ({len(classes)}):** {", ".join(classes)} (`id2label` in `config.json`).
-- **Parent model:** {parent}
-- **Parameters:** {train["parameters"]:,}; checkpoint {train["checkpoint_bytes"] / 1e6:.1f} MB (safetensors).
-- **Registry:** the evaluate stage registers the model in MLflow as `{registered}` and moves the alias
-  `champion` to it only if it beats the champion's accuracy on the same test set. Version numbers and the
-  alias depend on the MLflow store's history, not on this pipeline's inputs, so this card does not state
-  them: MLflow does (`models:/{registered}@champion`; the evaluate run's `registry.*` tags).
-- **License:** Apache-2.0 (code and weights of this project). CIFAR-10 itself carries no explicit license.
-- **Developed by:** the cifar10-pipeline contributors.
-
-## Uses
-
-- **Direct use:** classifying small natural images into the {len(classes)} CIFAR-10 classes; a teaching and
-  reference model for reproducible ML pipelines (DVC, MLflow, Great Expectations, codecarbon).
-- **Downstream use:** a starting point for experiments (`dvc exp run -S ...`) and for serving examples.
-- **Out of scope:** any image whose subject is not one of the {len(classes)} classes (the model always answers
-  one of them: there is no "none of these"), photographs of people, medical, security or surveillance
-  decisions, and inputs far from 32x32 thumbnails (other sizes are resized to 32x32 first, losing detail).
-
-## Bias, risks and limitations
-
-The classes are not served equally. On the test set the best class is **{gap["best_class"]}**
-(F1 {pct(gap["best_f1"])}) and the worst is **{gap["worst_class"]}** (F1 {pct(gap["worst_f1"])}): a gap of
-{100 * gap["f1_gap"]:.1f} F1 points (recall gap {100 * gap["recall_gap"]:.1f} points). The most frequent
-confusions are {confusions} (test images; see `reports/figures/confusion_matrix.png`).
-
-| class | precision | recall | F1 | test images |
-|---|---:|---:|---:|---:|
-{per_class_rows}
-
-Under common corruptions (below), {worst[0].replace("_", " ")} and {worst[1].replace("_", " ")} give the
-lowest accuracy at severity {top} ({pct(robust["accuracy"][worst[0]][top])} and
-{pct(robust["accuracy"][worst[1]][top])}; {pct(robust["clean_accuracy"])} on the same images uncorrupted).
-The training data are 32x32 web thumbnails from 2009; photographs with other statistics (phone cameras,
-other regions, other decades) are out of distribution. {calib.sentence}
-
-## How to get started with the model
-
-```bash
-cifar10 predict path/to/image.png --top-k 3     # command line
-cifar10 serve                                    # web service on http://127.0.0.1:8000 (see docs/serving.md)
-```
-
-```python
-from cifar10_pipeline.modeling.inference import image_to_array, predict_logits
-from cifar10_pipeline.modeling.model import load_model
-
-model = load_model("{MODEL_DIR.as_posix()}")
-images = image_to_array("path/to/image.png")[None]          # any size/format Pillow reads -> (1, 32, 32, 3)
-probabilities = predict_logits(model, images).softmax(1)[0]
-print(model.config.id2label[int(probabilities.argmax())], float(probabilities.max()))
-```
-
-The registry's champion (which may be another version than this card's model), through MLflow:
-
-```python
-import mlflow
-
-champion = mlflow.pyfunc.load_model("models:/{registered}@champion")  # uint8 (N, 32, 32, 3) -> probabilities
-```
-
-## Training details
-
-### Training data
-
-CIFAR-10 training split from {_data_note(source)}. Validation before training: {validation_line}
-(Great Expectations; Data Docs in `reports/data_docs/`). {use.training}
-
-### Preprocessing
-
-Images are decoded to 32x32 RGB uint8 and standardised per channel (mean {config["image_mean"]}, std
-{config["image_std"]}). Training augmentation: {augmentation}. The same `cifar10_pipeline.modeling.inference` code
-prepares images for evaluation, the CLI and the web service.
-
-### Training hyper-parameters
-
-| setting | value |
-|---|---|
-| epochs | {hp.epochs} ({train["steps"]} steps) |
-| batch size | {hp.batch_size} |
-{_optimiser_rows(hp)}
-| label smoothing | {hp.label_smoothing} |
-| precision | {precision_row(train["precision"], train["batchnorm_precision"])} |
-| test-time augmentation | level {config.get("tta_level", 0)} (0 none, 1 mirror, 2 mirror + 1-px shifts) |
-| seed | {hp.seed} |
-
-### Speeds, sizes, times
-
-| what | value |
-|---|---|
-| training time | {train["train_seconds"]:.0f} s ({train["train_images_per_second"]:.0f} images/s) on {train["device"]} |
-| train stage wall time (process start to model saved) | {train["stage_wall_seconds"]:.0f} s |
-| inference (TTA level {ev["inference"]["tta_level"]}) | {ev["inference"]["images_per_second"]:.0f} images/s on {ev["inference"]["device"]}, batch {ev["inference"]["batch_size"]} |
-| checkpoint size | {train["checkpoint_bytes"] / 1e6:.1f} MB |
-
-## Evaluation
-
-### Testing data, factors and metrics
-
-{test_split} ({ev["test_images"]:,} images). {use.testing}
-Metrics: accuracy, macro and weighted F1 (scikit-learn), per-class precision/recall/F1, expected calibration
-error ({params.evaluate.calibration_bins} bins), and accuracy under corruptions generated on the fly at
-{len(severities)} severities on the first {robust["images"]:,} test images.
-
-### Results
-
-| metric | value |
-|---|---:|
-| accuracy | **{pct(ev["accuracy"])}** |
-| F1 (macro) | {pct(ev["f1_macro"])} |
-| F1 (weighted) | {pct(ev["f1_weighted"])} |
-{calib.rows}
-| negative log-likelihood | {ev["nll"]:.4f} |
-| best / worst class F1 | {gap["best_class"]} {pct(gap["best_f1"])} / {gap["worst_class"]} {pct(gap["worst_f1"])} |
-
-Robustness (accuracy; clean accuracy on the same images: {pct(robust["clean_accuracy"])}):
-
-| corruption | {" | ".join(f"severity {s}" for s in severities)} |
-|---|{"---:|" * len(severities)}
-{robust_rows}
-
-Figures: `reports/figures/` (confusion matrix, per-class scores, reliability diagram, robustness, most
-confident mistakes) and `reports/training_curves.png`.
-
-## Environmental impact
-
-Measured with codecarbon {em["codecarbon_version"]} ({em["tracking_mode"]} mode), carbon intensity of
-{em["country_name"]} ({country}, `emissions.country_iso_code` in params):
-
-| stage | duration (s) | energy (Wh) | emissions (g CO2eq) |
-|---|---:|---:|---:|
-{stage_rows}
-| **total** | **{em["duration_s"]:.0f}** | **{em["energy_kwh"] * 1000:.2f}** | **{em["emissions_kg"] * 1000:.2f}** |
-
-Hardware as detected by codecarbon: CPU {hw["cpu_model"]} ({hw["cpu_count"]} cores), GPU
-{hw["gpu_model"] or "none"}. Without hardware power counters codecarbon estimates power from the CPU's
-thermal design power, so treat these as order-of-magnitude estimates. Cloud provider and region are not
-known to the pipeline (it ran {"on a cloud VM" if em.get("on_cloud") == "Y" else "without cloud metadata"}).
-
-## Technical specifications
-
-- **Architecture and objective:** {type_name(config)}; cross-entropy with label smoothing {hp.label_smoothing}.
-- **Hardware (training):** {train["device"]}.
-- **Software:** Python {train["python"]} and torch {train["torch"]} (train stage), transformers
-  {config.get("transformers_version")} (saved the checkpoint); every other library at its version pinned in
-  `pyproject.toml`.
-
-## Citation
-
-```bibtex
-@techreport{{krizhevsky2009cifar,
-  title  = {{Learning Multiple Layers of Features from Tiny Images}},
-  author = {{Alex Krizhevsky}},
-  institution = {{University of Toronto}},
-  year   = {{2009}}
-}}
-@misc{{jordan2024airbench,
-  title  = {{94\\% on CIFAR-10 in 3.29 Seconds on a Single GPU}},
-  author = {{Keller Jordan}},
-  year   = {{2024}},
-  eprint = {{2404.00498}},
-  archivePrefix = {{arXiv}}
-}}
-```
-"""
 
 
-def type_name(config: dict) -> str:
-    return f"`{(config.get('architectures') or ['?'])[0]}` (model_type `{config.get('model_type')}`)"
+def card_metadata(params: Params, evaluation: dict[str, Any], source: dict[str, Any]) -> ModelCardData:
+    """The front matter: Hub metadata, with the headline test figures as ``model-index`` eval results."""
+    # Where the figures came from, as the card's prose says: leaderboards read only this name.
+    qualifiers = ["JPEG-derived mirror"] if source["source"] == "mirror" else []
+    if params.preprocess.max_test_images is not None:
+        qualifiers.append(f"stratified subset of {evaluation['test_images']:,} test images")
+    dataset_name = "CIFAR-10" + (f" ({'; '.join(qualifiers)})" if qualifiers else "")
+    test_split = {
+        "task_type": "image-classification",
+        "task_name": "Image Classification",
+        "dataset_type": DATASET_ID,
+        "dataset_name": dataset_name,
+        "dataset_split": "test",
+    }
+    return ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        datasets=[DATASET_ID],
+        metrics=["accuracy", "f1"],
+        model_name=params.mlflow.registered_model,
+        eval_results=[
+            EvalResult(
+                **test_split,
+                metric_type="accuracy",
+                metric_name="Accuracy",
+                metric_value=evaluation["accuracy"],
+            ),
+            EvalResult(
+                **test_split,
+                metric_type="f1",
+                metric_name="F1 (macro)",
+                metric_args={"average": "macro"},
+                metric_value=evaluation["f1_macro"],
+            ),
+        ],
+    )
 
 
-def gather_facts(model_dir: Path = MODEL_DIR) -> dict:
+def render(params: Params, facts: dict[str, Any]) -> str:
+    """The card: ``card_metadata`` as YAML front matter, the body from ``templates/model_card.md.j2``."""
+    train, evaluation, emissions = facts["train"], facts["eval"], facts["emissions"]
+    validation, source, config = facts["validation"], facts["source"], facts["config"]
+    hp = params.train
+    country = params.emissions.country_iso_code
+    if emissions["country_iso_code"] != country:
+        raise ValueError(
+            f"{EMISSIONS_METRICS} was measured for {emissions['country_iso_code']}, params say {country}: "
+            "the metrics are stale, re-run the pipeline (dvc repro)"
+        )
+    robustness = evaluation["robustness"]
+    severities = sorted(next(iter(robustness["accuracy"].values())), key=int)
+    worst_severity = severities[-1]
+    at_worst = {name: by_severity[worst_severity] for name, by_severity in robustness["accuracy"].items()}
+    weakest = sorted(at_worst, key=at_worst.__getitem__)[:2]
+    text = render_body(
+        card_data=card_metadata(params, evaluation, source).to_yaml(),
+        registered_model=params.mlflow.registered_model,
+        data_note=_data_note(source),
+        model_type=model_type_sentence(hp.model, config),
+        architecture=type_name(config),
+        classes=[config["id2label"][str(i)] for i in range(len(config["id2label"]))],
+        parent=parent_sentence(hp),
+        hp=hp,
+        train=train,
+        evaluation=evaluation,
+        emissions=emissions,
+        validation=validation,
+        config=config,
+        model_dir=MODEL_DIR.as_posix(),
+        confusions=", ".join(
+            f"{pair['true']} taken for {pair['predicted']} ({pair['count']})"
+            for pair in evaluation["most_confused"]
+        ),
+        robustness=robustness,
+        severities=severities,
+        worst_severity=worst_severity,
+        weakest=[{"name": name.replace("_", " "), "accuracy": at_worst[name]} for name in weakest],
+        calibration=calibration(train, evaluation, params.preprocess.val_size),
+        data_use=data_use(params, train, validation, selections_in_effect(params, facts["benchmark"])),
+        augmentation=augmentation_sentence(hp),
+        optimiser_rows=_optimiser_rows(hp),
+        precision=precision_row(train["precision"], train["batchnorm_precision"]),
+        tta_level=config.get("tta_level", 0),
+        test_split=(
+            "The CIFAR-10 test split"
+            if params.preprocess.max_test_images is None
+            else "A stratified subset of the CIFAR-10 test split"
+        ),
+        calibration_bins=params.evaluate.calibration_bins,
+        cloud="on a cloud VM" if emissions.get("on_cloud") == "Y" else "without cloud metadata",
+        transformers_version=config.get("transformers_version"),
+    )
+    # Parsed back the way the Hub's client reads a card: an invalid model-index raises here, not on upload.
+    return str(ModelCard(text))
+
+
+def gather_facts(model_dir: Path = MODEL_DIR) -> dict[str, Any]:
     """Every input of the card: all of them are DVC deps of the model_card stage."""
     train = _load(TRAIN_METRICS)
     missing = sorted({"batchnorm_precision", "precision", "python", "temperature"} - set(train))
