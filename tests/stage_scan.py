@@ -466,10 +466,30 @@ class ProjectIndex:
     def needs(self, module: str) -> StageNeeds:
         """What running ``python -m module`` executes, references and reads (computed once per module)."""
         if module not in self._needs:
-            self._needs[module] = StageNeeds(
-                module, self.executed_files(module), self.path_refs(module), self.params_reads(module)
-            )
+            code = self.executed_files(module)
+            code.update(self.templates_rendered(code))
+            self._needs[module] = StageNeeds(module, code, self.path_refs(module), self.params_reads(module))
         return self._needs[module]
+
+    def templates_rendered(self, code: dict[str, str]) -> dict[str, str]:
+        """Jinja templates of the package's template folders named by a string literal (``"x.md.j2"``, as
+        given to ``get_template``) in an executed file: the text they render is a result dep like code."""
+        found: dict[str, str] = {}
+        folders = sorted(self.src.glob(f"{PACKAGE}/**/templates"))
+        for file in sorted(code):
+            tree = ast.parse((self.root / file).read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if (
+                    isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)
+                    and node.value.endswith(".j2")
+                ):
+                    for folder in folders:
+                        template = folder / node.value
+                        if template.is_file():
+                            rel = template.relative_to(self.root).as_posix()
+                            found.setdefault(rel, f"rendered by {file}:{node.lineno}")
+        return found
 
 
 class _ParamsScan:

@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.core.params import Params, resolve
+from cifar10_pipeline.core.params import Params, compose, validate_params
 from cifar10_pipeline.core.paths import (
     BENCHMARK_METRICS,
     DATA_SOURCE,
@@ -44,9 +44,7 @@ TEMPERATURE = 0.52
 
 
 def profile_params(profile: str) -> Params:
-    raw = default_raw_params()
-    raw["profile"] = profile
-    return resolve(raw)
+    return validate_params(compose([f"profile={profile}"], PROJECT_ROOT / "conf"))
 
 
 def model_config(params: Params, tmp_path: Path, temperature: float | None) -> dict:
@@ -317,7 +315,7 @@ def test_card_is_byte_identical_whatever_the_mlflow_history(
     import mlflow
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
-    write_facts(project, synthetic_facts(resolve(raw), tmp_path, "cpu"))
+    write_facts(project, synthetic_facts(validate_params(raw), tmp_path, "cpu"))
     cards = []
     for name, earlier in (("fresh", 0), ("history", 3)):
         uri = f"sqlite:///{tmp_path / f'{name}.db'}"
@@ -360,7 +358,7 @@ def assert_model_index_matches(card: ModelCard, evaluation: dict, dataset_name: 
 
 def test_written_card_loads_with_the_hubs_parser_and_holds_eval_json(project: Path, tmp_path: Path) -> None:
     raw = yaml.safe_load((project / "params.yaml").read_text())
-    write_facts(project, synthetic_facts(resolve(raw), tmp_path, "cpu"))
+    write_facts(project, synthetic_facts(validate_params(raw), tmp_path, "cpu"))
     model_card.main()
     card = ModelCard.load(project / MODEL_CARD)
     evaluation = json.loads((project / EVAL_METRICS).read_text())
@@ -449,7 +447,7 @@ def test_card_of_a_fine_tuned_hub_checkpoint_reads_no_builtin_config_keys(tmp_pa
     raw = default_raw_params()
     raw["train"]["model"] = model_card.PARENT_MODEL
     raw["preprocess"]["val_size"] = 0
-    params = resolve(raw)
+    params = validate_params(raw)
     facts = synthetic_facts(profile_params("gpu_fast"), tmp_path, "cuda")  # no validation split either
     builtin_config = facts["config"]
     facts["config"] = {

@@ -194,6 +194,9 @@ def test_removing_a_path_is_caught(stage: str, section: str, path: str) -> None:
         ("evaluate", "src/cifar10_pipeline/tracking/emissions.py"),
         ("preprocess", "src/cifar10_pipeline/validation"),
         ("train", "src/cifar10_pipeline/modeling"),
+        # Jinja templates, named only by a string given to get_template
+        ("model_card", "src/cifar10_pipeline/reporting/templates/model_card.md.j2"),
+        ("emissions", "src/cifar10_pipeline/reporting/templates/emissions.md.j2"),
     ],
 )
 def test_imports_inside_functions_are_caught(stage: str, dep: str) -> None:
