@@ -1,9 +1,9 @@
 """The drag-and-drop page in a real headless Chromium against a real uvicorn server.
 
-Needs the chromium and chromium-driver packages (apt) and selenium (pip); skipped cleanly without them. Saves
-reports/screenshots/serve_page.png. Uses the trained model in models/cifar10 when there is one (a meaningful
-screenshot), else a small random-weights model: the test checks the page shows what the API answers.
-"""
+Needs the chromium and chromium-driver packages (apt) and selenium (pip); skipped cleanly without them. The
+page's screenshot goes to the test's temporary folder, never into the committed reports/. Uses the trained
+model in models/cifar10 when there is one (a meaningful screenshot), else a small random-weights model: the
+test checks the page shows what the API answers."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from .conftest import PROJECT_ROOT, mirror_dir
 from .helpers import headless_chrome, save_tiny_convnet
 
 TEST_SHARD = "test-00000-of-00001.parquet"
-SCREENSHOT = PROJECT_ROOT / "reports" / "screenshots" / "serve_page.png"
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +82,8 @@ def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path:
         assert shown == expected
         assert "3 classified" in driver.find_element(By.ID, "status").text
 
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        assert driver.save_screenshot(str(SCREENSHOT))
+        screenshot = tmp_path / "serve_page.png"
+        assert driver.save_screenshot(str(screenshot))
 
         # A bad file gets its own card with the server's explanation; the earlier results stay.
         bad = tmp_path / "not_an_image.png"
@@ -94,4 +93,4 @@ def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path:
         error = driver.find_element(By.CSS_SELECTOR, '.card[data-state="error"] .error').text
         assert error.startswith("400") and "not an image" in error
         assert len(driver.find_elements(By.CSS_SELECTOR, '.card[data-state="done"]')) == len(paths)
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert screenshot.stat().st_size > 10_000
