@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+import subprocess
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ from cifar10_pipeline.serving.settings import (
 )
 from tests.localserver import model_server
 
-from .conftest import mirror_dir
+from .conftest import PROJECT_ROOT, mirror_dir
 from .helpers import save_tiny_convnet
 
 TEST_SHARD = "test-00000-of-00001.parquet"
@@ -369,6 +370,11 @@ def test_real_uvicorn_server(model_dir: Path, tmp_path: Path) -> None:
         assert too_big.status_code == 413
         health = http.get("/health")
         assert health.status_code == 200 and health.json()["status"] == "ok"
+        # No CIFAR10_SERVE_GIT_COMMIT here: the server asks git beside its code, this checkout.
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        )
+        assert health.json()["server"]["git_commit"] == head.stdout.strip()
         limits = health.json()["limits"]
         assert limits["max_upload_bytes"] == 200000 and limits["max_image_pixels"] == DECODE_PIXEL_LIMIT
         assert http.get("/").status_code == 200
