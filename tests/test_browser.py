@@ -38,6 +38,10 @@ def driver() -> Iterator[object]:
         yield chrome
 
 
+def _committed_reports() -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in (PROJECT_ROOT / "reports").rglob("*")}
+
+
 def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -45,6 +49,7 @@ def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path:
     mirror = mirror_dir()
     if mirror is None:
         pytest.skip("CIFAR-10 mirror not found (set CIFAR10_MIRROR)")
+    reports_before = _committed_reports()
     batch = next(pq.ParquetFile(mirror / TEST_SHARD).iter_batches(batch_size=3, columns=["img"]))
     paths = []
     for index, row in enumerate(batch.column("img").to_pylist()):
@@ -94,3 +99,5 @@ def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path:
         assert error.startswith("400") and "not an image" in error
         assert len(driver.find_elements(By.CSS_SELECTOR, '.card[data-state="done"]')) == len(paths)
     assert screenshot.stat().st_size > 10_000
+    # Tests write to temporary folders only: the committed screenshot (docs/serving.md shows it) stays as is.
+    assert _committed_reports() == reports_before
