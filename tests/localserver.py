@@ -63,9 +63,15 @@ def local_server(
             process.wait()
 
 
-def model_server(model: str | Path, log_path: Path, timeout: float = 120.0, **settings: object):
+def model_server(
+    model: str | Path,
+    log_path: Path,
+    timeout: float = 120.0,
+    flags: Sequence[str] = (),
+    **settings: object,
+) -> contextlib.AbstractContextManager[str]:
     """``python -m cifar10_pipeline.serving.serve`` for ``model``; extra CIFAR10_SERVE_* settings as
-    keywords."""
+    keywords, command-line ``flags`` after the module."""
     port = free_port()
     env = {
         "CIFAR10_SERVE_MODEL": str(model),
@@ -74,5 +80,5 @@ def model_server(model: str | Path, log_path: Path, timeout: float = 120.0, **se
         **{f"CIFAR10_SERVE_{key.upper()}": str(value) for key, value in settings.items()},
     }
     return local_server(
-        [sys.executable, "-m", "cifar10_pipeline.serving.serve"], port, log_path, env, timeout=timeout
+        [sys.executable, "-m", "cifar10_pipeline.serving.serve", *flags], port, log_path, env, timeout=timeout
     )

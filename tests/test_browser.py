@@ -1,9 +1,9 @@
 """The drag-and-drop page in a real headless Chromium against a real uvicorn server.
 
-Needs the chromium and chromium-driver packages (apt) and selenium (pip); skipped cleanly without them. Saves
-reports/screenshots/serve_page.png. Uses the trained model in models/cifar10 when there is one (a meaningful
-screenshot), else a small random-weights model: the test checks the page shows what the API answers.
-"""
+Needs the chromium and chromium-driver packages (apt) and selenium (pip); skipped cleanly without them. The
+page's screenshot goes to the test's temporary folder, never into the committed reports/. Uses the trained
+model in models/cifar10 when there is one (a meaningful screenshot), else a small random-weights model: the
+test checks the page shows what the API answers."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from .conftest import PROJECT_ROOT, mirror_dir
 from .helpers import headless_chrome, save_tiny_convnet
 
 TEST_SHARD = "test-00000-of-00001.parquet"
-SCREENSHOT = PROJECT_ROOT / "reports" / "screenshots" / "serve_page.png"
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +38,10 @@ def driver() -> Iterator[object]:
         yield chrome
 
 
+def _committed_reports() -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in (PROJECT_ROOT / "reports").rglob("*")}
+
+
 def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -46,6 +49,7 @@ def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path:
     mirror = mirror_dir()
     if mirror is None:
         pytest.skip("CIFAR-10 mirror not found (set CIFAR10_MIRROR)")
+    reports_before = _committed_reports()
     batch = next(pq.ParquetFile(mirror / TEST_SHARD).iter_batches(batch_size=3, columns=["img"]))
     paths = []
     for index, row in enumerate(batch.column("img").to_pylist()):
@@ -83,8 +87,8 @@ def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path:
         assert shown == expected
         assert "3 classified" in driver.find_element(By.ID, "status").text
 
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        assert driver.save_screenshot(str(SCREENSHOT))
+        screenshot = tmp_path / "serve_page.png"
+        assert driver.save_screenshot(str(screenshot))
 
         # A bad file gets its own card with the server's explanation; the earlier results stay.
         bad = tmp_path / "not_an_image.png"
@@ -94,4 +98,6 @@ def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path:
         error = driver.find_element(By.CSS_SELECTOR, '.card[data-state="error"] .error').text
         assert error.startswith("400") and "not an image" in error
         assert len(driver.find_elements(By.CSS_SELECTOR, '.card[data-state="done"]')) == len(paths)
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert screenshot.stat().st_size > 10_000
+    # Tests write to temporary folders only: the committed screenshot (docs/serving.md shows it) stays as is.
+    assert _committed_reports() == reports_before

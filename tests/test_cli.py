@@ -16,7 +16,8 @@ from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import decode_png
 from cifar10_pipeline.modeling.inference import image_to_array, predict_logits
 from cifar10_pipeline.modeling.model import load_model
-from cifar10_pipeline.serving.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
+from cifar10_pipeline.serving.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, build_parser, main
+from cifar10_pipeline.serving.settings import ServeSettings, env_var_name, flag_name, settings_from_args
 
 from .conftest import mirror_dir
 from .helpers import save_tiny_convnet
@@ -187,6 +188,33 @@ def test_usage_errors_exit_2(
     code, _, err = run_cli(capsys, "predict", str(image_tree), *argv)
     assert code == EXIT_USAGE
     assert message in err
+
+
+# ---------------------------------------------------------------------------------------------------- serve
+
+
+def test_serve_flags_are_the_server_settings_and_beat_the_environment(
+    capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--help"])
+    assert caught.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in ServeSettings.model_fields:
+        assert f"{flag_name(name)} " in shown and f"[env: {env_var_name(name)}]" in shown, name
+
+    monkeypatch.setenv("CIFAR10_SERVE_HOST", "0.0.0.0")
+    monkeypatch.setenv("CIFAR10_SERVE_MAX_FILES", "5")
+    args = build_parser().parse_args(["serve", "--host", "127.0.0.2", "--model", "models:/m@champion"])
+    settings = settings_from_args(args)
+    assert (settings.host, settings.model, settings.max_files) == ("127.0.0.2", "models:/m@champion", 5)
+
+
+def test_serve_bad_flag_exits_2_naming_it(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CIFAR10_SERVE_PORT", "8000")
+    code, _, err = run_cli(capsys, "serve", "--port", "70000")
+    assert code == EXIT_USAGE
+    assert "cifar10 serve: error: --port '70000': Input should be less than or equal to 65535" in err
 
 
 def test_console_script_help() -> None:

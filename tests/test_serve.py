@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+import subprocess
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,18 +19,23 @@ from PIL import Image
 from pydantic import ValidationError
 
 from cifar10_pipeline import CLASS_NAMES
+from cifar10_pipeline.modeling.inference import MAX_IMAGE_PIXELS as DECODE_PIXEL_LIMIT
 from cifar10_pipeline.modeling.inference import image_to_array, predict_logits
 from cifar10_pipeline.modeling.model import load_model
-from cifar10_pipeline.serving.serve import (
-    ErrorResponse,
-    HealthResponse,
-    PredictResponse,
+from cifar10_pipeline.serving.schemas import ErrorResponse, HealthResponse, PredictResponse
+from cifar10_pipeline.serving.serve import PROG, create_app
+from cifar10_pipeline.serving.settings import (
     ServeSettings,
-    create_app,
+    SettingsInputError,
+    build_parser,
+    env_var_name,
+    flag_name,
+    parse_settings,
+    settings_from_args,
 )
 from tests.localserver import model_server
 
-from .conftest import mirror_dir
+from .conftest import PROJECT_ROOT, mirror_dir
 from .helpers import save_tiny_convnet
 
 TEST_SHARD = "test-00000-of-00001.parquet"
@@ -262,6 +268,59 @@ def test_settings_come_from_prefixed_environment(monkeypatch: pytest.MonkeyPatch
         ServeSettings()
 
 
+# ------------------------------------------------------------------------------------ settings from the CLI
+
+
+def _from_flags(*argv: str) -> ServeSettings:
+    return settings_from_args(build_parser(PROG).parse_args(list(argv)))
+
+
+def test_a_flag_beats_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CIFAR10_SERVE_PORT", "9000")
+    monkeypatch.setenv("CIFAR10_SERVE_MAX_FILES", "7")
+    monkeypatch.setenv("CIFAR10_SERVE_LOG_LEVEL", "debug")
+    settings = _from_flags("--port", "9100", "--log-level", "warning", "--max-image-pixels", "1000")
+    assert (settings.port, settings.log_level, settings.max_image_pixels) == (9100, "warning", 1000)
+    assert settings.max_files == 7  # no flag: the variable still counts
+    assert _from_flags().port == 9000
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named", "not_named"),
+    [
+        (["--max-files", "0"], {}, "--max-files '0': Input should be greater than 0", "CIFAR10_SERVE_"),
+        (["--port", "http"], {"CIFAR10_SERVE_PORT": "8000"}, "--port 'http'", "CIFAR10_SERVE_PORT"),
+        (["--log-level", "loud"], {}, "--log-level 'loud': Input should be 'critical'", "CIFAR10_SERVE_"),
+        ([], {"CIFAR10_SERVE_DEFAULT_TOP_K": "11"}, "CIFAR10_SERVE_DEFAULT_TOP_K '11'", "--default-top-k"),
+    ],
+)
+def test_a_bad_value_names_the_flag_or_variable_it_came_from(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str], named: str, not_named: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SettingsInputError) as caught:
+        _from_flags(*argv)
+    assert named in str(caught.value) and not_named not in str(caught.value)
+
+
+def test_the_server_entry_point_exits_2_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_settings(["--max-upload-bytes", "-5"], prog=PROG)
+    assert caught.value.code == 2
+    assert "--max-upload-bytes '-5': Input should be greater than 0" in capsys.readouterr().err
+
+
+def test_help_lists_every_setting_with_its_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_settings(["--help"], prog=PROG)
+    assert caught.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    for name, field in ServeSettings.model_fields.items():
+        assert f"{flag_name(name)} " in shown and f"[env: {env_var_name(name)}]" in shown, name
+        assert " ".join(str(field.description).split()) in shown, name
+
+
 def test_api_probabilities_equal_predict_logits_on_real_test_images(
     client: TestClient, model_dir: Path
 ) -> None:
@@ -283,7 +342,13 @@ def test_api_probabilities_equal_predict_logits_on_real_test_images(
 @pytest.mark.slow
 def test_real_uvicorn_server(model_dir: Path, tmp_path: Path) -> None:
     with (
-        model_server(model_dir, tmp_path / "server.log", max_upload_bytes=200000) as url,
+        # The flag must win over the variable: the 300x300 BMP below is refused only under the flag's limit.
+        model_server(
+            model_dir,
+            tmp_path / "server.log",
+            flags=["--max-upload-bytes", "200000"],
+            max_upload_bytes=10_000_000,
+        ) as url,
         httpx.Client(base_url=url, timeout=60) as http,
     ):
         pngs = [encode(seed=i) for i in range(3)]
@@ -305,4 +370,11 @@ def test_real_uvicorn_server(model_dir: Path, tmp_path: Path) -> None:
         assert too_big.status_code == 413
         health = http.get("/health")
         assert health.status_code == 200 and health.json()["status"] == "ok"
+        # No CIFAR10_SERVE_GIT_COMMIT here: the server asks git beside its code, this checkout.
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        )
+        assert health.json()["server"]["git_commit"] == head.stdout.strip()
+        limits = health.json()["limits"]
+        assert limits["max_upload_bytes"] == 200000 and limits["max_image_pixels"] == DECODE_PIXEL_LIMIT
         assert http.get("/").status_code == 200

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from cifar10_pipeline import IMAGE_SHAPE
 
 # Pillow refuses images above this many pixels (a decompression bomb guard); 32x32 inputs need nothing close.
+# The one pixel limit: also the web service's default CIFAR10_SERVE_MAX_IMAGE_PIXELS (serving/guards.py).
 MAX_IMAGE_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 

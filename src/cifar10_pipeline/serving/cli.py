@@ -253,22 +253,33 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from cifar10_pipeline.serving.serve import add_server_arguments
+    # The flags are built from ServeSettings, the same as for python -m cifar10_pipeline.serving.serve.
+    from cifar10_pipeline.serving.settings import DESCRIPTION, add_settings_arguments
 
-    add_server_arguments(parser)
+    parser.description = DESCRIPTION
+    add_settings_arguments(parser)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from cifar10_pipeline.serving.serve import run, settings_from_args
+    from cifar10_pipeline.serving.settings import SettingsInputError, settings_from_args
 
-    run(settings_from_args(args))
+    try:
+        settings = settings_from_args(args)
+    except SettingsInputError as exc:
+        print(f"cifar10 serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from cifar10_pipeline.serving.serve import run
+
+    run(settings)
     return EXIT_OK
 
 
 COMMANDS: dict[str, Command] = {
     "predict": Command("classify image files, folders or globs", add_predict_arguments, run_predict),
     "serve": Command(
-        "run the web API and page (settings: CIFAR10_SERVE_* variables)", add_serve_arguments, run_serve
+        "run the web API and page (settings: flags or CIFAR10_SERVE_* variables)",
+        add_serve_arguments,
+        run_serve,
     ),
 }
 

@@ -40,12 +40,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_STORE}"
 
 
-def git_commit() -> str:
+def git_commit(cwd: Path | None = None) -> str:
+    """HEAD of the git checkout at ``cwd`` (default: the working directory); "unknown" without git or a
+    checkout (e.g. a wheel in a container). Also what the web service reports in /health."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
         )
-        return out.stdout.strip()
+        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
