@@ -69,10 +69,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def mirror_dir() -> Path | None:
-    for candidate in (os.environ.get("CIFAR10_MIRROR"), PROJECT_ROOT.parent / "shared" / "data" / "cifar10"):
-        if candidate and (Path(candidate) / TEST_SHARD).is_file():
-            return Path(candidate)
-    return None
+    """The mirror params.yaml names (download.mirror_dir, relative to the project root), if it is there."""
+    import yaml
+
+    configured = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())["download"]["mirror_dir"]
+    candidate = PROJECT_ROOT / configured if configured else None
+    return candidate if candidate is not None and (candidate / TEST_SHARD).is_file() else None
 
 
 def load_images(count: int) -> tuple[list[bytes], str]:

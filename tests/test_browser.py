@@ -48,7 +48,7 @@ def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path:
 
     mirror = mirror_dir()
     if mirror is None:
-        pytest.skip("CIFAR-10 mirror not found (set CIFAR10_MIRROR)")
+        pytest.skip("CIFAR-10 mirror not found (download.mirror_dir in conf/config.yaml)")
     reports_before = _committed_reports()
     batch = next(pq.ParquetFile(mirror / TEST_SHARD).iter_batches(batch_size=3, columns=["img"]))
     paths = []

@@ -253,7 +253,7 @@ def test_cli_probabilities_equal_predict_logits_on_real_test_images(
     """No train/serve skew: the CLI's probabilities are those of the evaluation path on the same pixels."""
     mirror = mirror_dir()
     if mirror is None:
-        pytest.skip("CIFAR-10 mirror not found (set CIFAR10_MIRROR)")
+        pytest.skip("CIFAR-10 mirror not found (download.mirror_dir in conf/config.yaml)")
     first = next(pq.ParquetFile(mirror / TEST_SHARD).iter_batches(batch_size=8, columns=["img"]))
     rows = first.column("img").to_pylist()
     paths = []

@@ -47,7 +47,7 @@ MAX_IMAGE_PIXELS = 2_000_000
 def real_test_pngs(count: int) -> list[bytes]:
     mirror = mirror_dir()
     if mirror is None:
-        pytest.skip("CIFAR-10 mirror not found (set CIFAR10_MIRROR)")
+        pytest.skip("CIFAR-10 mirror not found (download.mirror_dir in conf/config.yaml)")
     batch = next(pq.ParquetFile(mirror / TEST_SHARD).iter_batches(batch_size=count, columns=["img"]))
     return [row["bytes"] for row in batch.column("img").to_pylist()]
 
