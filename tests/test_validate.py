@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,8 +26,12 @@ from cifar10_pipeline.stages.download import write_parquet_split
 from cifar10_pipeline.stages.validate import main, validate
 from cifar10_pipeline.validation.expectations import (
     DATA_CARD_CHANNEL_STATS,
+    INDEX,
     DataValidationError,
+    TableCheck,
+    _expect,
     check_processed_splits,
+    run_checks,
 )
 
 from .conftest import PROJECT_ROOT
@@ -332,6 +337,22 @@ def test_main_logs_metrics_and_data_docs(
     assert "train.channel_mean.red" in metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data_docs")}
     assert "data_docs/index.html" in artifacts
+
+
+def test_an_expectation_that_errors_becomes_a_failure_line() -> None:
+    """A metric GE cannot compute is caught, reported as one ExceptionInfo per failed metric, and read."""
+    frame = pd.DataFrame({"count": ["a", "b"]}, index=pd.Index(["x", "y"], name=INDEX))
+    between = _expect(
+        "ExpectColumnValuesToBeBetween", "text", "numbers", column="count", min_value=0, max_value=1
+    )
+    in_set = _expect("ExpectColumnValuesToBeInSet", "no column", "a column", column="nope", value_set=[1])
+    report = run_checks([TableCheck("train", "table", frame, [between, in_set])], "validate")
+    assert report.counts == {"train": {"evaluated": 2, "failed": 2}}
+    assert [line.split(" (")[0] for line in report.failures] == [
+        "validate: train: text: observed an error while checking",
+        "validate: train: no column: observed an error while checking",
+    ]
+    assert 'column "nope"' in report.failures[1]
 
 
 # --- processed arrays ------------------------------------------------------------------------------------

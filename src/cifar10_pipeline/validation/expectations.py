@@ -206,7 +206,7 @@ def _exception_message(outcome: Any) -> str | None:
     """The first line of an error GE caught: its exception_info is one ExceptionInfo-shaped dict, or one such
     dict per failed metric when a metric could not be computed."""
     info = outcome.exception_info or {}
-    for entry in [info] if "raised_exception" in info else info.values():
+    for entry in [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, dict)]:
         if entry.get("raised_exception"):
             return str(entry.get("exception_message")).splitlines()[0]
     return None
