@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from cifar10_pipeline.core.data import (
     DataError,
     atomic_output,
+    decode_image,
+    decode_png,
     decode_split,
+    read_raw_shard,
     read_raw_split,
     verify_checksums,
 )
@@ -81,3 +88,39 @@ def test_corrupt_parquet_is_reported(tmp_path: Path) -> None:
 def test_missing_split_tells_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="dvc repro download"):
         read_raw_split(tmp_path, "test")
+
+
+def test_a_shard_reads_alone_and_splits_concatenate_their_shards(synthetic_mirror: Path) -> None:
+    first, second = sorted(synthetic_mirror.glob("train-*.parquet"))
+    shard = read_raw_shard(first)
+    assert shard.column_names == ["image_bytes", "label"] and shard.num_rows == 100
+    split = read_raw_split(synthetic_mirror, "train")
+    assert split.equals(pa.concat_tables([shard, read_raw_shard(second)]))
+
+
+def test_an_image_struct_without_bytes_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(pa.table({"img": [{"path": "a.png"}], "label": [0]}), path)
+    with pytest.raises(
+        DataError, match=r"column 'img' is struct<path: string>; it must be a struct with a 'bytes'"
+    ):
+        read_raw_shard(path)
+
+
+def test_an_empty_shard_reads_as_no_rows(tmp_path: Path) -> None:
+    write_parquet_split(
+        tmp_path / "test-00000-of-00001.parquet", np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0)
+    )
+    table = read_raw_split(tmp_path, "test")
+    assert table.num_rows == 0 and table.schema.field("image_bytes").type == pa.binary()
+
+
+def test_decode_image_keeps_the_mode_and_decode_png_says_where() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(buffer, format="PNG")
+    pixels, mode = decode_image(buffer.getvalue())
+    assert mode == "L" and pixels.shape == (32, 32) and pixels.dtype == np.uint8
+    with pytest.raises(DataError, match=r"^image does not decode \(\w+: .+\)$"):
+        decode_image(buffer.getvalue()[:60])
+    with pytest.raises(DataError, match=r"^train row 3: image bytes are null$"):
+        decode_png(None, "train row 3")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,8 +26,12 @@ from cifar10_pipeline.stages.download import write_parquet_split
 from cifar10_pipeline.stages.validate import main, validate
 from cifar10_pipeline.validation.expectations import (
     DATA_CARD_CHANNEL_STATS,
+    INDEX,
     DataValidationError,
+    TableCheck,
+    _expect,
     check_processed_splits,
+    run_checks,
 )
 
 from .conftest import PROJECT_ROOT
@@ -40,6 +45,7 @@ PARAMS = ValidateParams(
     known_train_test_overlap=0,
 )
 LINE = re.compile(r"^validate: (train|test): [^:]+: observed .+, expected .+$")
+PROCESSED_LINE = re.compile(r"^preprocess: processed: [^:]+: observed \d+ of \d+ [a-z/ ]+: .+, expected .+$")
 
 
 def card_like_images(n: int, split: str, seed: int) -> np.ndarray:
@@ -196,7 +202,8 @@ CORRUPTIONS: list[tuple[Callable[[Path], None], str]] = [
     ),
     (
         corrupt_png,
-        r"validate: train: image decodes: observed 1 of 20 images: row 7 \(\w+: .+\), expected every image",
+        r"validate: train: image decodes: observed 1 of 20 images: row 7 "
+        r"\(image does not decode \(\w+: .+\)\), expected every image",
     ),
     (
         label_ten,
@@ -332,6 +339,22 @@ def test_main_logs_metrics_and_data_docs(
     assert "data_docs/index.html" in artifacts
 
 
+def test_an_expectation_that_errors_becomes_a_failure_line() -> None:
+    """A metric GE cannot compute is caught, reported as one ExceptionInfo per failed metric, and read."""
+    frame = pd.DataFrame({"count": ["a", "b"]}, index=pd.Index(["x", "y"], name=INDEX))
+    between = _expect(
+        "ExpectColumnValuesToBeBetween", "text", "numbers", column="count", min_value=0, max_value=1
+    )
+    in_set = _expect("ExpectColumnValuesToBeInSet", "no column", "a column", column="nope", value_set=[1])
+    report = run_checks([TableCheck("train", "table", frame, [between, in_set])], "validate")
+    assert report.counts == {"train": {"evaluated": 2, "failed": 2}}
+    assert [line.split(" (")[0] for line in report.failures] == [
+        "validate: train: text: observed an error while checking",
+        "validate: train: no column: observed an error while checking",
+    ]
+    assert 'column "nope"' in report.failures[1]
+
+
 # --- processed arrays ------------------------------------------------------------------------------------
 
 
@@ -351,12 +374,20 @@ def processed_splits() -> tuple[dict[str, ArraySplit], dict[str, int]]:
     return splits, {"train": 100, "test": 50}
 
 
+def _keys(value: object) -> object:
+    return {k: _keys(v) for k, v in value.items()} if isinstance(value, dict) else type(value).__name__
+
+
 def test_processed_splits_pass() -> None:
     splits, raw_sizes = processed_splits()
     summary = check_processed_splits(splits, raw_sizes, tolerance=0.02)
-    assert summary["success"] and summary["failed"] == 0 and summary["evaluated"] >= 10
+    assert summary["success"] and summary["failed"] == 0 and summary["evaluated"] == 11
+    assert summary["processed"] == {"success": True, "evaluated": 11, "failed": 0}
     assert summary["images"] == {"train": 80, "val": 20, "test": 50}
     assert summary["test_images_in_train_val"] == 0
+    # preprocess writes this summary to metrics/processed_validation.json, which CI reads: same schema.
+    committed = json.loads((PROJECT_ROOT / "metrics" / "processed_validation.json").read_text())
+    assert _keys(summary) == _keys(committed)
 
 
 def _replace(splits: dict[str, ArraySplit], name: str, **fields: np.ndarray) -> None:
@@ -404,29 +435,83 @@ def short_labels(splits: dict[str, ArraySplit]) -> None:
     _replace(splits, "val", labels=splits["val"].labels[:-1])
 
 
+def label_out_of_range(splits: dict[str, ArraySplit]) -> None:
+    labels = splits["test"].labels.copy()
+    labels[[4, 17]] = [10, -1]
+    _replace(splits, "test", labels=labels)
+
+
+def negative_source_row(splits: dict[str, ArraySplit]) -> None:
+    rows = splits["val"].source_rows.copy()
+    rows[1] = -3
+    _replace(splits, "val", source_rows=rows)
+
+
+def int32_labels(splits: dict[str, ArraySplit]) -> None:
+    _replace(splits, "train", labels=splits["train"].labels.astype(np.int32))
+
+
+def float_source_rows(splits: dict[str, ArraySplit]) -> None:
+    _replace(splits, "test", source_rows=splits["test"].source_rows.astype(np.float64))
+
+
+FIX = "; fix split_arrays in stages/preprocess.py, then dvc repro preprocess"
 PROCESSED_CORRUPTIONS: list[tuple[Callable[[dict[str, ArraySplit]], None], str]] = [
     (
         val_reuses_train_row,
-        r"preprocess: processed: distinct source rows: observed 2 of 150 images: train row 0: ",
+        r"preprocess: processed: distinct source rows: observed 1 of 150 images: "
+        r"val row 0: raw train row 10, as train row 0, expected every raw row used once",
     ),
     (
         copy_test_image_into_train,
-        r"preprocess: processed: test images in train/val: observed 1 image: train row 3 "
-        r"\(same pixels as test row 7\), expected at most 0",
+        r"preprocess: processed: test images in train/val: observed 1 of 100 train/val images: train row 3 "
+        r"\(same pixels as test row 7\), expected at most 0 \(.*"
+        r"params\.yaml validate\.known_train_test_overlap\)$",
     ),
     (
         float_images,
-        r"preprocess: processed: image dtype: observed 1 of 3 splits: val: float32, expected uint8",
+        r"preprocess: processed: images dtype: observed 1 of 3 splits: val images: float32, "
+        r"expected images of dtype uint8" + re.escape(FIX) + "$",
     ),
-    (grey_images, r"preprocess: processed: image shape: observed 1 of 3 splits: test: \(32, 32\), expected"),
-    (lost_rows, r"preprocess: processed: row counts: observed 1 of 2 raw splits: train: 99 vs 100, expected"),
+    (
+        grey_images,
+        r"preprocess: processed: image shape: observed 1 of 3 splits: test images: shape \(50, 32, 32\), "
+        r"expected \(N, 32, 32, 3\) image arrays" + re.escape(FIX) + "$",
+    ),
+    (
+        lost_rows,
+        r"preprocess: processed: row counts: observed 1 of 2 raw splits: train: 99 rows in train \+ val, "
+        r"100 kept, expected",
+    ),
     (
         unbalanced,
-        r"preprocess: processed: class share: observed 2 of 30 split classes: train airplane \(0\): 0\.2000",
+        r"preprocess: processed: class share: observed 2 of 30 split classes: train airplane \(0\): 0\.2000, "
+        r"train truck \(9\): 0\.0000, expected 0\.10 ± 0\.02 per class "
+        r"\(params\.yaml validate\.class_share_tolerance\)$",
     ),
     (
         short_labels,
         r"preprocess: processed: array lengths: observed 1 of 3 splits: val \(images 20, labels 19, ",
+    ),
+    (
+        label_out_of_range,
+        r"preprocess: processed: label range: observed 2 of 150 images: test row 4: 10, test row 17: -1, "
+        r"expected labels in 0\.\.9" + re.escape(FIX) + "$",
+    ),
+    (
+        negative_source_row,
+        r"preprocess: processed: source row: observed 1 of 150 images: val row 1: -3, "
+        r"expected non-negative rows of the raw split" + re.escape(FIX) + "$",
+    ),
+    (
+        int32_labels,
+        r"preprocess: processed: labels dtype: observed 1 of 3 splits: train labels: int32, "
+        r"expected labels of dtype int64" + re.escape(FIX) + "$",
+    ),
+    (
+        float_source_rows,
+        r"preprocess: processed: source_rows dtype: observed 1 of 3 splits: test source_rows: float64, "
+        r"expected source_rows of dtype int32 or int64 or uint32 or uint64" + re.escape(FIX) + "$",
     ),
 ]
 
@@ -440,8 +525,14 @@ def test_processed_corruption_fails(corrupt: Callable[[dict[str, ArraySplit]], N
     with pytest.raises(DataValidationError) as failure:
         check_processed_splits(splits, raw_sizes, tolerance=0.02)
     lines = failure.value.failures
-    assert all(line.startswith("preprocess: processed: ") for line in lines), lines
+    assert str(failure.value).splitlines() == lines
+    assert all(PROCESSED_LINE.match(line) for line in lines), lines
+    # Every line says how to fix it: the split code, or the params.yaml key that sets the bound.
+    assert all(line.endswith(FIX) or "params.yaml validate." in line for line in lines), lines
     assert any(re.match(message, line) for line in lines), "\n".join(lines)
+    summary = failure.value.summary
+    assert summary is not None and summary["evaluated"] == 11 and summary["failed"] == len(lines)
+    assert not summary["success"] and summary["processed"]["failed"] == len(lines)
 
 
 def test_processed_empty_val_and_known_overlap() -> None:
@@ -454,7 +545,9 @@ def test_processed_empty_val_and_known_overlap() -> None:
     )
     splits["val"] = val.head(0)  # val_size 0: an empty validation split has no class shares to check
     copy_test_image_into_train(splits)
-    with pytest.raises(DataValidationError, match="test images in train/val: observed 1 image:"):
+    with pytest.raises(
+        DataValidationError, match="test images in train/val: observed 1 of 100 train/val images:"
+    ):
         check_processed_splits(splits, raw_sizes, tolerance=0.02)
     summary = check_processed_splits(splits, raw_sizes, tolerance=0.02, known_train_test_overlap=1)
     assert summary["success"] and summary["images"]["val"] == 0

@@ -115,35 +115,48 @@ def split_files(raw_dir: Path, split: str) -> list[Path]:
     return files
 
 
+def read_raw_shard(path: Path) -> pa.Table:
+    """Read one Parquet shard in the uoft-cs/cifar10 schema as a table with ``image_bytes`` and ``label``."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path} is not a readable Parquet file: {exc}") from None
+    missing = {"img", "label"} - set(table.column_names)
+    if missing:
+        raise DataError(f"{path} lacks column(s) {sorted(missing)}; expected the uoft-cs/cifar10 schema")
+    image_type = table.schema.field("img").type
+    if not pa.types.is_struct(image_type) or image_type.get_field_index("bytes") < 0:
+        raise DataError(f"{path}: column 'img' is {image_type}; it must be a struct with a 'bytes' field")
+    # An explicit type: a column with no chunks has none to infer it from.
+    images = pa.chunked_array(
+        [chunk.field("bytes") for chunk in table.column("img").chunks], type=image_type.field("bytes").type
+    )
+    return pa.table({"image_bytes": images, "label": table.column("label")})
+
+
 def read_raw_split(raw_dir: Path, split: str) -> pa.Table:
     """Read one split's Parquet shards, in order, as a table with ``image_bytes`` and ``label`` columns."""
-    tables = []
-    for path in split_files(raw_dir, split):
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"{path} is not a readable Parquet file: {exc}") from None
-        missing = {"img", "label"} - set(table.column_names)
-        if missing:
-            raise DataError(f"{path} lacks column(s) {sorted(missing)}; expected the uoft-cs/cifar10 schema")
-        image_column = table.column("img")
-        if not pa.types.is_struct(image_column.type):
-            raise DataError(f"{path}: column 'img' must be a struct with a 'bytes' field")
-        images = pa.chunked_array([chunk.field("bytes") for chunk in image_column.chunks])
-        tables.append(pa.table({"image_bytes": images, "label": table.column("label")}))
-    return pa.concat_tables(tables)
+    return pa.concat_tables([read_raw_shard(path) for path in split_files(raw_dir, split)])
+
+
+def decode_image(data: bytes | None) -> tuple[np.ndarray, str]:
+    """Decode stored image bytes to (pixels as stored, PIL mode); the DataError says why not, not where."""
+    if data is None:
+        raise DataError("image bytes are null")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return np.asarray(image), image.mode
+    except Exception as exc:  # Pillow raises many types for corrupt input
+        raise DataError(f"image does not decode ({type(exc).__name__}: {exc})") from None
 
 
 def decode_png(data: bytes | None, where: str) -> np.ndarray:
     """Decode one stored image to an (H, W, C) uint8 array, keeping its true channel count."""
-    if data is None:
-        raise DataError(f"{where}: image bytes are null")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return np.asarray(image)
-    except Exception as exc:  # Pillow raises many types for corrupt input
-        raise DataError(f"{where}: image does not decode ({type(exc).__name__}: {exc})") from None
+        return decode_image(data)[0]
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
 
 
 def decode_split(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
