@@ -159,3 +159,30 @@ def test_fine_tuned_checkpoint_gets_our_preprocessing_but_its_own_forward(tmp_pa
     np.testing.assert_allclose(piped, plain, rtol=0, atol=PROBABILITY_ATOL)
     with_tta = predict_logits(model, images).softmax(1).numpy()  # what our CLI reports (tta_level 1)
     assert np.abs(with_tta - piped).max() > 10 * PROBABILITY_ATOL  # random tiny ViT: near-uniform scores
+
+
+def test_the_train_stage_saves_a_directory_the_pipeline_loads(tmp_path: Path) -> None:
+    from cifar10_pipeline.core.data import save_split
+    from cifar10_pipeline.stages.train import train
+
+    images, labels = synthetic_images(150, seed=5)
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    rows = np.arange(150)
+    for name, part in (("train", slice(0, 100)), ("val", slice(100, None))):
+        save_split(processed / f"{name}.npz", ArraySplit(images[part], labels[part], rows[part]))
+    hp = train_params(
+        widths=[8, 16, 16], epochs=1, batch_size=50, device="cpu", tta_level=1, precision="fp32"
+    )
+    model, _, _ = train(
+        hp, processed, tmp_path / "model", tmp_path / "history.csv", tmp_path / "train.json",
+        tmp_path / "curves.png",
+    )  # fmt: skip
+    assert (tmp_path / "model" / "preprocessor_config.json").is_file()
+    classifier = pipeline("image-classification", model=str(tmp_path / "model"), device="cpu")
+    piped = scores_by_label(
+        classifier([Image.fromarray(i) for i in images[:4]], top_k=10), model.config.label2id
+    )
+    np.testing.assert_allclose(
+        piped, predict_logits(model, images[:4]).softmax(1).numpy(), rtol=0, atol=PROBABILITY_ATOL
+    )
