@@ -181,3 +181,17 @@ def test_card_descriptions_follow_the_config() -> None:
     assert describe_architecture("org/vit", {"model_type": "vit"}) == (
         "`vit` image classifier fine-tuned from `org/vit`"
     )
+
+
+def test_registry_descriptions_are_the_card_s_own_sentences() -> None:
+    """describe_architecture is a drop-in for stages/model_card.py's model_type_sentence (to be swapped)."""
+    from cifar10_pipeline.stages.model_card import model_type_sentence
+
+    vit_hp = train_params(model="cifar_vit", widths=[8, 16, 16], vit_dim=16, vit_depth=3, vit_heads=2)
+    conv_hp = train_params(widths=[8, 16, 16], extra_convs=1)
+    for name, config in (
+        ("cifar_convnet", build_model(conv_hp).config.to_dict()),
+        ("cifar_vit", build_model(vit_hp).config.to_dict()),
+        ("org/vit", {"model_type": "vit"}),
+    ):
+        assert describe_architecture(name, config) == model_type_sentence(name, config)
