@@ -9,10 +9,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoModelForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import ArraySplit
+from cifar10_pipeline.core.params import BUILTIN_MODELS
+from cifar10_pipeline.modeling.architectures import (
+    ARCHITECTURES,
+    FINETUNE,
+    architecture,
+    build_model,
+    describe_architecture,
+)
 from cifar10_pipeline.modeling.inference import predict_logits
 from cifar10_pipeline.modeling.model import (
     FrozenScaleBatchNorm,
@@ -21,7 +34,7 @@ from cifar10_pipeline.modeling.model import (
     load_model,
     register_auto_classes,
 )
-from cifar10_pipeline.training.loop import train_classifier
+from cifar10_pipeline.training.loop import make_optimizers, train_classifier
 
 from .conftest import synthetic_images
 from .helpers import tiny_convnet, train_params
@@ -75,11 +88,10 @@ def tiny_vit_checkpoint(tmp_path: Path) -> Path:
     )
     directory = tmp_path / "tiny-vit"
     ViTForImageClassification(config).save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(
-        json.dumps(
-            {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 48, "width": 48}}
-        )
+    processor = ViTImageProcessor(
+        image_mean=[0.4, 0.5, 0.6], image_std=[0.3, 0.5, 0.7], size={"height": 48, "width": 48}
     )
+    processor.save_pretrained(directory)
     return directory
 
 
@@ -87,7 +99,8 @@ def test_vit_fine_tune_path(tiny_vit_checkpoint: Path, tmp_path: Path) -> None:
     model = build_finetune_model(str(tiny_vit_checkpoint), image_size=48, tta_level=1)
     assert model.config.num_labels == 10
     assert model.config.id2label[9] == "truck"
-    assert model.config.image_mean == [0.5, 0.5, 0.5]
+    assert model.config.image_mean == [0.4, 0.5, 0.6]  # read through AutoImageProcessor
+    assert model.config.image_std == [0.3, 0.5, 0.7]
     before = model.classifier.weight.detach().clone()
     images, labels = synthetic_images(64, seed=3)
     split = ArraySplit(images, labels, np.arange(64))
@@ -121,3 +134,64 @@ def test_batchnorm_precision_is_what_the_forward_pass_does() -> None:
     out = norm(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_checkpoint_without_image_processor_says_what_to_do(tiny_vit_checkpoint: Path) -> None:
+    (tiny_vit_checkpoint / "preprocessor_config.json").unlink()
+    with pytest.raises(OSError, match=r"preprocessor_config\.json.*\n.*save_pretrained"):
+        build_finetune_model(str(tiny_vit_checkpoint), image_size=48, tta_level=0)
+
+
+def test_params_builtin_names_are_the_registry_s() -> None:
+    """core/params.py keeps a copy of the names for the model card (it must not import torch)."""
+    assert set(BUILTIN_MODELS) == {name for name, spec in ARCHITECTURES.items() if spec.from_scratch}
+    assert architecture("google/vit-base-patch16-224-in21k") is FINETUNE
+    assert architecture("models/cifar10") is FINETUNE and not FINETUNE.from_scratch
+
+
+def test_each_architecture_trains_with_its_own_recipe() -> None:
+    assert architecture("cifar_convnet").recipe.summed_loss and architecture("cifar_convnet").recipe.muon
+    for name in ("cifar_vit", "some/hub-checkpoint"):
+        recipe = architecture(name).recipe
+        assert recipe.name == "adamw" and not recipe.summed_loss and not recipe.lookahead
+
+
+def test_muon_outside_the_conv_net_recipe_is_refused_before_building() -> None:
+    hp = train_params(model="cifar_vit", filter_optimizer="muon", vit_dim=16, vit_heads=2)
+    with pytest.raises(ValueError, match="filter_optimizer: sgd"):
+        build_model(hp)
+
+
+def test_a_model_that_is_not_what_train_model_names_is_refused() -> None:
+    """The recipe comes from train.model; a model of another architecture would be trained wrongly."""
+    hp = train_params(model="cifar_vit", widths=[8, 16, 16], vit_dim=16, vit_heads=2)
+    with pytest.raises(ValueError, match="'cifar_vit' but the model given is a 'cifar_convnet'"):
+        make_optimizers(tiny_convnet(), hp)
+
+
+def test_card_descriptions_follow_the_config() -> None:
+    conv = tiny_convnet().config
+    assert "widths [16, 32, 32]" in describe_architecture("cifar_convnet", conv)
+    assert "no residual connections" in describe_architecture("cifar_convnet", conv.to_dict())
+    hp = train_params(model="cifar_vit", widths=[8, 16, 16], vit_dim=16, vit_depth=3, vit_heads=2)
+    vit = build_model(hp).config
+    assert "7x7 grid" in describe_architecture("cifar_vit", vit) and "3 pre-norm" in describe_architecture(
+        "cifar_vit", vit
+    )
+    assert describe_architecture("org/vit", {"model_type": "vit"}) == (
+        "`vit` image classifier fine-tuned from `org/vit`"
+    )
+
+
+def test_registry_descriptions_are_the_card_s_own_sentences() -> None:
+    """describe_architecture is a drop-in for stages/model_card.py's model_type_sentence (to be swapped)."""
+    from cifar10_pipeline.stages.model_card import model_type_sentence
+
+    vit_hp = train_params(model="cifar_vit", widths=[8, 16, 16], vit_dim=16, vit_depth=3, vit_heads=2)
+    conv_hp = train_params(widths=[8, 16, 16], extra_convs=1)
+    for name, config in (
+        ("cifar_convnet", build_model(conv_hp).config.to_dict()),
+        ("cifar_vit", build_model(vit_hp).config.to_dict()),
+        ("org/vit", {"model_type": "vit"}),
+    ):
+        assert describe_architecture(name, config) == model_type_sentence(name, config)

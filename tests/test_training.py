@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cifar10_pipeline.core.data import ArraySplit
-from cifar10_pipeline.stages.train import build_model
+from cifar10_pipeline.modeling.architectures import build_model
 from cifar10_pipeline.training.loop import (
     Muon,
     augment,
@@ -153,6 +153,7 @@ def test_transformers_train_with_adamw_and_no_decay_on_norms() -> None:
     assert id(model.classifier.weight) not in no_decay
 
 
+@pytest.mark.slow  # ~100 s on one CPU core
 def test_vit_learns_an_easy_task(splits) -> None:
     train, val = splits
     hp = small(model="cifar_vit", vit_dim=32, vit_depth=2, vit_heads=2, adamw_lr=3e-3, epochs=6)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from cifar10_pipeline.core.params import ParamsError
+from cifar10_pipeline.modeling.architectures import build_model
 from cifar10_pipeline.modeling.inference import predict_logits
 from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.modeling.vit import CifarViTForImageClassification, flops_split
-from cifar10_pipeline.stages.train import build_model
 
 from .helpers import train_params
 

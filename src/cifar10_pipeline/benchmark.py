@@ -55,7 +55,7 @@ from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import ArraySplit, atomic_output, file_digest, load_processed
 from cifar10_pipeline.core.params import Params, compose, validate_params
 from cifar10_pipeline.core.paths import CONF_DIR, DATA_SOURCE, PROCESSED_DIR
-from cifar10_pipeline.stages.train import build_model
+from cifar10_pipeline.modeling.architectures import architecture, build_model
 from cifar10_pipeline.training.loop import (
     cpu_model_name,
     describe_device,
@@ -359,17 +359,9 @@ def benchmark_training(
 
 
 def model_facts(params: Params) -> dict[str, Any]:
-    """Size and compute split of the from-scratch ViT (nothing extra for the other models)."""
-    hp = params.train
-    if hp.model != "cifar_vit":
-        return {}
-    from cifar10_pipeline.modeling.vit import flops_split
-
-    model = build_model(hp)
-    return {
-        "forward_macs_per_image": flops_split(model.config),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+    """The architecture's own size/compute figures (the from-scratch ViT's compute split; else nothing)."""
+    facts = architecture(params.train.model).facts
+    return {} if facts is None else facts(build_model(params.train))
 
 
 # ---------------------------------------------------------------------------------------------------------

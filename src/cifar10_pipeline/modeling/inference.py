@@ -41,7 +41,9 @@ def image_to_array(source: str | Path | bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()
-            # Phone photos store their rotation in EXIF; apply it so the model sees the upright scene.
+            # Phone photos store their rotation in EXIF; apply it so the model sees the upright scene. Done
+            # here, inside the error handling (a damaged file can fail in either step); pil_to_array's own
+            # exif_transpose is then a no-op (the orientation tag is gone).
             rgb = ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
         raise
@@ -49,6 +51,15 @@ def image_to_array(source: str | Path | bytes) -> np.ndarray:
         raise ImageInputError(f"{where}: image is too large to decode safely ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageInputError(f"{where}: not a readable image ({type(exc).__name__}: {exc})") from None
+    return pil_to_array(rgb)
+
+
+def pil_to_array(image: Image.Image) -> np.ndarray:
+    """A decoded Pillow image -> the network's 32x32 RGB uint8 form (EXIF rotation applied, bicubic resize).
+
+    Shared by ``image_to_array`` and the saved image processor, so every entry point resizes the same way.
+    """
+    rgb = ImageOps.exif_transpose(image).convert("RGB")
     if rgb.size != IMAGE_SHAPE[1::-1]:
         rgb = rgb.resize(IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)

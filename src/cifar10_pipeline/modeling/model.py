@@ -12,7 +12,6 @@ load it exactly like a Hub checkpoint: ``AutoModelForImageClassification.from_pr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModelForImageClassification,
     PreTrainedConfig,
     PreTrainedModel,
@@ -34,7 +34,6 @@ from cifar10_pipeline.modeling.pooling import max_pool2x2
 # Per-channel statistics of the CIFAR-10 training split (pixel/255), from the data card.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-BUILTIN_MODEL = "cifar_convnet"
 
 
 @strict
@@ -149,6 +148,29 @@ def whitening_layer(num_channels: int, kernel_size: int) -> nn.Conv2d:
     return layer
 
 
+def calibrated_logits(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The logits of the project's inference path for normalised images: test-time augmentation at the
+    model's ``tta_level``, divided by its fitted ``temperature`` (what ``predict_logits`` returns).
+
+    Reached through ``forward(calibrated=...)``, which the saved image processor sets, so
+    ``transformers.pipeline`` reports the same probabilities as our CLI; training and ``predict_logits``
+    call ``forward`` without it and get the raw logits.
+    """
+    from cifar10_pipeline.modeling.inference import tta_logits  # inference.py calls forward: import late
+
+    return tta_logits(model, pixel_values, model.config.tta_level) / model.config.temperature
+
+
+def wants_calibrated(calibrated: torch.Tensor | bool | None) -> bool:
+    """Whether ``forward``'s ``calibrated`` argument (a bool, or one flag per image) asks for it."""
+    if calibrated is None:
+        return False
+    flags = torch.as_tensor(calibrated)
+    if flags.any() and not flags.all():
+        raise ValueError("calibrated must be the same for every image of a batch")
+    return bool(flags.all())
+
+
 class CifarConvNetPreTrainedModel(PreTrainedModel):
     config_class = CifarConvNetConfig
     base_model_prefix = "cifar_convnet"
@@ -196,8 +218,11 @@ class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        calibrated: torch.Tensor | bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
+        if wants_calibrated(calibrated):
+            return ImageClassifierOutput(logits=calibrated_logits(self, pixel_values))
         x = self.act(self.whiten(pixel_values))
         x = self.group3(self.group2(self.group1(x)))
         # Global max-pool as a plain reduction: on CUDA, adaptive_max_pool2d's channels-last kernels took
@@ -210,18 +235,21 @@ class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
 
 
 def register_auto_classes() -> None:
-    """Let AutoConfig / AutoModelForImageClassification resolve this project's model types."""
+    """Let AutoConfig, AutoModelForImageClassification and AutoImageProcessor (hence
+    ``transformers.pipeline``) resolve this project's model types. Runs on
+    ``import cifar10_pipeline.modeling``; calling it again is harmless."""
+    from cifar10_pipeline.modeling.processor import CifarImageProcessor
     from cifar10_pipeline.modeling.vit import CifarViTConfig, CifarViTForImageClassification
 
     for config_class, model_class in (
         (CifarConvNetConfig, CifarConvNetForImageClassification),
         (CifarViTConfig, CifarViTForImageClassification),
     ):
-        try:
-            AutoConfig.register(config_class.model_type, config_class)
-            AutoModelForImageClassification.register(config_class, model_class)
-        except ValueError:
-            pass  # already registered in this process
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForImageClassification.register(config_class, model_class, exist_ok=True)
+        AutoImageProcessor.register(
+            config_class, image_processor_classes={"pil": CifarImageProcessor}, exist_ok=True
+        )
 
 
 def label_maps() -> tuple[dict[int, str], dict[str, int]]:
@@ -239,18 +267,24 @@ def build_cifar_convnet(
     return CifarConvNetForImageClassification(config)
 
 
-def _checkpoint_normalisation(name_or_path: str) -> tuple[list[float], list[float]]:
-    """The checkpoint's own image normalisation, read from its preprocessor_config.json when present."""
-    from huggingface_hub import hf_hub_download
-
-    local = Path(name_or_path) / "preprocessor_config.json"
+def checkpoint_normalisation(name_or_path: str) -> tuple[list[float], list[float]]:
+    """The checkpoint's own image normalisation (``image_mean``, ``image_std``), from its image processor."""
     try:
-        path = local if local.is_file() else Path(hf_hub_download(name_or_path, "preprocessor_config.json"))
-        processor = json.loads(path.read_text())
-        return list(processor["image_mean"]), list(processor["image_std"])
-    except Exception:
-        # ViT-style checkpoints without a processor file were trained on [-1, 1] inputs.
-        return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise OSError(
+            f"could not load the image processor of {name_or_path!r} ({type(exc).__name__}: {exc}).\n"
+            "Fine-tuning needs the normalisation the checkpoint was trained with: give a checkpoint that "
+            "has a preprocessor_config.json, or write one next to its config.json, e.g. "
+            "ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(dir)."
+        ) from None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is None or std is None:
+        raise OSError(
+            f"the image processor of {name_or_path!r} ({type(processor).__name__}) has no image_mean/"
+            "image_std; add them to its preprocessor_config.json"
+        )
+    return list(mean), list(std)
 
 
 def build_finetune_model(name_or_path: str, image_size: int, tta_level: int) -> PreTrainedModel:
@@ -274,7 +308,7 @@ def build_finetune_model(name_or_path: str, image_size: int, tta_level: int) -> 
             "Give a Hugging Face Hub id (needs network access or a filled HF cache) or a local directory "
             "written by save_pretrained, or set train.model: cifar_convnet to train the built-in network."
         ) from None
-    mean, std = _checkpoint_normalisation(name_or_path)
+    mean, std = checkpoint_normalisation(name_or_path)
     model.config.image_mean = mean
     model.config.image_std = std
     model.config.image_size = image_size

@@ -25,7 +25,9 @@ from cifar10_pipeline.modeling.model import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     ConvGroup,
+    calibrated_logits,
     init_whitening,
+    wants_calibrated,
     whitening_layer,
 )
 
@@ -121,8 +123,11 @@ class CifarViTForImageClassification(CifarViTPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        calibrated: torch.Tensor | bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
+        if wants_calibrated(calibrated):  # the inference path, for transformers.pipeline (see model.py)
+            return ImageClassifierOutput(logits=calibrated_logits(self, pixel_values))
         features = self.tokenizer(self.act(self.whiten(pixel_values)))  # (N, C, 7, 7)
         tokens = self.projection(features.flatten(2).transpose(1, 2)) + self.position_embeddings
         for layer in self.encoder:

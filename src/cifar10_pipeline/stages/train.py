@@ -1,7 +1,8 @@
 """Stage 4, train: fit the configured model on the processed training split and save it with save_pretrained.
 
 Per-epoch loss/accuracy (train and the held-out validation split) go to ``metrics/train_history.csv`` (a DVC
-plot) and to MLflow; the model (safetensors + config.json with ``id2label``) goes to ``models/cifar10/``.
+plot) and to MLflow; the model (safetensors, config.json with ``id2label``, and preprocessor_config.json
+so that ``transformers.pipeline`` can load it) goes to ``models/cifar10/``.
 """
 
 from __future__ import annotations
@@ -31,14 +32,9 @@ from cifar10_pipeline.core.paths import (
     TRAIN_METRICS,
 )
 from cifar10_pipeline.evaluation import plots
+from cifar10_pipeline.modeling.architectures import build_model, save_model
 from cifar10_pipeline.modeling.inference import fit_temperature, predict_logits, resolve_precision
-from cifar10_pipeline.modeling.model import (
-    batchnorm_precision,
-    build_cifar_convnet,
-    build_finetune_model,
-    register_auto_classes,
-)
-from cifar10_pipeline.modeling.vit import build_cifar_vit
+from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.training.loop import (
     EpochRecord,
     TrainingResult,
@@ -51,19 +47,9 @@ if TYPE_CHECKING:
     from cifar10_pipeline.tracking.runs import StageRun
 
 HISTORY_FIELDS = [f.name for f in dataclasses.fields(EpochRecord)]
-
-
-def build_model(hp: TrainParams) -> PreTrainedModel:
-    """A fresh built-in network, or a pre-trained checkpoint with a new 10-class head; seeded."""
-    torch.manual_seed(hp.seed)
-    register_auto_classes()
-    if hp.model == "cifar_vit":
-        return build_cifar_vit(
-            hp.widths[:2], hp.vit_dim, hp.vit_depth, hp.vit_heads, hp.vit_mlp_ratio, hp.tta_level
-        )
-    if hp.model == "cifar_convnet":
-        return build_cifar_convnet(hp.widths, hp.tta_level, hp.extra_convs)
-    return build_finetune_model(hp.model, hp.finetune_image_size, hp.tta_level)
+# build_model lives in modeling/architectures.py; still importable from here (test_model_card.py and
+# test_training_cuda.py import it from this module).
+__all__ = ["build_model", "calibrate", "run", "train"]
 
 
 def calibrate(model: PreTrainedModel, val_split) -> float | None:
@@ -105,7 +91,7 @@ def train(
             result = train_classifier(model, train_split, val_split, hp, device, on_epoch=record_epoch)
         temperature = calibrate(model, val_split)
         with atomic_output(Path(model_dir)) as staged_model:
-            model.save_pretrained(staged_model)
+            save_model(model, staged_model, hp.model)  # weights, config.json and preprocessor_config.json
     last = result.history[-1]
     summary = {
         "model": hp.model,

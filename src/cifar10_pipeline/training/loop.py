@@ -1,12 +1,14 @@
 """The training loop, readable in one sitting. Used by the train stage and by the benchmark alike.
 
-Recipe (built-in network): the whole training set lives on the device as one normalised tensor; each epoch
-makes one augmented copy (random translation with reflect padding, alternating flips) and walks it in a
-fresh random order; Nesterov SGD on a summed, label-smoothed loss with a short linear warm-up and a linear
-decay; norm-layer biases take a much larger learning rate; a lookahead pulls the weights towards a slow
-average every few steps. With ``filter_optimizer: muon`` the conv filters take orthogonalised momentum
-steps instead (Muon), which reaches the same accuracy in fewer epochs. Transformers (the from-scratch
-``cifar_vit`` or a Hub checkpoint such as ViT) go through the same loop with AdamW on the mean loss.
+Recipe (the conv net's ``speed_run``, see modeling/architectures.py): the whole training set lives on the
+device as one normalised tensor; each epoch makes one augmented copy (random translation with reflect
+padding, alternating flips) and walks it in a fresh random order; Nesterov SGD on a summed, label-smoothed
+loss with a short linear warm-up and a linear decay; norm-layer biases take a much larger learning rate; a
+lookahead pulls the weights towards a slow average every few steps. With ``filter_optimizer: muon`` the
+conv filters take orthogonalised momentum steps instead (Muon), which reaches the same accuracy in fewer
+epochs. Transformers (the from-scratch ``cifar_vit`` or a Hub checkpoint such as ViT) go through the same
+loop with AdamW on the mean loss. Which recipe, and which parts of the network it treats specially, comes
+from the architecture registry.
 
 On a GPU, ``cuda_graphs`` records the whole step (forward, backward, optimizer, statistics) once as a CUDA
 graph and replays it: per step the CPU only copies the batch in, so a small network is no longer limited by
@@ -30,8 +32,8 @@ from transformers import PreTrainedModel
 
 from cifar10_pipeline.core.data import ArraySplit
 from cifar10_pipeline.core.params import TrainParams
+from cifar10_pipeline.modeling.architectures import architecture
 from cifar10_pipeline.modeling.inference import autocast, fit_input_size, normalize, tta_logits
-from cifar10_pipeline.modeling.model import CifarConvNetForImageClassification
 
 LOOKAHEAD_EVERY = 5  # steps between lookahead pulls
 # Eager steps before capture. One is enough: lazy state (momentum buffers), cuDNN's algorithm choice and any
@@ -133,11 +135,6 @@ def lr_factor(step: int, total_steps: int, warmup_fraction: float, final_fractio
     return float(np.interp(step, [0, peak, total_steps], [0.2, 1.0, final_fraction]))
 
 
-def uses_sgd_recipe(model: PreTrainedModel) -> bool:
-    """The speed-run recipe (summed loss, Nesterov SGD, lookahead) is tuned for the built-in conv net."""
-    return isinstance(model, CifarConvNetForImageClassification)
-
-
 # Quintic Newton-Schulz coefficients from Jordan's description of Muon (2024): the steepest slope at 0, so a
 # few iterations lift even small singular values close to 1 (to roughly 0.5-1.5, not exactly 1).
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -224,17 +221,19 @@ def make_optimizers(
     graph reads the rate from that tensor, so changing it between replays needs no re-capture.
     """
     device = next(model.parameters()).device
+    spec = architecture(hp.model)
+    spec.check_model(model)
+    spec.check_params(hp)
 
     def rate(value: float) -> float | torch.Tensor:
         return torch.tensor(value, device=device) if graph_safe else value
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The data-initialised first layer's bias trains for a while, then its rate drops to 0 (train_classifier).
-    whiten = getattr(model, "whiten", None)
-    whiten_ids = {id(whiten.bias)} if whiten is not None and whiten.bias is not None else set()
+    whiten_ids = {id(p) for p in spec.data_initialised_bias(model)}
     whiten_bias = [p for p in trainable if id(p) in whiten_ids]
     trainable = [p for p in trainable if id(p) not in whiten_ids]
-    if not uses_sgd_recipe(model):
+    if spec.recipe.name == "adamw":
         # No weight decay on biases, norms and position embeddings (the usual transformer practice).
         decayed = [p for p in trainable if p.ndim >= 2 and p.shape[0] > 1]
         rest = [p for p in trainable if not (p.ndim >= 2 and p.shape[0] > 1)] + whiten_bias
@@ -258,7 +257,7 @@ def make_optimizers(
     lr_head = lr * hp.head_lr_scale
     # Identify batch-norm parameters by module type, not by name, so any layout of the groups works.
     norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
-    head_ids = {id(p) for p in model.classifier.parameters()}
+    head_ids = {id(p) for p in spec.head(model)}
     norm_biases = [p for p in trainable if id(p) in norm_ids]
     head = [p for p in trainable if id(p) in head_ids]
     others = [p for p in trainable if id(p) not in norm_ids | head_ids]
@@ -411,9 +410,10 @@ def train_classifier(
     if val is not None and len(val):
         x_val = normalize(torch.as_tensor(val.images).to(device), cfg.image_mean, cfg.image_std)
         y_val = torch.as_tensor(val.labels).to(device)
-    sgd_recipe = uses_sgd_recipe(model)
-    if hasattr(model, "init_whitening"):
-        model.init_whitening(x_train[:5000])
+    spec = architecture(hp.model)
+    spec.check_model(model)
+    if spec.init_from_data is not None:
+        spec.init_from_data(model, x_train[:5000])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
 
@@ -426,7 +426,7 @@ def train_classifier(
     groups = param_groups(optimizers)
     base_lrs = [float(group["lr"]) for group in groups]
     reported_lr = next(float(g["lr"]) for g in groups if g["role"] in ("weights", "filters"))
-    lookahead = Lookahead(model) if (hp.lookahead and sgd_recipe) else None
+    lookahead = Lookahead(model) if (hp.lookahead and spec.recipe.lookahead) else None
     forward = torch.compile(model, mode=hp.compile) if hp.compile else model
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -435,7 +435,7 @@ def train_classifier(
         with autocast(device, hp.precision):
             logits = forward(pixel_values=fit_input_size(xb, cfg.image_size)).logits.float()
         losses = F.cross_entropy(logits, yb, label_smoothing=hp.label_smoothing, reduction="none")
-        loss = losses.sum() if sgd_recipe else losses.mean()
+        loss = losses.sum() if spec.recipe.summed_loss else losses.mean()
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
