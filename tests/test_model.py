@@ -18,7 +18,6 @@ from transformers import (
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import ArraySplit
-from cifar10_pipeline.core.params import BUILTIN_MODELS
 from cifar10_pipeline.modeling.architectures import (
     ARCHITECTURES,
     FINETUNE,
@@ -142,9 +141,11 @@ def test_checkpoint_without_image_processor_says_what_to_do(tiny_vit_checkpoint:
         build_finetune_model(str(tiny_vit_checkpoint), image_size=48, tta_level=0)
 
 
-def test_params_builtin_names_are_the_registry_s() -> None:
-    """core/params.py keeps a copy of the names for the model card (it must not import torch)."""
-    assert set(BUILTIN_MODELS) == {name for name, spec in ARCHITECTURES.items() if spec.from_scratch}
+def test_names_outside_the_table_are_checkpoints_to_fine_tune() -> None:
+    assert {name for name, spec in ARCHITECTURES.items() if spec.from_scratch} == {
+        "cifar_convnet",
+        "cifar_vit",
+    }
     assert architecture("google/vit-base-patch16-224-in21k") is FINETUNE
     assert architecture("models/cifar10") is FINETUNE and not FINETUNE.from_scratch
 
@@ -183,15 +184,14 @@ def test_card_descriptions_follow_the_config() -> None:
     )
 
 
-def test_registry_descriptions_are_the_card_s_own_sentences() -> None:
-    """describe_architecture is a drop-in for stages/model_card.py's model_type_sentence (to be swapped)."""
-    from cifar10_pipeline.stages.model_card import model_type_sentence
-
+def test_registry_descriptions_name_what_the_saved_config_holds() -> None:
+    """The model card's "Model type" line (describe_architecture) reads the saved config of each entry."""
     vit_hp = train_params(model="cifar_vit", widths=[8, 16, 16], vit_dim=16, vit_depth=3, vit_heads=2)
     conv_hp = train_params(widths=[8, 16, 16], extra_convs=1)
-    for name, config in (
-        ("cifar_convnet", build_model(conv_hp).config.to_dict()),
-        ("cifar_vit", build_model(vit_hp).config.to_dict()),
-        ("org/vit", {"model_type": "vit"}),
-    ):
-        assert describe_architecture(name, config) == model_type_sentence(name, config)
+    conv = describe_architecture("cifar_convnet", build_model(conv_hp).config.to_dict())
+    assert "widths [8, 16, 16]" in conv and "plus 1 residual conv layer(s) per group" in conv
+    vit = describe_architecture("cifar_vit", build_model(vit_hp).config.to_dict())
+    assert "3 pre-norm encoder layers of width 16 with 2 heads" in vit and "widths [8, 16]" in vit
+    assert describe_architecture("org/vit", {"model_type": "vit"}) == (
+        "`vit` image classifier fine-tuned from `org/vit`"
+    )

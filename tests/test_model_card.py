@@ -31,9 +31,9 @@ from cifar10_pipeline.core.paths import (
     TRAIN_METRICS,
     VALIDATION_METRICS,
 )
+from cifar10_pipeline.modeling.architectures import build_model
 from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.stages import model_card
-from cifar10_pipeline.stages.train import build_model
 
 from .conftest import PROJECT_ROOT
 from .helpers import default_raw_params
@@ -443,7 +443,7 @@ def test_a_missing_fact_stops_the_card(tmp_path: Path) -> None:
 
 
 def test_card_of_a_fine_tuned_hub_checkpoint_reads_no_builtin_config_keys(tmp_path: Path) -> None:
-    """Outside model_type_sentence the card uses only keys every transformers config has."""
+    """Outside the registry's description the card uses only keys every transformers config has."""
     raw = default_raw_params()
     raw["train"]["model"] = model_card.PARENT_MODEL
     raw["preprocess"]["val_size"] = 0

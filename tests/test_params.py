@@ -24,7 +24,7 @@ def raw() -> dict:
 def test_committed_params_are_valid(raw: dict) -> None:
     params = validate_params(copy.deepcopy(raw))
     assert params.profile == "default"
-    assert params.train.is_builtin_model
+    assert params.train.model == "cifar_convnet"
     assert params.preprocess.max_train_images is None
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cifar10_pipeline.core.data import ArraySplit
-from cifar10_pipeline.stages.train import build_model
+from cifar10_pipeline.modeling.architectures import build_model
 from cifar10_pipeline.training.loop import train_classifier
 
 from .conftest import synthetic_images

@@ -18,11 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cifar10_pipeline.core.paths import CONF_DIR, CONFIG_NAME, PARAMS_FILE
 
 SourceName = Literal["mirror", "hub", "url"]
-# Networks this project defines and trains from scratch; any other train.model is a checkpoint to fine-tune.
-# The architecture registry (modeling/architectures.py, which core/ must not import: it pulls in torch) is
-# the owner; this copy serves only ``is_builtin_model`` for the model card and is checked against the
-# registry by tests/test_model.py. Remove both once the card asks the registry.
-BUILTIN_MODELS = ("cifar_convnet", "cifar_vit")
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -117,10 +112,6 @@ class TrainParams(_Section):
         if self.vit_dim % self.vit_heads:
             raise ValueError(f"vit_dim ({self.vit_dim}) must be a multiple of vit_heads ({self.vit_heads})")
         return self
-
-    @property
-    def is_builtin_model(self) -> bool:
-        return self.model in BUILTIN_MODELS
 
 
 class EvaluateParams(_Section):

@@ -8,7 +8,7 @@ find them. Where the pipeline cannot know a fact, the card says so instead of "M
 
 The front matter is huggingface_hub's ``ModelCardData`` (test accuracy and macro F1 as ``model-index`` eval
 results), the body ``reporting/templates/model_card.md.j2``; this module chooses the sentences, the template
-lays them out. Only ``model_type_sentence`` reads architecture-specific keys of ``config.json``.
+lays them out. What the network is comes from the architecture registry (modeling/architectures.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from cifar10_pipeline.core.paths import (
     TRAIN_METRICS,
     VALIDATION_METRICS,
 )
+from cifar10_pipeline.modeling.architectures import SPEED_RUN, architecture, describe_architecture
 
 PARENT_MODEL = "google/vit-base-patch16-224-in21k"
 DATASET_ID = "uoft-cs/cifar10"  # the Hub dataset whose schema (and, but for the mirror, pixels) the data have
@@ -86,7 +87,7 @@ def _optimiser_rows(hp: TrainParams) -> str:
     """Hyper-parameter table rows for the optimiser the model was trained with (training.make_optimizers)."""
     warmup = f"warm-up over {hp.warmup_fraction:.0%} of the steps" if hp.warmup_fraction else "no warm-up"
     schedule = f"{warmup}, linear decay to {hp.final_lr_fraction}"
-    if hp.model == "cifar_convnet":
+    if architecture(hp.model).recipe is SPEED_RUN:
         scales = f"norm biases x{hp.bias_lr_scale}, head x{hp.head_lr_scale}"
         rows = (
             f"| optimiser | Nesterov SGD, momentum {hp.momentum} |\n"
@@ -232,28 +233,6 @@ def precision_row(precision: str, batchnorm: str | None) -> str:
     return f"{autocast}; {BATCHNORM_WORDING[batchnorm]}" if batchnorm else autocast
 
 
-def model_type_sentence(model: str, config: dict[str, Any]) -> str:
-    """What kind of network this is: the card's only sentence that reads architecture-specific config keys."""
-    if model == "cifar_convnet":
-        extra = config.get("extra_convs", 0)
-        residual = f"plus {extra} residual conv layer(s) per group" if extra else "no residual connections"
-        return (
-            "convolutional network for 32x32 images trained from scratch (`cifar_convnet`: a frozen "
-            f"patch-whitening layer, three conv groups of widths {config['widths']}, batch norm, GELU, "
-            f"{residual}, global max-pool, linear head)"
-        )
-    if model == "cifar_vit":
-        grid = (config["image_size"] - config["whiten_kernel_size"] + 1) // 4  # as in vit.py
-        return (
-            "vision transformer for 32x32 images trained from scratch (`cifar_vit`: a convolutional "
-            f"tokenizer of two conv groups, widths {config['tokenizer_widths']}, makes a {grid}x{grid} grid "
-            f"of tokens; {config['num_hidden_layers']} pre-norm encoder layers of width "
-            f"{config['hidden_size']} with {config['num_attention_heads']} heads; mean-pooled tokens, "
-            "linear head)"
-        )
-    return f"`{config.get('model_type')}` image classifier fine-tuned from `{model}`"
-
-
 def type_name(config: dict[str, Any]) -> str:
     return f"`{(config.get('architectures') or ['?'])[0]}` (model_type `{config.get('model_type')}`)"
 
@@ -272,7 +251,7 @@ def augmentation_sentence(hp: TrainParams) -> str:
 
 
 def parent_sentence(hp: TrainParams) -> str:
-    if not hp.is_builtin_model:
+    if not architecture(hp.model).from_scratch:
         return f"`{hp.model}`"
     return (
         f"none: this run trains the built-in `{hp.model}` from scratch (`train.model`). The Hugging "
@@ -340,7 +319,7 @@ def render(params: Params, facts: dict[str, Any]) -> str:
         card_data=card_metadata(params, evaluation, source).to_yaml(),
         registered_model=params.mlflow.registered_model,
         data_note=_data_note(source),
-        model_type=model_type_sentence(hp.model, config),
+        model_type=describe_architecture(hp.model, config),
         architecture=type_name(config),
         classes=[config["id2label"][str(i)] for i in range(len(config["id2label"]))],
         parent=parent_sentence(hp),

@@ -47,9 +47,6 @@ if TYPE_CHECKING:
     from cifar10_pipeline.tracking.runs import StageRun
 
 HISTORY_FIELDS = [f.name for f in dataclasses.fields(EpochRecord)]
-# build_model lives in modeling/architectures.py; still importable from here (test_model_card.py and
-# test_training_cuda.py import it from this module).
-__all__ = ["build_model", "calibrate", "run", "train"]
 
 
 def calibrate(model: PreTrainedModel, val_split) -> float | None:
