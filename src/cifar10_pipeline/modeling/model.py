@@ -45,6 +45,7 @@ class CifarConvNetConfig(PreTrainedConfig):
     widths: list[int] | tuple[int, ...] = (64, 256, 256)
     extra_convs: int = 0  # residual conv-BN-GELU layers added at the end of each group
     whiten_kernel_size: int = 2
+    # Fixed architecture constants (saved in config.json with the weights; not params, never tuned here).
     batchnorm_momentum: float = 0.6  # weight of the old running statistics (0.6 = fast-moving)
     logit_scale: float = 1 / 9  # small logits early on act like a temperature and speed up training
     image_mean: list[float] | tuple[float, ...] = CIFAR10_MEAN

@@ -35,7 +35,14 @@ from cifar10_pipeline.core.params import TrainParams
 from cifar10_pipeline.modeling.architectures import architecture
 from cifar10_pipeline.modeling.inference import autocast, fit_input_size, normalize, tta_logits
 
+# Fixed constants of the recipes, not params: they change results, but no profile has needed another value
+# and none was tuned here (they are the airbench recipe's). Changing one is a code change, and dvc.yaml's
+# training/ dep re-runs the train stage when it happens.
 LOOKAHEAD_EVERY = 5  # steps between lookahead pulls
+LOOKAHEAD_DECAY = 0.95  # per-step weight of the slow average (raised to the pull period, scaled by progress)
+WARMUP_START = 0.2  # the learning rate's fraction at step 0, ramped to 1 over train.warmup_fraction
+WHITENING_SAMPLE = 5000  # training images whose patch covariance initialises the whitening layer
+ADAMW_BETAS = (0.9, 0.98)  # transformer recipes (cifar_vit, fine-tuning)
 # Eager steps before capture. One is enough: lazy state (momentum buffers), cuDNN's algorithm choice and any
 # compilation all happen on the first call, so the captured second call is the steady state.
 GRAPH_WARMUP_STEPS = 1
@@ -130,9 +137,9 @@ def augment(
 
 
 def lr_factor(step: int, total_steps: int, warmup_fraction: float, final_fraction: float) -> float:
-    """Piecewise-linear schedule: 0.2 -> 1 over the warm-up, then down to ``final_fraction``."""
+    """Piecewise-linear schedule: WARMUP_START -> 1 over the warm-up, then down to ``final_fraction``."""
     peak = max(1.0, warmup_fraction * total_steps)
-    return float(np.interp(step, [0, peak, total_steps], [0.2, 1.0, final_fraction]))
+    return float(np.interp(step, [0, peak, total_steps], [WARMUP_START, 1.0, final_fraction]))
 
 
 # Quintic Newton-Schulz coefficients from Jordan's description of Muon (2024): the steepest slope at 0, so a
@@ -247,7 +254,7 @@ def make_optimizers(
             {"params": rest, "lr": rate(hp.adamw_lr), "weight_decay": 0.0, "role": "no_decay"},
         ]
         groups = [g for g in groups if g["params"]]
-        return [torch.optim.AdamW(groups, betas=(0.9, 0.98), fused=graph_safe or None, capturable=graph_safe)]
+        return [torch.optim.AdamW(groups, betas=ADAMW_BETAS, fused=graph_safe or None, capturable=graph_safe)]
     # hp.lr and hp.weight_decay are per 1024 examples of *summed* loss and decoupled from each other;
     # translate them to torch's SGD, whose weight decay is multiplied by the learning rate.
     kilostep_scale = 1024 * (1 + 1 / (1 - hp.momentum))
@@ -413,7 +420,7 @@ def train_classifier(
     spec = architecture(hp.model)
     spec.check_model(model)
     if spec.init_from_data is not None:
-        spec.init_from_data(model, x_train[:5000])
+        spec.init_from_data(model, x_train[:WHITENING_SAMPLE])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
 
@@ -477,7 +484,7 @@ def train_classifier(
             run_step(x_epoch[idx], y_train[idx])
             step += 1
             if lookahead is not None and step % LOOKAHEAD_EVERY == 0:
-                lookahead.pull(decay=0.95**LOOKAHEAD_EVERY * (step / total_steps) ** 3)
+                lookahead.pull(decay=LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * (step / total_steps) ** 3)
             seen += len(idx)
             bar.update(1)
         if lookahead is not None and step >= total_steps and step >= LOOKAHEAD_EVERY:
