@@ -25,6 +25,7 @@ from cifar10_pipeline.core.paths import (
     TRAIN_METRICS,
     VALIDATION_METRICS,
 )
+from cifar10_pipeline.tracking.runs import stage_run
 
 PARENT_MODEL = "google/vit-base-patch16-224-in21k"
 # What FrozenScaleBatchNorm normalised in training, by the train stage's record (model.batchnorm_precision).
@@ -488,9 +489,11 @@ def gather_facts(model_dir: Path = MODEL_DIR) -> dict:
 
 def main() -> None:
     params = load_params()
-    card = render(params, gather_facts())
-    with atomic_output(MODEL_CARD) as staged:
-        staged.write_text(card)
+    with stage_run("model_card", params, outputs=(MODEL_CARD,)) as run:
+        card = render(params, gather_facts())
+        with atomic_output(MODEL_CARD) as staged:
+            staged.write_text(card)
+        run.log_artifact(MODEL_CARD)
     print(f"model_card: -> {MODEL_CARD}")
 
 
