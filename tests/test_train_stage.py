@@ -1,5 +1,5 @@
-"""The train stage's main() with a real MLflow store (SQLite) and codecarbon: every epoch reaches MLflow, and a
-failure marks the runs FAILED and leaves no outputs."""
+"""The train stage's main() with a real MLflow store (SQLite) and codecarbon: every epoch reaches MLflow,
+and a failure marks the runs FAILED and leaves no outputs."""
 
 from __future__ import annotations
 
