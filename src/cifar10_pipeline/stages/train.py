@@ -48,7 +48,7 @@ from cifar10_pipeline.training.loop import (
 )
 
 if TYPE_CHECKING:
-    from cifar10_pipeline.tracking.runs import QueuedRun, StageRun
+    from cifar10_pipeline.tracking.runs import StageRun
 
 HISTORY_FIELDS = [f.name for f in dataclasses.fields(EpochRecord)]
 
@@ -152,7 +152,7 @@ def epoch_metrics(record: EpochRecord) -> dict[str, float | None]:
     return {k: v for k, v in dataclasses.asdict(record).items() if k not in ("epoch", "step")}
 
 
-def log_results(run: StageRun | QueuedRun, summary: dict[str, Any]) -> None:
+def log_results(run: StageRun, summary: dict[str, Any]) -> None:
     run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)}, to_parent=True)
     run.set_tags({"device": summary["device"], "architecture": summary["architecture"]})
     run.log_artifact(TRAIN_HISTORY)
@@ -163,9 +163,7 @@ def log_results(run: StageRun | QueuedRun, summary: dict[str, Any]) -> None:
 def main() -> None:
     params = load_params()
     outputs = (MODEL_DIR, TRAIN_HISTORY, TRAIN_METRICS, TRAIN_CURVES, STAGE_EMISSIONS_DIR / "train.json")
-    # MLflow opens on a helper thread while the data loads and the model trains (its start-up costs seconds,
-    # as much as a whole GPU training); the epochs' metrics queue behind it.
-    with stage_run("train", params, outputs, background=True) as run:
+    with stage_run("train", params, outputs) as run:
         # The emissions record covers training and saving, not the uploads to MLflow.
         with emissions.measure(
             "train", params.emissions.country_iso_code, STAGE_EMISSIONS_DIR / "train.json"

@@ -21,8 +21,7 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,91 +214,32 @@ def _open_stage_run(client: Any, stage: str, params: Params, default_store: bool
     return run
 
 
-def _open(stage: str, params: Params) -> StageRun:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI for child processes.
-    default_store = "MLFLOW_TRACKING_URI" not in os.environ
-    mlflow.set_tracking_uri(tracking_uri())
-    return _open_stage_run(MlflowClient(), stage, params, default_store)
-
-
-class QueuedRun:
-    """A stage's run that opens on a helper thread (``stage_run(..., background=True)``).
-
-    Importing MLflow and opening its store and runs takes seconds, as long as a whole GPU training. Here
-    the opening and then every logging call run on one helper thread, in the order the stage made them, so
-    the stage never waits for MLflow; an error there is raised at the stage's next logging call, at the
-    latest when the block ends, and fails the stage like any other.
-    """
-
-    def __init__(self, open_run: Callable[[], StageRun]) -> None:
-        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
-        self._opening = self._helper.submit(open_run)
-        self._calls: list[Future[Any]] = [self._opening]
-
-    def _queue(self, method: str, *args: Any, **kwargs: Any) -> None:
-        for call in self._calls:
-            if call.done() and call.exception() is not None:
-                raise call.exception()
-        self._calls.append(
-            self._helper.submit(lambda: getattr(self._opening.result(), method)(*args, **kwargs))
-        )
-
-    def log_params(self, params: dict[str, Any], to_parent: bool = False) -> None:
-        self._queue("log_params", params, to_parent=to_parent)
-
-    def log_metrics(
-        self, metrics: dict[str, float], step: int | None = None, to_parent: bool = False
-    ) -> None:
-        self._queue("log_metrics", metrics, step=step, to_parent=to_parent)
-
-    def set_tags(self, tags: dict[str, str], to_parent: bool = False) -> None:
-        self._queue("set_tags", tags, to_parent=to_parent)
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._queue("log_artifact", path, artifact_path)
-
-    def drain(self) -> StageRun:
-        """Wait for the opening and every queued call; the opened run, or the first error raised."""
-        self._helper.shutdown(wait=True)
-        for call in self._calls:
-            call.result()
-        return self._opening.result()
-
-    def opened(self) -> StageRun | None:
-        """After the helper is done: the opened run, or None when opening failed (and closed what it made)."""
-        self._helper.shutdown(wait=True)
-        return None if self._opening.exception() is not None else self._opening.result()
-
-
 @contextlib.contextmanager
-def stage_run(
-    stage: str, params: Params, outputs: Sequence[Path] = (), background: bool = False
-) -> Iterator[StageRun | QueuedRun]:
+def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Iterator[StageRun]:
     """Run the block as ``stage``: the one harness every stage's main() opens before its work.
 
     It opens the stage's child run under this pipeline run's parent and logs the effective params to both;
-    the block logs metrics, tags and artifacts through the yielded run (with ``background``, a QueuedRun
-    that opens while the block already works). When the block ends, both runs are closed FINISHED; on an
-    exception FAILED, on Ctrl-C or SIGTERM KILLED, and ``outputs`` (the stage's dvc.yaml outs) are deleted
-    first, so a failed stage leaves nothing DVC or a reader could take for its result. Deleting on failure
-    cannot change a successful result, which is why this module stays out of the stages' dvc.yaml deps; the
-    outputs themselves are written by the stage (core.data's atomic helpers).
+    the block logs metrics, tags and artifacts through the yielded run. When the block ends, both runs are
+    closed FINISHED; on an exception FAILED, on Ctrl-C or SIGTERM KILLED, and ``outputs`` (the stage's
+    dvc.yaml outs) are deleted first, so a failed stage leaves nothing DVC or a reader could take for its
+    result. Deleting on failure cannot change a successful result, which is why this module stays out of
+    the stages' dvc.yaml deps; the outputs themselves are written by the stage (core.data's atomic helpers).
     """
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     with _sigterm_raises():
-        run: StageRun | QueuedRun | None = None
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI for child processes.
+        default_store = "MLFLOW_TRACKING_URI" not in os.environ
+        mlflow.set_tracking_uri(tracking_uri())
+        client = MlflowClient()
+        run = _open_stage_run(client, stage, params, default_store)
         try:
-            run = QueuedRun(lambda: _open(stage, params)) if background else _open(stage, params)
             yield run
-            opened = run.drain() if isinstance(run, QueuedRun) else run
         except BaseException as exc:
             remove_outputs(*outputs)
-            opened = run.opened() if isinstance(run, QueuedRun) else run
-            if opened is not None:  # None: opening failed and closed what it had created
-                _terminate(opened.client, (opened.run_id, opened.parent_id), run_status(exc), exc)
+            _terminate(client, (run.run_id, run.parent_id), run_status(exc), exc)
             raise
         # The parent ends with its latest stage (a later stage of the same pipeline run re-closes it).
-        _terminate(opened.client, (opened.run_id, opened.parent_id), "FINISHED", None)
+        _terminate(client, (run.run_id, run.parent_id), "FINISHED", None)
