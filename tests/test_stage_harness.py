@@ -42,7 +42,8 @@ def test_a_stage_that_succeeds_finishes_with_params_metrics_and_outputs(project:
     with stage_run("demo", params, outputs=(OUT_FILE, OUT_DIR)) as run:
         write_outputs()
         run.log_metrics({"accuracy": 0.5}, to_parent=True)
-        run.log_metrics({"loss": 2.0}, step=3)
+        for epoch, loss in enumerate((3.0, 2.5, 2.0), start=1):
+            run.log_metrics({"loss": loss}, step=epoch)
         run.set_tags({"device": "cpu"})
         run.log_artifact(OUT_FILE)
 
@@ -53,6 +54,10 @@ def test_a_stage_that_succeeds_finishes_with_params_metrics_and_outputs(project:
         assert run.data.params["profile"] == params.profile
         assert run.data.metrics["accuracy"] == 0.5
     assert child.data.metrics["loss"] == 2.0 and "loss" not in parent.data.metrics
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient().get_metric_history(child.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 3.0), (2, 2.5), (3, 2.0)]
     assert child.data.tags["device"] == "cpu" and child.data.tags["pipeline.role"] == "stage"
     assert parent.data.tags["pipeline.role"] == "pipeline"
     assert (project / OUT_FILE).is_file() and (project / OUT_DIR / "figure.png").is_file()

@@ -234,12 +234,14 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
         default_store = "MLFLOW_TRACKING_URI" not in os.environ
         mlflow.set_tracking_uri(tracking_uri())
         client = MlflowClient()
-        run = _open_stage_run(client, stage, params, default_store)
+        run: StageRun | None = None
         try:
+            run = _open_stage_run(client, stage, params, default_store)
             yield run
         except BaseException as exc:
             remove_outputs(*outputs)
-            _terminate(client, (run.run_id, run.parent_id), run_status(exc), exc)
+            if run is not None:  # None: the opening failed and closed the runs it had created
+                _terminate(client, (run.run_id, run.parent_id), run_status(exc), exc)
             raise
         # The parent ends with its latest stage (a later stage of the same pipeline run re-closes it).
         _terminate(client, (run.run_id, run.parent_id), "FINISHED", None)
