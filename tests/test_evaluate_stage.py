@@ -1,4 +1,4 @@
-"""The evaluate stage's run(): it registers the model in MLflow (real SQLite stores), but its DVC outputs
+"""The evaluate stage's main(): it registers the model in MLflow (real SQLite stores), but its DVC outputs
 hold no registry fact and are the same on a fresh store and on one with a history; the temperature it
 applies is the one saved with the model, never one fitted on the test split."""
 
@@ -81,7 +81,7 @@ def test_outputs_hold_no_registry_fact_whatever_the_mlflow_history(
         if earlier:
             register_history(tmp_path / name, earlier)
         before = {p for p in project.rglob("*") if p.is_file()}
-        evaluate_stage.run(load_params())
+        evaluate_stage.main()
         written = {p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file()} - {
             p.relative_to(project).as_posix() for p in before
         }
@@ -116,7 +116,7 @@ def test_the_temperature_is_the_saved_one_never_fitted_on_test(evaluated_project
     if saved is not None:
         model.config.temperature = saved  # what train.calibrate stores after fitting on validation
     model.save_pretrained(evaluated_project / MODEL_DIR)
-    metrics, _ = evaluate_stage.evaluate(load_params().evaluate)
+    metrics = evaluate_stage.evaluate(load_params().evaluate).metrics
     assert metrics["temperature"] == (saved or 1.0)
     if saved is None:  # no validation split: nothing was fitted, nothing is applied
         assert metrics["ece"] == metrics["ece_before_temperature"]

@@ -1,5 +1,5 @@
-"""The train stage's run(): MLflow (real SQLite store) and codecarbon start on a helper thread while the
-model trains; every epoch still reaches MLflow, and a failure marks the runs FAILED and leaves no outputs."""
+"""The train stage's main() with a real MLflow store (SQLite) and codecarbon: every epoch reaches MLflow,
+and a failure marks the runs FAILED and leaves no outputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from cifar10_pipeline.core.data import ArraySplit, save_split
-from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.core.paths import MODEL_DIR, STAGE_EMISSIONS_DIR, TRAIN_HISTORY, TRAIN_METRICS
 from cifar10_pipeline.modeling.inference import resolve_precision
 from cifar10_pipeline.stages import train as train_stage
@@ -49,7 +48,8 @@ def test_every_epoch_reaches_mlflow_without_a_validation_split(
     # The GPU profiles hold no validation split (val_size 0): the stage must still finish and say so.
     write_params(project, train=TINY_TRAIN)
     write_processed(project, train_size=200, val_size=0)
-    summary = train_stage.run(load_params(project / "params.yaml"))
+    train_stage.main()
+    summary = json.loads((project / TRAIN_METRICS).read_text())
 
     assert summary["val_accuracy"] is None
     assert "no validation split" in capsys.readouterr().out
@@ -74,7 +74,7 @@ def test_a_failed_training_marks_the_run_failed_and_leaves_no_outputs(project: P
     write_params(project, train=TINY_TRAIN)
     write_processed(project, train_size=200, val_size=50, bad_label=True)
     with pytest.raises((IndexError, RuntimeError)):
-        train_stage.run(load_params(project / "params.yaml"))
+        train_stage.main()
 
     (run,) = stage_runs(project)
     assert run.info.status == "FAILED"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -93,6 +94,12 @@ def atomic_output(target: Path) -> Iterator[Path]:
         staged.rename(target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_json_atomic(target: Path, data: object) -> None:
+    """Write ``data`` as indented JSON (the format of every metrics file) to ``target``, all or nothing."""
+    with atomic_output(target) as staged:
+        staged.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def remove_outputs(*paths: Path) -> None:

@@ -38,9 +38,11 @@ from cifar10_pipeline.core.data import (
     read_checksums,
     verify_checksums,
     write_checksums,
+    write_json_atomic,
 )
 from cifar10_pipeline.core.params import DownloadParams, load_params
 from cifar10_pipeline.core.paths import DATA_SOURCE, RAW_DIR
+from cifar10_pipeline.tracking.runs import stage_run
 
 
 class SourceUnavailable(RuntimeError):
@@ -208,8 +210,7 @@ def download(params: DownloadParams, out_dir: Path = RAW_DIR, source_file: Path 
                 write_checksums(staging, info["files"])
                 verify_checksums(staging)
                 info["sha256"] = read_checksums(staging / CHECKSUM_FILE)
-            with atomic_output(Path(source_file)) as staged_source:
-                staged_source.write_text(json.dumps(info, indent=2) + "\n")
+            write_json_atomic(source_file, info)
             print(f"download: CIFAR-10 from {source} ({info['location']}) -> {out_dir}")
             return info
         except SourceUnavailable as exc:
@@ -228,11 +229,9 @@ def data_fingerprint(raw_dir: Path = RAW_DIR) -> str:
 
 
 def main() -> None:
-    from cifar10_pipeline.tracking import runs as tracking
-
     params = load_params()
-    info = download(params.download)
-    with tracking.stage_run("download", params) as run:
+    with stage_run("download", params, outputs=(RAW_DIR, DATA_SOURCE)) as run:
+        info = download(params.download)
         run.log_params({"data.source": info["source"], "data.location": info["location"]})
         run.set_tags({"data.sha256sums": data_fingerprint()})
 

@@ -12,10 +12,11 @@ from typing import Any
 
 import jinja2
 
-from cifar10_pipeline.core.data import DataError, atomic_output
+from cifar10_pipeline.core.data import DataError, atomic_output, write_json_atomic
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.core.paths import EMISSIONS_METRICS, EMISSIONS_REPORT, STAGE_EMISSIONS_DIR
 from cifar10_pipeline.tracking.emissions import STAGE_FIELDS
+from cifar10_pipeline.tracking.runs import stage_run
 
 COMPUTE_STAGES = ("train", "evaluate")
 
@@ -61,15 +62,12 @@ def render_report(summary: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from cifar10_pipeline.tracking import runs as tracking
-
     params = load_params()
-    summary = aggregate()
-    with atomic_output(EMISSIONS_METRICS) as staged:
-        staged.write_text(json.dumps(summary, indent=2) + "\n")
-    with atomic_output(EMISSIONS_REPORT) as staged:
-        staged.write_text(render_report(summary))
-    with tracking.stage_run("emissions", params) as run:
+    with stage_run("emissions", params, outputs=(EMISSIONS_METRICS, EMISSIONS_REPORT)) as run:
+        summary = aggregate()
+        write_json_atomic(EMISSIONS_METRICS, summary)
+        with atomic_output(EMISSIONS_REPORT) as staged:
+            staged.write_text(render_report(summary))
         run.log_metrics(
             {f"emissions_{k}": v for k, v in summary["total"].items() if k in STAGE_FIELDS[:3]},
             to_parent=True,

@@ -12,16 +12,18 @@ which DVC does not see, so they stay in MLflow (run tags ``registry.*``) and go 
 from __future__ import annotations
 
 import csv
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from sklearn.metrics import confusion_matrix
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.core.data import atomic_output, load_split, remove_outputs
-from cifar10_pipeline.core.params import EvaluateParams, Params, load_params
+from cifar10_pipeline.core.data import ArraySplit, atomic_output, load_split, write_json_atomic
+from cifar10_pipeline.core.params import EvaluateParams, load_params
 from cifar10_pipeline.core.paths import (
     CONFUSION_PAIRS,
     EVAL_FIGURES_DIR,
@@ -44,7 +46,13 @@ from cifar10_pipeline.evaluation.metrics import (
 )
 from cifar10_pipeline.modeling.inference import predict_logits
 from cifar10_pipeline.modeling.model import load_model
+from cifar10_pipeline.tracking import emissions
+from cifar10_pipeline.tracking import model_registry as registry
+from cifar10_pipeline.tracking.runs import stage_run
 from cifar10_pipeline.training.loop import describe_device, resolve_device, synchronize
+
+if TYPE_CHECKING:
+    from cifar10_pipeline.tracking.runs import StageRun
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -67,55 +75,85 @@ def robustness_table(
     return table
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What evaluate() measured: the metrics file's content and what the CSVs and figures are drawn from."""
+
+    metrics: dict[str, Any]
+    test: ArraySplit
+    probabilities: np.ndarray  # calibrated, (N, 10)
+    confusion: np.ndarray  # counts, [true, predicted]
+    reliability_bins: list[dict[str, Any]]
+    mistakes: Any  # most_confident_mistakes' picks, for the gallery
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.probabilities.argmax(1)
+
+
+def timed_logits(model: Any, images: np.ndarray, batch_size: int, device: torch.device) -> tuple[Any, float]:
+    """The model's (calibrated) logits on ``images`` and the device-synchronised seconds they took."""
+    synchronize(device)
+    start = time.perf_counter()
+    logits = predict_logits(model, images, batch_size, progress=True)
+    synchronize(device)
+    return logits, time.perf_counter() - start
+
+
+def calibration_with_and_without_temperature(
+    logits: Any, temperature: float, labels: np.ndarray, bins: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Calibration of the calibrated probabilities, and of the same logits with the temperature undone."""
+    calibrated = calibration(logits.softmax(1).numpy(), labels, bins)
+    uncalibrated = calibration((logits * temperature).softmax(1).numpy(), labels, bins)
+    return calibrated, uncalibrated
+
+
+def robustness_summary(
+    model: Any, test: ArraySplit, predictions: np.ndarray, params: EvaluateParams
+) -> dict[str, Any]:
+    """Accuracy under each corruption and severity on the first ``robustness_images`` test images."""
+    subset = slice(0, min(params.robustness_images, len(test)))
+    table = robustness_table(model, test.images[subset], test.labels[subset], params.batch_size)
+    worst = min((acc, f"{name}@{sev}") for name, row in table.items() for sev, acc in row.items())
+    return {
+        "images": subset.stop,
+        "clean_accuracy": float((predictions[subset] == test.labels[subset]).mean()),
+        "mean_corrupted_accuracy": float(np.mean([a for row in table.values() for a in row.values()])),
+        "worst": {"accuracy": worst[0], "corruption": worst[1]},
+        "accuracy": table,
+    }
+
+
+def most_confused(matrix: np.ndarray, top: int = 3) -> list[dict[str, Any]]:
+    """The ``top`` (true, predicted) class pairs the model mixes up most often."""
+    classes = range(len(CLASS_NAMES))
+    off_diagonal = [(int(matrix[t, p]), t, p) for t in classes for p in classes if t != p]
+    return [
+        {"true": CLASS_NAMES[t], "predicted": CLASS_NAMES[p], "count": count}
+        for count, t, p in sorted(off_diagonal, reverse=True)[:top]
+    ]
+
+
 def evaluate(
-    params: EvaluateParams,
-    processed_dir: Path = PROCESSED_DIR,
-    model_dir: Path = MODEL_DIR,
-    metrics_file: Path = EVAL_METRICS,
-    figures_dir: Path = EVAL_FIGURES_DIR,
-) -> tuple[dict, np.ndarray]:
-    """Compute every figure, then write all outputs; on any failure no output is left behind."""
-    outputs = (
-        metrics_file,
-        CONFUSION_PAIRS,
-        PER_CLASS_METRICS,
-        RELIABILITY_BINS,
-        ROBUSTNESS_METRICS,
-        figures_dir,
-    )
+    params: EvaluateParams, processed_dir: Path = PROCESSED_DIR, model_dir: Path = MODEL_DIR
+) -> Evaluation:
+    """Measure the saved model on the test split; nothing is written (write_outputs does that)."""
     test = load_split(Path(processed_dir) / "test.npz")
     device = resolve_device("auto")
     model = load_model(model_dir, device)
-
-    synchronize(device)
-    start = time.perf_counter()
-    logits = predict_logits(model, test.images, params.batch_size, progress=True)
-    synchronize(device)
-    inference_seconds = time.perf_counter() - start
+    logits, inference_seconds = timed_logits(model, test.images, params.batch_size, device)
     probabilities = logits.softmax(1).numpy()
     predictions = probabilities.argmax(1)
-
     report = classification_metrics(test.labels, predictions)
-    calib = calibration(probabilities, test.labels, params.calibration_bins)
     # The temperature the train stage fitted on the validation split (1.0 when there was none); nothing is
     # fitted on the test split. The same logits without it show what calibration changed.
     temperature = float(getattr(model.config, "temperature", 1.0))
-    raw_probabilities = (logits * temperature).softmax(1).numpy()
-    uncalibrated = calibration(raw_probabilities, test.labels, params.calibration_bins)
-    subset = slice(0, min(params.robustness_images, len(test)))
-    clean_subset_accuracy = float((predictions[subset] == test.labels[subset]).mean())
-    robustness = robustness_table(model, test.images[subset], test.labels[subset], params.batch_size)
-    worst = min((acc, f"{name}@{sev}") for name, row in robustness.items() for sev, acc in row.items())
+    calib, uncalibrated = calibration_with_and_without_temperature(
+        logits, temperature, test.labels, params.calibration_bins
+    )
+    robustness = robustness_summary(model, test, predictions, params)
     matrix = confusion_matrix(test.labels, predictions, labels=range(len(CLASS_NAMES)))
-    off_diagonal = [
-        (int(matrix[t, p]), t, p) for t in range(len(CLASS_NAMES)) for p in range(len(CLASS_NAMES)) if t != p
-    ]
-    most_confused = [
-        {"true": CLASS_NAMES[t], "predicted": CLASS_NAMES[p], "count": count}
-        for count, t, p in sorted(off_diagonal, reverse=True)[:3]
-    ]
-    picks = most_confident_mistakes(probabilities, test.labels, params.gallery_per_class)
-
     metrics = {
         "accuracy": report["accuracy"],
         "f1_macro": report["f1_macro"],
@@ -127,17 +165,9 @@ def evaluate(
         "ece_before_temperature": uncalibrated["ece"],
         "mean_confidence": calib["mean_confidence"],
         "class_gap": report["class_gap"],
-        "most_confused": most_confused,
+        "most_confused": most_confused(matrix),
         "per_class": report["per_class"],
-        "robustness": {
-            "images": subset.stop,
-            "clean_accuracy": clean_subset_accuracy,
-            "mean_corrupted_accuracy": float(
-                np.mean([a for row in robustness.values() for a in row.values()])
-            ),
-            "worst": {"accuracy": worst[0], "corruption": worst[1]},
-            "accuracy": robustness,
-        },
+        "robustness": robustness,
         "inference": {
             "device": describe_device(device),
             "tta_level": int(model.config.tta_level),
@@ -146,106 +176,128 @@ def evaluate(
             "images_per_second": round(len(test) / inference_seconds, 1),
         },
     }
-    try:
-        with atomic_output(Path(metrics_file)) as staged:
-            staged.write_text(json.dumps(metrics, indent=2) + "\n")
-        _write_csv(
-            CONFUSION_PAIRS,
-            [
-                {"actual": CLASS_NAMES[a], "predicted": CLASS_NAMES[p]}
-                for a, p in zip(test.labels, predictions, strict=True)
-            ],
+    mistakes = most_confident_mistakes(probabilities, test.labels, params.gallery_per_class)
+    return Evaluation(metrics, test, probabilities, matrix, calib["bins"], mistakes)
+
+
+def write_outputs(
+    evaluation: Evaluation, metrics_file: Path = EVAL_METRICS, figures_dir: Path = EVAL_FIGURES_DIR
+) -> None:
+    """The metrics file, the four DVC plot tables and the figures, each written all or nothing."""
+    metrics, test, predictions = evaluation.metrics, evaluation.test, evaluation.predictions
+    robustness = metrics["robustness"]
+    write_json_atomic(metrics_file, metrics)
+    _write_csv(
+        CONFUSION_PAIRS,
+        [
+            {"actual": CLASS_NAMES[a], "predicted": CLASS_NAMES[p]}
+            for a, p in zip(test.labels, predictions, strict=True)
+        ],
+    )
+    _write_csv(
+        PER_CLASS_METRICS, [{"class": name, **scores} for name, scores in metrics["per_class"].items()]
+    )
+    _write_csv(
+        RELIABILITY_BINS,
+        [
+            {"confidence": b["confidence"], "accuracy": b["accuracy"], "count": b["count"]}
+            for b in evaluation.reliability_bins
+            if b["count"]
+        ],
+    )
+    _write_csv(
+        ROBUSTNESS_METRICS,
+        [
+            {"corruption": name, "severity": int(sev), "accuracy": acc}
+            for name, row in robustness["accuracy"].items()
+            for sev, acc in row.items()
+        ],
+    )
+    with atomic_output(Path(figures_dir)) as staged_dir:
+        staged_dir.mkdir()
+        plots.confusion_matrix(
+            evaluation.confusion,
+            staged_dir / "confusion_matrix.png",
+            f"Confusion matrix, test accuracy {metrics['accuracy']:.2%}",
         )
-        _write_csv(
-            PER_CLASS_METRICS, [{"class": name, **scores} for name, scores in report["per_class"].items()]
+        plots.per_class_scores(metrics["per_class"], staged_dir / "per_class.png")
+        plots.reliability_diagram(evaluation.reliability_bins, metrics["ece"], staged_dir / "reliability.png")
+        plots.robustness(robustness["accuracy"], robustness["clean_accuracy"], staged_dir / "robustness.png")
+        plots.mistake_gallery(
+            test.images,
+            evaluation.probabilities,
+            test.labels,
+            evaluation.mistakes,
+            staged_dir / "mistakes.png",
         )
-        _write_csv(
-            RELIABILITY_BINS,
-            [
-                {"confidence": b["confidence"], "accuracy": b["accuracy"], "count": b["count"]}
-                for b in calib["bins"]
-                if b["count"]
-            ],
-        )
-        _write_csv(
-            ROBUSTNESS_METRICS,
-            [
-                {"corruption": name, "severity": int(sev), "accuracy": acc}
-                for name, row in robustness.items()
-                for sev, acc in row.items()
-            ],
-        )
-        with atomic_output(Path(figures_dir)) as staged_dir:
-            staged_dir.mkdir()
-            plots.confusion_matrix(
-                matrix,
-                staged_dir / "confusion_matrix.png",
-                f"Confusion matrix, test accuracy {report['accuracy']:.2%}",
-            )
-            plots.per_class_scores(report["per_class"], staged_dir / "per_class.png")
-            plots.reliability_diagram(calib["bins"], calib["ece"], staged_dir / "reliability.png")
-            plots.robustness(robustness, clean_subset_accuracy, staged_dir / "robustness.png")
-            plots.mistake_gallery(test.images, probabilities, test.labels, picks, staged_dir / "mistakes.png")
-    except BaseException:
-        remove_outputs(*outputs)
-        raise
-    return metrics, probabilities
 
 
-def run(params: Params) -> dict:
-    from cifar10_pipeline.tracking import emissions
-    from cifar10_pipeline.tracking import model_registry as registry
-    from cifar10_pipeline.tracking import runs as tracking
+def log_results(run: StageRun, metrics: dict[str, Any]) -> None:
+    """The headline figures as metrics of the stage run and the parent, and the outputs as artifacts."""
+    flat = {
+        "test_accuracy": metrics["accuracy"],
+        "test_f1_macro": metrics["f1_macro"],
+        "test_f1_weighted": metrics["f1_weighted"],
+        "test_ece": metrics["ece"],
+        "test_nll": metrics["nll"],
+        "class_f1_gap": metrics["class_gap"]["f1_gap"],
+        "robust_mean_accuracy": metrics["robustness"]["mean_corrupted_accuracy"],
+        "inference_images_per_second": metrics["inference"]["images_per_second"],
+    }
+    flat.update({f"f1_{name}": s["f1"] for name, s in metrics["per_class"].items()})
+    run.log_metrics(flat, to_parent=True)
+    for path in (EVAL_METRICS, EVAL_FIGURES_DIR, CONFUSION_PAIRS, PER_CLASS_METRICS):
+        run.log_artifact(path)
 
-    with tracking.stage_run("evaluate", params) as run_log:
-        with emissions.measure(
-            "evaluate", params.emissions.country_iso_code, STAGE_EMISSIONS_DIR / "evaluate.json"
-        ):
-            metrics, probabilities = evaluate(params.evaluate)
-        flat = {
-            "test_accuracy": metrics["accuracy"],
-            "test_f1_macro": metrics["f1_macro"],
-            "test_f1_weighted": metrics["f1_weighted"],
-            "test_ece": metrics["ece"],
-            "test_nll": metrics["nll"],
-            "class_f1_gap": metrics["class_gap"]["f1_gap"],
-            "robust_mean_accuracy": metrics["robustness"]["mean_corrupted_accuracy"],
-            "inference_images_per_second": metrics["inference"]["images_per_second"],
-        }
-        flat.update({f"f1_{name}": s["f1"] for name, s in metrics["per_class"].items()})
-        run_log.log_metrics(flat, to_parent=True)
-        for path in (EVAL_METRICS, EVAL_FIGURES_DIR, CONFUSION_PAIRS, PER_CLASS_METRICS):
-            run_log.log_artifact(path)
 
-        test = load_split(PROCESSED_DIR / "test.npz")
+def register(run: StageRun, evaluation: Evaluation, registered_model: str) -> dict[str, Any]:
+    """Log and register the model; ``champion`` moves only to a model that beats it on this test split."""
+    test = evaluation.test
 
-        def champion_accuracy(model_uri: str) -> float:
-            import mlflow
+    def champion_accuracy(model_uri: str) -> float:
+        import mlflow
 
-            champion = mlflow.pyfunc.load_model(model_uri)
-            return float((champion.predict(test.images).argmax(1) == test.labels).mean())
+        champion = mlflow.pyfunc.load_model(model_uri)
+        return float((champion.predict(test.images).argmax(1) == test.labels).mean())
 
-        outcome = registry.log_and_register(
-            run_log.run_id,
-            MODEL_DIR,
-            params.mlflow.registered_model,
-            example_images=test.images[:8],
-            example_probabilities=probabilities[:8],
-            accuracy=metrics["accuracy"],
-            test_set=registry.test_set_fingerprint(test.images, test.labels),
-            evaluate_champion=champion_accuracy,
-        )
-        run_log.set_tags({f"registry.{k}": str(v) for k, v in outcome.items()}, to_parent=True)
+    outcome = registry.log_and_register(
+        run.run_id,
+        MODEL_DIR,
+        registered_model,
+        example_images=test.images[:8],
+        example_probabilities=evaluation.probabilities[:8],
+        accuracy=evaluation.metrics["accuracy"],
+        test_set=registry.test_set_fingerprint(test.images, test.labels),
+        evaluate_champion=champion_accuracy,
+    )
+    run.set_tags({f"registry.{k}": str(v) for k, v in outcome.items()}, to_parent=True)
+    return outcome
+
+
+def main() -> None:
+    params = load_params()
+    energy_file = STAGE_EMISSIONS_DIR / "evaluate.json"
+    outputs = (
+        EVAL_METRICS,
+        CONFUSION_PAIRS,
+        PER_CLASS_METRICS,
+        RELIABILITY_BINS,
+        ROBUSTNESS_METRICS,
+        EVAL_FIGURES_DIR,
+        energy_file,
+    )
+    with stage_run("evaluate", params, outputs) as run:
+        with emissions.measure("evaluate", params.emissions.country_iso_code, energy_file):
+            evaluation = evaluate(params.evaluate)
+            write_outputs(evaluation)
+        log_results(run, evaluation.metrics)
+        outcome = register(run, evaluation, params.mlflow.registered_model)
+    metrics = evaluation.metrics
     print(
         f"evaluate: accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f} "
         f"ece={metrics['ece']:.4f}; registered {outcome['registered_model']} v{outcome['version']} "
         f"(champion: v{outcome['champion_version']})"
     )
-    return metrics
-
-
-def main() -> None:
-    run(load_params())
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from cifar10_pipeline.core.paths import (
     VALIDATION_METRICS,
 )
 from cifar10_pipeline.modeling.architectures import SPEED_RUN, architecture, describe_architecture
+from cifar10_pipeline.tracking.runs import stage_run
 
 PARENT_MODEL = "google/vit-base-patch16-224-in21k"
 DATASET_ID = "uoft-cs/cifar10"  # the Hub dataset whose schema (and, but for the mirror, pixels) the data have
@@ -377,9 +378,11 @@ def gather_facts(model_dir: Path = MODEL_DIR) -> dict[str, Any]:
 
 def main() -> None:
     params = load_params()
-    card = render(params, gather_facts())
-    with atomic_output(MODEL_CARD) as staged:
-        staged.write_text(card)
+    with stage_run("model_card", params, outputs=(MODEL_CARD,)) as run:
+        card = render(params, gather_facts())
+        with atomic_output(MODEL_CARD) as staged:
+            staged.write_text(card)
+        run.log_artifact(MODEL_CARD)
     print(f"model_card: -> {MODEL_CARD}")
 
 

@@ -9,15 +9,22 @@ quick runs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from cifar10_pipeline.core.data import ArraySplit, atomic_output, decode_split, read_raw_split, save_split
+from cifar10_pipeline.core.data import (
+    ArraySplit,
+    atomic_output,
+    decode_split,
+    read_raw_split,
+    save_split,
+    write_json_atomic,
+)
 from cifar10_pipeline.core.params import PreprocessParams, ValidateParams, load_params
 from cifar10_pipeline.core.paths import PROCESSED_DIR, PROCESSED_VALIDATION, RAW_DIR
+from cifar10_pipeline.tracking.runs import stage_run
 
 
 def stratified_subset(labels: np.ndarray, rows: np.ndarray, size: int | None, seed: int) -> np.ndarray:
@@ -83,19 +90,16 @@ def preprocess(
         staging.mkdir()
         for name, split in splits.items():
             save_split(staging / f"{name}.npz", split)
-    with atomic_output(Path(checks_file)) as staged:
-        staged.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(checks_file, summary)
     counts = {name: len(split) for name, split in splits.items()}
     print(f"preprocess: {counts} -> {out_dir} ({summary['evaluated']} checks passed)")
     return counts
 
 
 def main() -> None:
-    from cifar10_pipeline.tracking import runs as tracking
-
     params = load_params()
-    counts = preprocess(params.preprocess, params.validate_)
-    with tracking.stage_run("preprocess", params) as run:
+    with stage_run("preprocess", params, outputs=(PROCESSED_DIR, PROCESSED_VALIDATION)) as run:
+        counts = preprocess(params.preprocess, params.validate_)
         run.log_metrics({f"images_{name}": n for name, n in counts.items()})
 
 

@@ -7,22 +7,20 @@ so that ``transformers.pipeline`` can load it) goes to ``models/cifar10/``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import json
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
 from transformers import PreTrainedModel
 
-from cifar10_pipeline.core.data import atomic_output, load_split
-from cifar10_pipeline.core.params import Params, TrainParams, load_params
+from cifar10_pipeline.core.data import atomic_output, load_split, write_json_atomic
+from cifar10_pipeline.core.params import TrainParams, load_params
 from cifar10_pipeline.core.paths import (
     MODEL_DIR,
     PROCESSED_DIR,
@@ -35,6 +33,8 @@ from cifar10_pipeline.evaluation import plots
 from cifar10_pipeline.modeling.architectures import build_model, save_model
 from cifar10_pipeline.modeling.inference import fit_temperature, predict_logits, resolve_precision
 from cifar10_pipeline.modeling.model import batchnorm_precision
+from cifar10_pipeline.tracking import emissions
+from cifar10_pipeline.tracking.runs import stage_run
 from cifar10_pipeline.training.loop import (
     EpochRecord,
     TrainingResult,
@@ -59,36 +59,27 @@ def calibrate(model: PreTrainedModel, val_split) -> float | None:
     return temperature
 
 
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What train() produced: the calibrated model, the loop's record and the summary measured so far."""
+
+    model: PreTrainedModel
+    result: TrainingResult
+    summary: dict[str, Any]
+
+
 def train(
     hp: TrainParams,
     processed_dir: Path = PROCESSED_DIR,
-    model_dir: Path = MODEL_DIR,
-    history_file: Path = TRAIN_HISTORY,
-    metrics_file: Path = TRAIN_METRICS,
-    curves_file: Path = TRAIN_CURVES,
-    on_epoch=None,
-) -> tuple[PreTrainedModel, TrainingResult, dict]:
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> Trained:
+    """Fit and calibrate a fresh model on the processed splits; nothing is written (write_outputs does)."""
     device = resolve_device(hp.device)
     train_split = load_split(Path(processed_dir) / "train.npz")
     val_split = load_split(Path(processed_dir) / "val.npz")
     model = build_model(hp)
-    history_file = Path(history_file)
-    history_file.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(history_file) as staged_history:
-        with open(staged_history, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
-            writer.writeheader()
-
-            def record_epoch(record: EpochRecord) -> None:
-                writer.writerow(dataclasses.asdict(record))
-                handle.flush()
-                if on_epoch is not None:
-                    on_epoch(record)
-
-            result = train_classifier(model, train_split, val_split, hp, device, on_epoch=record_epoch)
-        temperature = calibrate(model, val_split)
-        with atomic_output(Path(model_dir)) as staged_model:
-            save_model(model, staged_model, hp.model)  # weights, config.json and preprocessor_config.json
+    result = train_classifier(model, train_split, val_split, hp, device, on_epoch=on_epoch)
+    temperature = calibrate(model, val_split)
     last = result.history[-1]
     summary = {
         "model": hp.model,
@@ -108,75 +99,67 @@ def train(
         "train_loss": last.train_loss,
         "train_seconds": round(result.train_seconds, 2),
         "train_images_per_second": round(result.images_seen / max(result.train_seconds, 1e-9), 1),
+    }
+    return Trained(model, result, summary)
+
+
+def write_outputs(
+    trained: Trained,
+    model_dir: Path = MODEL_DIR,
+    history_file: Path = TRAIN_HISTORY,
+    metrics_file: Path = TRAIN_METRICS,
+    curves_file: Path = TRAIN_CURVES,
+) -> dict[str, Any]:
+    """Save the model, the per-epoch history, the summary and the curves; return the summary as written."""
+    with atomic_output(Path(model_dir)) as staged_model:
+        save_model(trained.model, staged_model, trained.summary["model"])  # + preprocessor_config.json
+    history = [dataclasses.asdict(record) for record in trained.result.history]
+    with atomic_output(Path(history_file)) as staged_history, open(staged_history, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+    summary = {
+        **trained.summary,
+        # The stage's whole cost up to a saved model: process start-up, imports and MLflow included.
         "stage_wall_seconds": round(time.time() - psutil.Process().create_time(), 2),
         "checkpoint_bytes": sum(f.stat().st_size for f in Path(model_dir).iterdir()),
     }
-    with atomic_output(Path(metrics_file)) as staged_metrics:
-        staged_metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(metrics_file, summary)
     with atomic_output(Path(curves_file)) as staged_curves:
-        plots.training_curves([dataclasses.asdict(r) for r in result.history], staged_curves)
-    return model, result, summary
+        plots.training_curves(history, staged_curves)
+    return summary
 
 
-def _start_tracking(
-    params: Params, run_stack: contextlib.ExitStack, energy_stack: contextlib.ExitStack
-) -> StageRun:
-    """Open the stage's MLflow run and start codecarbon; each closes with its stack."""
-    from cifar10_pipeline.tracking import emissions
-    from cifar10_pipeline.tracking import runs as tracking
-
-    run_log = run_stack.enter_context(tracking.stage_run("train", params))
-    energy_stack.enter_context(
-        emissions.measure("train", params.emissions.country_iso_code, STAGE_EMISSIONS_DIR / "train.json")
-    )
-    return run_log
+def epoch_metrics(record: EpochRecord) -> dict[str, float | None]:
+    """One epoch's record as MLflow metrics (the epoch is the step)."""
+    return {k: v for k, v in dataclasses.asdict(record).items() if k not in ("epoch", "step")}
 
 
-def run(params: Params) -> dict:
-    # Opening the MLflow run (store set-up, parent and child runs, parameters) and starting codecarbon
-    # (hardware probing) take 3-6 s, as long as a whole gpu_fast training. So they happen on a helper thread
-    # while the data loads and the model builds; epochs that end before the run is open are logged once it is.
-    # On an exception the helper is joined first, then codecarbon stops and the run is marked FAILED.
-    pending: list[EpochRecord] = []
-    with (
-        contextlib.ExitStack() as run_stack,
-        contextlib.ExitStack() as energy_stack,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking") as helper,
-    ):
-        opening = helper.submit(_start_tracking, params, run_stack, energy_stack)
+def log_results(run: StageRun, summary: dict[str, Any]) -> None:
+    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)}, to_parent=True)
+    run.set_tags({"device": summary["device"], "architecture": summary["architecture"]})
+    run.log_artifact(TRAIN_HISTORY)
+    run.log_artifact(TRAIN_CURVES)
+    run.log_artifact(MODEL_DIR, "model")
 
-        def log_pending() -> None:
-            run_log = opening.result()  # re-raises here if MLflow or codecarbon could not start
-            while pending:
-                record = pending.pop(0)
-                metrics = {k: v for k, v in dataclasses.asdict(record).items() if k not in ("epoch", "step")}
-                run_log.log_metrics(metrics, step=record.epoch)
 
-        def log_epoch(record: EpochRecord) -> None:
-            pending.append(record)
-            if opening.done():
-                log_pending()
-
-        _, _, summary = train(params.train, on_epoch=log_epoch)
-        log_pending()
-        energy_stack.close()  # the emissions record covers training, not the uploads below
-        run_log = opening.result()
-        run_log.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)}, to_parent=True)
-        run_log.set_tags({"device": summary["device"], "architecture": summary["architecture"]})
-        run_log.log_artifact(TRAIN_HISTORY)
-        run_log.log_artifact(TRAIN_CURVES)
-        run_log.log_artifact(MODEL_DIR, "model")
+def main() -> None:
+    params = load_params()
+    outputs = (MODEL_DIR, TRAIN_HISTORY, TRAIN_METRICS, TRAIN_CURVES, STAGE_EMISSIONS_DIR / "train.json")
+    with stage_run("train", params, outputs) as run:
+        # The emissions record covers training and saving, not the uploads to MLflow.
+        with emissions.measure(
+            "train", params.emissions.country_iso_code, STAGE_EMISSIONS_DIR / "train.json"
+        ):
+            trained = train(params.train, on_epoch=lambda r: run.log_metrics(epoch_metrics(r), step=r.epoch))
+            summary = write_outputs(trained)
+        log_results(run, summary)
     val_accuracy = summary["val_accuracy"]
     validation = f"val_accuracy={val_accuracy:.4f}" if val_accuracy is not None else "no validation split"
     print(
         f"train: {validation}; {summary['train_seconds']:.1f}s of training "
         f"({summary['train_images_per_second']:.0f} img/s on {summary['device']}); model -> {MODEL_DIR}"
     )
-    return summary
-
-
-def main() -> None:
-    run(load_params())
 
 
 if __name__ == "__main__":

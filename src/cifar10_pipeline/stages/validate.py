@@ -11,16 +11,16 @@ failed expectation the stage removes both, prints one line per failure and exits
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cifar10_pipeline import SPLIT_SIZES
-from cifar10_pipeline.core.data import SPLITS, atomic_output, remove_outputs
+from cifar10_pipeline.core.data import SPLITS, atomic_output, remove_outputs, write_json_atomic
 from cifar10_pipeline.core.params import ValidateParams, load_params
 from cifar10_pipeline.core.paths import DATA_DOCS_DIR, RAW_DIR, VALIDATION_METRICS
+from cifar10_pipeline.tracking.runs import stage_run
 from cifar10_pipeline.validation.expectations import DataValidationError, check_raw_splits
 
 
@@ -43,8 +43,7 @@ def validate(
     try:
         with atomic_output(docs_dir) as staged_docs:
             summary = check_raw_splits(Path(raw_dir), params, expected_sizes, docs_dir=staged_docs)
-        with atomic_output(metrics_file) as staged_metrics:
-            staged_metrics.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(metrics_file, summary)
     except BaseException:
         remove_outputs(metrics_file, docs_dir)
         raise
@@ -68,10 +67,8 @@ def mlflow_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
 
 
 def main() -> None:
-    from cifar10_pipeline.tracking import runs as tracking
-
     params = load_params()
-    with tracking.stage_run("validate", params) as run:
+    with stage_run("validate", params, outputs=(DATA_DOCS_DIR, VALIDATION_METRICS)) as run:
         try:
             summary = validate(params.validate_)
         except DataValidationError as exc:

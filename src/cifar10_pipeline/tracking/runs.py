@@ -5,6 +5,9 @@ it. The parent is named after the DVC experiment when there is one (``DVC_EXP_NA
 ``repro-<commit>-<params hash>``, and carries the effective params and the headline metrics, so the MLflow
 compare view lines experiments up side by side.
 
+``stage_run`` is the harness every stage runs in: it opens the stage's run, closes it FINISHED, FAILED or
+KILLED (never left RUNNING) and deletes the stage's outputs when the stage fails.
+
 Default store: ``sqlite:///mlflow.db`` in the project root (git-ignored), artifacts in ``mlartifacts/``.
 ``MLFLOW_TRACKING_URI`` overrides it.
 """
@@ -15,11 +18,14 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cifar10_pipeline.core.data import remove_outputs
 from cifar10_pipeline.core.params import Params
 from cifar10_pipeline.core.paths import PARAMS_FILE, RAW_DIR
 
@@ -141,36 +147,103 @@ def _parent_run_id(client: Any, experiment_id: str, key: str, params: Params) ->
     return run.info.run_id
 
 
-@contextlib.contextmanager
-def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
-    """Open the child run of ``stage`` under this pipeline run's parent; close it FAILED on an exception."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    import mlflow
-    from mlflow.tracking import MlflowClient
+class StageTerminated(SystemExit):
+    """SIGTERM arrived while a stage ran (a killed queued experiment, ``docker stop``, a CI timeout)."""
 
-    # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI for child processes.
-    default_store = "MLFLOW_TRACKING_URI" not in os.environ
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)  # the exit status a shell reports for a SIGTERM death
+
+
+def run_status(error: BaseException | None) -> str:
+    """How a stage's run ends: FINISHED, KILLED when it was interrupted or terminated, else FAILED."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, KeyboardInterrupt | StageTerminated) else "FAILED"
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into StageTerminated inside the block. Python's default ends the process on the spot,
+    which would leave the run RUNNING forever; raising lets ``stage_run`` close it KILLED first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers; such callers keep their own
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise StageTerminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _terminate(client: Any, run_ids: Sequence[str], status: str, error: BaseException | None) -> None:
+    """Close the runs with ``status``. While a stage is failing, a store that cannot be written to is
+    reported as a warning, so the stage's own error is the one the user sees."""
+    for run_id in run_ids:
+        try:
+            client.set_terminated(run_id, status)
+        except Exception as exc:
+            if error is None:
+                raise
+            logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
+
+def _open_stage_run(client: Any, stage: str, params: Params, default_store: bool) -> StageRun:
+    """Create (or find) the parent, create the child and log the params; a failure on the way closes the
+    runs already created (FAILED, or KILLED when interrupted) instead of leaving them RUNNING."""
     experiment_id = _experiment_id(client, params.mlflow.experiment, default_store)
     key = pipeline_key()
     parent_id = _parent_run_id(client, experiment_id, key, params)
-    tags = {
-        "mlflow.parentRunId": parent_id,
-        KEY_TAG: key,
-        ROLE_TAG: "stage",
-        "stage": stage,
-        "mlflow.source.git.commit": git_commit(),
-    }
-    child = client.create_run(experiment_id, run_name=stage, tags=tags)
-    run = StageRun(client, child.info.run_id, parent_id, experiment_id)
-    run.log_params(params.as_flat_dict(), to_parent=True)
+    opened = [parent_id]
     try:
-        yield run
-    except BaseException:
-        client.set_terminated(run.run_id, "FAILED")
-        client.set_terminated(parent_id, "FAILED")
+        tags = {
+            "mlflow.parentRunId": parent_id,
+            KEY_TAG: key,
+            ROLE_TAG: "stage",
+            "stage": stage,
+            "mlflow.source.git.commit": git_commit(),
+        }
+        child = client.create_run(experiment_id, run_name=stage, tags=tags)
+        opened.insert(0, child.info.run_id)
+        run = StageRun(client, child.info.run_id, parent_id, experiment_id)
+        run.log_params(params.as_flat_dict(), to_parent=True)
+    except BaseException as exc:
+        _terminate(client, opened, run_status(exc), exc)
         raise
-    client.set_terminated(run.run_id, "FINISHED")
-    # The parent ends with its latest stage (a later stage of the same pipeline run re-closes it).
-    client.set_terminated(parent_id, "FINISHED")
+    return run
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Iterator[StageRun]:
+    """Run the block as ``stage``: the one harness every stage's main() opens before its work.
+
+    It opens the stage's child run under this pipeline run's parent and logs the effective params to both;
+    the block logs metrics, tags and artifacts through the yielded run. When the block ends, both runs are
+    closed FINISHED; on an exception FAILED, on Ctrl-C or SIGTERM KILLED, and ``outputs`` (the stage's
+    dvc.yaml outs) are deleted first, so a failed stage leaves nothing DVC or a reader could take for its
+    result. Deleting on failure cannot change a successful result, which is why this module stays out of
+    the stages' dvc.yaml deps; the outputs themselves are written by the stage (core.data's atomic helpers).
+    """
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    with _sigterm_raises():
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI for child processes.
+        default_store = "MLFLOW_TRACKING_URI" not in os.environ
+        mlflow.set_tracking_uri(tracking_uri())
+        client = MlflowClient()
+        run: StageRun | None = None
+        try:
+            run = _open_stage_run(client, stage, params, default_store)
+            yield run
+        except BaseException as exc:
+            remove_outputs(*outputs)
+            if run is not None:  # None: the opening failed and closed the runs it had created
+                _terminate(client, (run.run_id, run.parent_id), run_status(exc), exc)
+            raise
+        # The parent ends with its latest stage (a later stage of the same pipeline run re-closes it).
+        _terminate(client, (run.run_id, run.parent_id), "FINISHED", None)
