@@ -163,7 +163,7 @@ def test_fine_tuned_checkpoint_gets_our_preprocessing_but_its_own_forward(tmp_pa
 
 def test_the_train_stage_saves_a_directory_the_pipeline_loads(tmp_path: Path) -> None:
     from cifar10_pipeline.core.data import save_split
-    from cifar10_pipeline.stages.train import train
+    from cifar10_pipeline.stages.train import train, write_outputs
 
     images, labels = synthetic_images(150, seed=5)
     processed = tmp_path / "processed"
@@ -174,10 +174,11 @@ def test_the_train_stage_saves_a_directory_the_pipeline_loads(tmp_path: Path) ->
     hp = train_params(
         widths=[8, 16, 16], epochs=1, batch_size=50, device="cpu", tta_level=1, precision="fp32"
     )
-    model, _, _ = train(
-        hp, processed, tmp_path / "model", tmp_path / "history.csv", tmp_path / "train.json",
-        tmp_path / "curves.png",
-    )  # fmt: skip
+    trained = train(hp, processed)
+    write_outputs(
+        trained, tmp_path / "model", tmp_path / "history.csv", tmp_path / "train.json", tmp_path / "c.png"
+    )
+    model = trained.model
     assert (tmp_path / "model" / "preprocessor_config.json").is_file()
     classifier = pipeline("image-classification", model=str(tmp_path / "model"), device="cpu")
     piped = scores_by_label(
