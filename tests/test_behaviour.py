@@ -25,9 +25,11 @@ from .conftest import RealQuickModel
 MIN_FLIP_AGREEMENT = 0.6
 MIN_SHIFT_AGREEMENT = 0.75
 MAX_CLASS_SHARE = 0.3  # measured: the most predicted class takes 0.17 of the predictions (untrained: 0.48)
-# Measured: 0.38 held-out (TTA level 2) and 0.43 on its first 500 training images; chance is 0.10.
-MIN_TEST_ACCURACY = 0.25
-MIN_TRAIN_ACCURACY = 0.30
+# Measured: 0.43 on its first 500 training images and 0.38 held-out (TTA level 2); chance is 0.10. Inputs
+# turned upside down inside predict still give 0.34 held-out but only 0.31 on the training images, which
+# the network fitted in their upright orientation: the training-image bar is the one that catches it.
+MIN_TRAIN_ACCURACY = 0.37
+MIN_TEST_ACCURACY = 0.30
 # Blending A halfway toward B: p(B) rose for 0.83 of the 90 class pairs and its mean grew 1.38x (0.089 ->
 # 0.123; label smoothing keeps this small model's probabilities low). Untrained: 0.17 and 0.99x.
 MIN_SHARE_ROSE = 0.75
