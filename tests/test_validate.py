@@ -20,9 +20,8 @@ import pytest
 from PIL import Image
 
 from cifar10_pipeline import CLASS_NAMES, NUM_CLASSES, SPLIT_SIZES
-from cifar10_pipeline.core.data import ArraySplit, DataError
+from cifar10_pipeline.core.data import ArraySplit, DataError, write_parquet_split
 from cifar10_pipeline.core.params import ValidateParams, load_params
-from cifar10_pipeline.stages.download import write_parquet_split
 from cifar10_pipeline.stages.validate import main, validate
 from cifar10_pipeline.validation.expectations import (
     DATA_CARD_CHANNEL_STATS,

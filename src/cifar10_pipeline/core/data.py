@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cifar10_pipeline import IMAGE_SHAPE, NUM_CLASSES
+from cifar10_pipeline import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
 
 SPLITS = ("train", "test")
 PROCESSED_SPLITS = ("train", "val", "test")
@@ -218,3 +218,24 @@ def load_split(path: Path) -> ArraySplit:
 
 def load_processed(directory: Path) -> dict[str, ArraySplit]:
     return {name: load_split(Path(directory) / f"{name}.npz") for name in PROCESSED_SPLITS}
+
+
+def write_parquet_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write (N, 32, 32, 3) uint8 images and labels as Parquet in the uoft-cs/cifar10 schema (PNG bytes).
+
+    The schema and its metadata come from ``datasets``' own Image and ClassLabel features, so the file reads
+    like the Hub's; labels are written as given (validation, not the writer, judges them)."""
+    from datasets import ClassLabel, Features
+    from datasets import Image as ImageFeature
+
+    def png(image: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    features = Features({"img": ImageFeature(), "label": ClassLabel(names=list(CLASS_NAMES))})
+    table = pa.table(
+        {"img": [{"bytes": png(image), "path": None} for image in images], "label": labels.astype(np.int64)},
+        schema=features.arrow_schema,
+    )
+    pq.write_table(table, path)

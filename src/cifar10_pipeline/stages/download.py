@@ -13,8 +13,6 @@ data must be noticed, not routed around). Output appears all at once or not at a
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import pickle
 import shutil
 import tarfile
@@ -22,13 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import requests
-from PIL import Image
 from tqdm.auto import tqdm
 
-from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import (
     CHECKSUM_FILE,
     SPLITS,
@@ -39,6 +33,7 @@ from cifar10_pipeline.core.data import (
     verify_checksums,
     write_checksums,
     write_json_atomic,
+    write_parquet_split,
 )
 from cifar10_pipeline.core.params import DownloadParams, load_params
 from cifar10_pipeline.core.paths import DATA_SOURCE, RAW_DIR
@@ -122,39 +117,6 @@ def _download_url(url: str, target: Path) -> None:
                     bar.update(len(chunk))
     except requests.RequestException as exc:
         raise SourceUnavailable(f"could not download {url}: {exc}") from None
-
-
-def _hf_schema() -> pa.Schema:
-    """The uoft-cs/cifar10 Parquet schema, with the metadata that makes `datasets` see Image/ClassLabel."""
-    features = {
-        "img": {"_type": "Image"},
-        "label": {"names": list(CLASS_NAMES), "_type": "ClassLabel"},
-    }
-    schema = pa.schema(
-        [
-            pa.field("img", pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])),
-            pa.field("label", pa.int64()),
-        ]
-    )
-    return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_parquet_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write (N, 32, 32, 3) uint8 images and labels in the uoft-cs/cifar10 schema (PNG bytes)."""
-    table = pa.table(
-        {
-            "img": [{"bytes": _png_bytes(image), "path": None} for image in images],
-            "label": labels.astype(np.int64),
-        },
-        schema=_hf_schema(),
-    )
-    pq.write_table(table, path)
 
 
 def fetch_url(params: DownloadParams, staging: Path) -> dict:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+
+from cifar10_pipeline.core.data import write_json_atomic
 
 STAGE_FIELDS = (
     "emissions_kg",
@@ -61,4 +62,4 @@ def measure(stage: str, country_iso_code: str, out_file: Path) -> Iterator[None]
     }
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(out_file, record)
