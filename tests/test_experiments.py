@@ -90,6 +90,8 @@ CHANGED: dict[str, str] = {
     "train.vit_mlp_ratio": "4.0",
     "train.finetune_image_size": "160",
     "evaluate.batch_size": "500",
+    "evaluate.device": "cpu",
+    "evaluate.precision": "fp32",
     "evaluate.robustness_images": "300",
     "evaluate.calibration_bins": "10",
     "evaluate.gallery_per_class": "2",

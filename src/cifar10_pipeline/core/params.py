@@ -115,6 +115,8 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["auto", "bf16", "fp32"]
     batch_size: PositiveInt
     robustness_images: PositiveInt
     calibration_bins: Annotated[int, Field(ge=2, le=100)]

@@ -44,7 +44,7 @@ from cifar10_pipeline.evaluation.metrics import (
     corrupt,
     most_confident_mistakes,
 )
-from cifar10_pipeline.modeling.inference import predict_logits
+from cifar10_pipeline.modeling.inference import predict_logits, resolve_precision
 from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.tracking import emissions
 from cifar10_pipeline.tracking import model_registry as registry
@@ -63,14 +63,14 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def robustness_table(
-    model, images: np.ndarray, labels: np.ndarray, batch_size: int
+    model, images: np.ndarray, labels: np.ndarray, batch_size: int, precision: str = "auto"
 ) -> dict[str, dict[str, float]]:
     table: dict[str, dict[str, float]] = {}
     for name in CORRUPTIONS:
         table[name] = {}
         for severity in SEVERITIES:
             corrupted = corrupt(images, name, severity, seed=severity)
-            predictions = predict_logits(model, corrupted, batch_size).argmax(1).numpy()
+            predictions = predict_logits(model, corrupted, batch_size, precision=precision).argmax(1).numpy()
             table[name][str(severity)] = float((predictions == labels).mean())
     return table
 
@@ -91,11 +91,13 @@ class Evaluation:
         return self.probabilities.argmax(1)
 
 
-def timed_logits(model: Any, images: np.ndarray, batch_size: int, device: torch.device) -> tuple[Any, float]:
+def timed_logits(
+    model: Any, images: np.ndarray, batch_size: int, device: torch.device, precision: str = "auto"
+) -> tuple[Any, float]:
     """The model's (calibrated) logits on ``images`` and the device-synchronised seconds they took."""
     synchronize(device)
     start = time.perf_counter()
-    logits = predict_logits(model, images, batch_size, progress=True)
+    logits = predict_logits(model, images, batch_size, precision=precision, progress=True)
     synchronize(device)
     return logits, time.perf_counter() - start
 
@@ -114,7 +116,9 @@ def robustness_summary(
 ) -> dict[str, Any]:
     """Accuracy under each corruption and severity on the first ``robustness_images`` test images."""
     subset = slice(0, min(params.robustness_images, len(test)))
-    table = robustness_table(model, test.images[subset], test.labels[subset], params.batch_size)
+    table = robustness_table(
+        model, test.images[subset], test.labels[subset], params.batch_size, params.precision
+    )
     worst = min((acc, f"{name}@{sev}") for name, row in table.items() for sev, acc in row.items())
     return {
         "images": subset.stop,
@@ -140,9 +144,9 @@ def evaluate(
 ) -> Evaluation:
     """Measure the saved model on the test split; nothing is written (write_outputs does that)."""
     test = load_split(Path(processed_dir) / "test.npz")
-    device = resolve_device("auto")
+    device = resolve_device(params.device)
     model = load_model(model_dir, device)
-    logits, inference_seconds = timed_logits(model, test.images, params.batch_size, device)
+    logits, inference_seconds = timed_logits(model, test.images, params.batch_size, device, params.precision)
     probabilities = logits.softmax(1).numpy()
     predictions = probabilities.argmax(1)
     report = classification_metrics(test.labels, predictions)
@@ -170,6 +174,7 @@ def evaluate(
         "robustness": robustness,
         "inference": {
             "device": describe_device(device),
+            "precision": resolve_precision(params.precision, device),
             "tta_level": int(model.config.tta_level),
             "batch_size": params.batch_size,
             "seconds": round(inference_seconds, 3),
