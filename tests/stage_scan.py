@@ -51,8 +51,8 @@ DATA_ROOTS = frozenset({"data", "models", "metrics", "reports"})
 # Project files a stage may execute without declaring them, each with the reason.
 NOT_A_RESULT_DEP: dict[str, str] = {
     f"src/{PACKAGE}/tracking/runs.py": (
-        "the stage harness: mirrors results into MLflow and, when a stage fails, deletes its outputs; neither "
-        "changes a successful result, so changing it must not retrain the model"
+        "the stage harness: mirrors results into MLflow and, when a stage fails, deletes its outputs; "
+        "neither changes a successful result, so changing it must not retrain the model"
     ),
     f"src/{PACKAGE}/stages/__init__.py": "empty package marker of the stage modules",
 }
