@@ -145,7 +145,7 @@ def test_mlflow_holds_the_pipeline_run(pipeline_run: Path) -> None:
     stages = {
         r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    assert stages == {"download", "validate", "preprocess", "train", "evaluate", "emissions"}
+    assert stages == {"download", "validate", "preprocess", "train", "evaluate", "emissions", "model_card"}
     assert parent.data.params["train.epochs"] == "4.0"
     assert parent.data.params["profile"] == "default"
     eval_metrics = json.loads((pipeline_run / "metrics/eval.json").read_text())
