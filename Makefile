@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands call `python -m ...`: make sure that is the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test lint clean-venv
+.PHONY: setup repro test test-fast lint clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The edit loop: the unit tier (tests/unit) without its slow tests; `make test` runs every tier.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -m "not slow" -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

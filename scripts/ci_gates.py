@@ -7,7 +7,8 @@
     python scripts/ci_gates.py dvc-status-clean          # nothing left for dvc to do
     python scripts/ci_gates.py record-baseline           # after a quick run: rewrite the quick baseline
 
-Every gate exits 1 and says why when what it guards is broken; tests/test_ci_gates.py makes each one fail.
+Every gate exits 1 and says why when what it guards is broken; tests/unit/test_ci_gates.py makes each
+one fail.
 The stage outputs are read from dvc.yaml (every stage's outs, metrics and plots), so a new stage or output is
 covered without editing this file. Run from the project root, like dvc.
 """
@@ -57,7 +58,8 @@ FRESH_CLONE_STATES = {"not in cache", "deleted"}
 
 
 # What the baseline keeps of a quick run: the metrics the PR report shows (and the gate reads), by name, so
-# every key of metrics/ci_quick_baseline.json is one this file writes (tests/test_metrics_written_by_code.py).
+# every key of metrics/ci_quick_baseline.json is one this file writes
+# (tests/unit/test_metrics_written_by_code.py).
 BASELINE_METRICS: dict[str, tuple[str, ...]] = {
     "metrics/eval.json": (
         "accuracy",

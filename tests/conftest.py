@@ -115,3 +115,16 @@ def real_quick_model(real_mirror: Path, tmp_path_factory: pytest.TempPathFactory
     model_dir = tmp_path_factory.mktemp("real-quick-model") / "model"
     model.save_pretrained(model_dir)
     return RealQuickModel(model_dir, train, test, result.train_seconds)
+
+
+# Tiers by folder: each test gets the marker of the folder it lives in (tests/unit/... -> unit), so a tier is
+# selectable with -m and the folder alone says which tier a test is in.
+TIERS = ("unit", "data", "model", "integration", "browser")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        parts = Path(str(item.path)).resolve().relative_to(tests_dir).parts
+        if len(parts) > 1 and parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))

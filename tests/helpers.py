@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -85,3 +86,30 @@ def headless_chrome(window_size: str = "1200,900") -> Iterator[Any]:
         yield chrome
     finally:
         chrome.quit()
+
+
+def register_history(tmp_path: Path, versions: int, name: str = "cifar10-classifier") -> None:
+    """``versions`` promoted registrations of ``name`` in the store that MLFLOW_TRACKING_URI names."""
+    from mlflow.tracking import MlflowClient
+
+    from cifar10_pipeline.tracking import model_registry
+
+    from .conftest import synthetic_images
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("history", artifact_location=(tmp_path / "art").as_uri())
+    model_dir = save_tiny_convnet(tmp_path / "old-model")
+    images, _ = synthetic_images(4, seed=0)
+    for accuracy in np.linspace(0.5, 0.7, versions):
+        model_registry.log_and_register(
+            client.create_run(experiment_id).info.run_id,
+            model_dir,
+            name,
+            example_images=images,
+            example_probabilities=np.full((4, 10), 0.1),
+            accuracy=float(accuracy),
+            test_set="earlier",
+            evaluate_champion=lambda uri: 0.0,
+        )
+    champion = client.get_model_version_by_alias(name, model_registry.CHAMPION)
+    assert str(champion.version) == str(versions)

@@ -5,7 +5,7 @@
 
 A block is the text between ``<!-- generated:NAME ... -->`` and ``<!-- /generated:NAME -->`` in a
 document listed in ``DOCUMENTS``; it is rendered from ``templates/NAME.md.j2`` with every file in
-``metrics/`` as context (``tests/test_docs.py`` fails when a committed block differs from its rendering).
+``metrics/`` as context (``tests/unit/test_docs.py`` fails when a committed block differs from its rendering).
 """
 
 from __future__ import annotations

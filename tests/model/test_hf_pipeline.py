@@ -1,0 +1,189 @@
+"""Saved models load with standard transformers tools: Auto classes, AutoImageProcessor, pipeline()."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+    pipeline,
+)
+
+from cifar10_pipeline.core.data import ArraySplit
+from cifar10_pipeline.modeling.architectures import build_model, save_model
+from cifar10_pipeline.modeling.inference import fit_temperature, normalize, predict_logits
+from cifar10_pipeline.modeling.processor import CifarImageProcessor
+from cifar10_pipeline.training.loop import train_classifier
+
+from ..conftest import synthetic_images
+from ..helpers import train_params
+
+TEST_SHARD = "test-00000-of-00001.parquet"
+TRAIN_SHARD = "train-00000-of-00002.parquet"
+# The pipeline runs one image per forward pass, predict_logits a batch: fp32 kernels sum in a
+# batch-size-dependent order, so logits agree to fp32 rounding (~1e-7), not bit for bit; the softmax is
+# numpy's in the pipeline, torch's in ours. 1e-6 on probabilities is ~10x the observed difference (2e-8).
+PROBABILITY_ATOL = 1e-6
+
+# Runs in a fresh interpreter: only the import of cifar10_pipeline.modeling may register the model types.
+PIPELINE_SCRIPT = """
+import io, json, sys
+import pyarrow.parquet as pq
+from PIL import Image
+from transformers import pipeline
+import cifar10_pipeline.modeling  # registers the Auto classes
+
+model_dir, shard, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rows = pq.read_table(shard, columns=["img"]).slice(0, n).to_pylist()
+images = [Image.open(io.BytesIO(row["img"]["bytes"])) for row in rows]
+classifier = pipeline("image-classification", model=model_dir, device="cpu")
+print(json.dumps(classifier(images, top_k=10, batch_size=8)))
+"""
+
+
+def read_images(shard: Path, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = pq.read_table(shard, columns=["img", "label"]).slice(start, n).to_pylist()
+    images = np.stack([np.asarray(Image.open(io.BytesIO(r["img"]["bytes"])).convert("RGB")) for r in rows])
+    return images, np.array([r["label"] for r in rows], dtype=np.int64)
+
+
+def scores_by_label(results: list[list[dict]], label2id: dict[str, int]) -> np.ndarray:
+    """The pipeline's top_k lists (sorted by score) back in class-index order."""
+    out = np.zeros((len(results), len(label2id)))
+    for i, result in enumerate(results):
+        for entry in result:
+            out[i, label2id[entry["label"]]] = entry["score"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_on_real_images(real_mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small conv net trained for three epochs on 1000 real training images, temperature fitted on 500
+    more, test-time augmentation level 2, saved the way the train stage saves it."""
+    images, labels = read_images(real_mirror / TRAIN_SHARD, 0, 1500)
+    hp = train_params(
+        widths=[16, 32, 32], batch_size=100, epochs=3, whiten_bias_epochs=1, tta_level=2, precision="fp32"
+    )
+    model = build_model(hp)
+    train_classifier(
+        model, ArraySplit(images[:1000], labels[:1000], np.arange(1000)), None, hp, torch.device("cpu"),
+        progress=False,
+    )  # fmt: skip
+    logits = predict_logits(model, images[1000:], calibrated=False)
+    model.config.temperature = fit_temperature(logits, torch.as_tensor(labels[1000:]))
+    directory = tmp_path_factory.mktemp("real") / "model"
+    save_model(model, directory, hp.model)
+    return directory
+
+
+@pytest.mark.slow  # ~60 s on a busy 2-core machine: training, and a fresh interpreter for the pipeline
+def test_pipeline_gives_our_calibrated_probabilities_on_real_images(
+    trained_on_real_images: Path, real_mirror: Path
+) -> None:
+    n = 64
+    run = subprocess.run(
+        [sys.executable, "-c", PIPELINE_SCRIPT, str(trained_on_real_images), str(real_mirror / TEST_SHARD),
+         str(n)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = AutoModelForImageClassification.from_pretrained(trained_on_real_images).eval()
+    assert model.config.tta_level == 2 and abs(model.config.temperature - 1.0) > 0.05  # both are exercised
+    piped = scores_by_label(json.loads(run.stdout.splitlines()[-1]), model.config.label2id)
+    images, labels = read_images(real_mirror / TEST_SHARD, 0, n)
+    ours = predict_logits(model, images).softmax(1).numpy()
+    np.testing.assert_allclose(piped, ours, rtol=0, atol=PROBABILITY_ATOL)
+    assert (piped.argmax(1) == ours.argmax(1)).all()
+    assert (ours.argmax(1) == labels).mean() > 0.2  # it learned something (chance: 0.1)
+    # The tolerance can tell: without TTA and temperature the probabilities are off by far more.
+    plain = predict_logits(model, images, tta_level=0, calibrated=False).softmax(1).numpy()
+    assert np.abs(plain - ours).max() > 100 * PROBABILITY_ATOL
+
+
+@pytest.mark.parametrize("name", ["cifar_convnet", "cifar_vit"])
+def test_tiny_checkpoint_round_trips_through_the_auto_classes(name: str, tmp_path: Path) -> None:
+    hp = train_params(model=name, widths=[8, 16, 16], vit_dim=16, vit_depth=1, vit_heads=2, tta_level=1)
+    model = build_model(hp)
+    model.init_whitening(torch.randn(32, 3, 32, 32))
+    model.eval()
+    save_model(model, tmp_path, name)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == name
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(processor, CifarImageProcessor) and processor.calibrated_output
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    inputs = processor([Image.fromarray(image) for image in images], return_tensors="pt")
+    # The processor's pixel_values are exactly what predict_logits feeds the network.
+    expected = normalize(torch.from_numpy(images), model.config.image_mean, model.config.image_std)
+    torch.testing.assert_close(inputs["pixel_values"], expected, rtol=0, atol=0)
+    with torch.no_grad():
+        raw = loaded(pixel_values=inputs["pixel_values"]).logits
+        calibrated = loaded(**inputs).logits
+        torch.testing.assert_close(raw, model(pixel_values=expected).logits)
+    torch.testing.assert_close(calibrated, predict_logits(model, images))
+
+
+def test_fine_tuned_checkpoint_gets_our_preprocessing_but_its_own_forward(tmp_path: Path) -> None:
+    """A fine-tuned Hub architecture keeps transformers' forward: the pipeline resizes and normalises like
+    our inference path, but applies neither TTA nor the temperature (documented in the README)."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny-vit"
+    config = ViTConfig(image_size=48, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=5)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(checkpoint)
+    ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(checkpoint)
+    hp = train_params(model=str(checkpoint), finetune_image_size=48, tta_level=1)
+    model = build_model(hp).eval()
+    save_model(model, tmp_path / "finetuned", hp.model)
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "finetuned")
+    assert isinstance(processor, CifarImageProcessor) and not processor.calibrated_output
+    images, _ = synthetic_images(4, seed=0)
+    classifier = pipeline("image-classification", model=str(tmp_path / "finetuned"), device="cpu")
+    piped = scores_by_label(classifier([Image.fromarray(i) for i in images], top_k=10), model.config.label2id)
+    plain = predict_logits(model, images, tta_level=0, calibrated=False).softmax(1).numpy()
+    np.testing.assert_allclose(piped, plain, rtol=0, atol=PROBABILITY_ATOL)
+    with_tta = predict_logits(model, images).softmax(1).numpy()  # what our CLI reports (tta_level 1)
+    assert np.abs(with_tta - piped).max() > 10 * PROBABILITY_ATOL  # random tiny ViT: near-uniform scores
+
+
+def test_the_train_stage_saves_a_directory_the_pipeline_loads(tmp_path: Path) -> None:
+    from cifar10_pipeline.core.data import save_split
+    from cifar10_pipeline.stages.train import train, write_outputs
+
+    images, labels = synthetic_images(150, seed=5)
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    rows = np.arange(150)
+    for name, part in (("train", slice(0, 100)), ("val", slice(100, None))):
+        save_split(processed / f"{name}.npz", ArraySplit(images[part], labels[part], rows[part]))
+    hp = train_params(
+        widths=[8, 16, 16], epochs=1, batch_size=50, device="cpu", tta_level=1, precision="fp32"
+    )
+    trained = train(hp, processed)
+    write_outputs(
+        trained, tmp_path / "model", tmp_path / "history.csv", tmp_path / "train.json", tmp_path / "c.png"
+    )
+    model = trained.model
+    assert (tmp_path / "model" / "preprocessor_config.json").is_file()
+    classifier = pipeline("image-classification", model=str(tmp_path / "model"), device="cpu")
+    piped = scores_by_label(
+        classifier([Image.fromarray(i) for i in images[:4]], top_k=10), model.config.label2id
+    )
+    np.testing.assert_allclose(
+        piped, predict_logits(model, images[:4]).softmax(1).numpy(), rtol=0, atol=PROBABILITY_ATOL
+    )
