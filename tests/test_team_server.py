@@ -390,7 +390,8 @@ def test_dvc_push_pull_and_repro_from_the_run_cache(team: Team, pipeline: Pipeli
     run(["git", "add", "-A"], first, pipeline.env)
     assert ".dvc/config" not in run(["git", "diff", "--cached", "--name-only"], first, pipeline.env)
     run(["git", "commit", "--quiet", "-m", f"results of {EXPERIMENT}"], first, pipeline.env)
-    pushed = dvc(first, pipeline.env, "push", "--run-cache")
+    # `dvc push --run-cache` and the objects of the run-cache entries (team_server.push_with_run_cache).
+    pushed = team.cli("dvc-push", "--project", str(first), timeout=600)
     assert "s3://cifar10-dvc" in dvc(first, pipeline.env, "remote", "list")
     objects = team.s3().list_objects_v2(Bucket=team.config["dvc_bucket"]).get("KeyCount", 0)
     assert objects > 0, f"dvc push left the bucket empty:\n{pushed}"

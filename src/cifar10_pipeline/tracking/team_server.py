@@ -497,6 +497,37 @@ class TeamServer:
                 )
 
 
+def push_with_run_cache(project: Path, remote: str | None = None) -> int:
+    """``dvc push --run-cache``, plus the objects the run-cache entries point at.
+
+    DVC 3.67 pushes the entries but only the objects of the workspace's dvc.lock: a stage's git-tracked
+    (cache: false) metrics and plots, which DVC copies into the local cache for its run-cache entry, stay
+    on this machine, and a teammate's `dvc repro --pull` then finds the entry unusable and runs the stage
+    again. Pushing those objects too, through DVC's own API, makes the entries restorable. Returns how many
+    such objects were sent.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "push", "--run-cache", *(["-r", remote] if remote else [])],
+        cwd=project, capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise TeamServerError(f"dvc push --run-cache failed in {project}:\n{done.stdout}{done.stderr}")
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        runs = Path(repo.cache.legacy.path) / "runs"  # <key prefix>/<stage key>/<entry>
+        entries = [(path.parent.name, path.name) for path in runs.glob("*/*/*") if path.is_file()]
+        sent = 0
+        for objects in repo.stage_cache.get_used_objs(entries).values():
+            result = repo.cloud.push(objects, remote=remote)
+            if result.failed:
+                raise TeamServerError(
+                    f"could not push the run cache's objects: {sorted(map(str, result.failed))}"
+                )
+            sent += len(result.transferred)
+    return sent
+
+
 def _alive(pid: int) -> bool:
     """Running, not a zombie waiting for its parent to collect it."""
     try:
@@ -578,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="what runs, where (JSON); exit 1 unless all run")
     sub.add_parser("env", help="print `export MLFLOW_TRACKING_URI=...` for eval in a shell")
     sub.add_parser("upgrade", help="mlflow db upgrade on the PostgreSQL store (MLflow server stopped)")
+    push = sub.add_parser("dvc-push", help="dvc push --run-cache, run-cache outputs included")
+    push.add_argument("--project", type=Path, default=Path("."))
+    push.add_argument("--remote", default=None, help="default: the clone's default remote")
     remote = sub.add_parser("dvc-remote", help="write the S3 endpoint and keys to .dvc/config.local")
     remote.add_argument("--project", type=Path, default=Path("."))
     remote.add_argument("--remote", default=DVC_REMOTE)
@@ -598,6 +632,10 @@ def main(argv: list[str] | None = None) -> int:
             server.start(config, components)
             print(json.dumps(server.status(config), indent=2))
             print(f"export MLFLOW_TRACKING_URI={config.tracking_uri}")
+            return 0
+        if args.command == "dvc-push":  # a client command: needs no server home
+            sent = push_with_run_cache(args.project, args.remote)
+            print(f"dvc push --run-cache done, and {sent} object(s) the run cache needs")
             return 0
         config = server.load_config()
         if args.command == "stop":
