@@ -4,6 +4,7 @@
     python -m cifar10_pipeline.tracking.team_server status
     eval "$(python -m cifar10_pipeline.tracking.team_server env)"   # MLFLOW_TRACKING_URI for the pipeline
     python -m cifar10_pipeline.tracking.team_server dvc-remote  # S3 endpoint + keys into .dvc/config.local
+    python -m cifar10_pipeline.tracking.team_server dvc-push    # dvc push --run-cache, run-cache objects too
     python -m cifar10_pipeline.tracking.team_server upgrade     # mlflow db upgrade on the PostgreSQL store
     python -m cifar10_pipeline.tracking.team_server stop
 
