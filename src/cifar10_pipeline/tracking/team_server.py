@@ -515,7 +515,8 @@ def push_with_run_cache(project: Path, remote: str | None = None) -> int:
         raise TeamServerError(f"dvc push --run-cache failed in {project}:\n{done.stdout}{done.stderr}")
     from dvc.repo import Repo
 
-    with Repo(str(project)) as repo:
+    # DVC builds the run-cache stages relative to the working directory: it must be the project's.
+    with contextlib.chdir(project), Repo(".") as repo:
         runs = Path(repo.cache.legacy.path) / "runs"  # <key prefix>/<stage key>/<entry>
         entries = [(path.parent.name, path.name) for path in runs.glob("*/*/*") if path.is_file()]
         sent = 0
