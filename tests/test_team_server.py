@@ -246,7 +246,8 @@ def _check_tracking(team: Team, pipeline: Pipeline, scratch: Path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=team.tracking_uri)
+    # registry_uri too: it defaults to a local sqlite:///mlflow.db, not to the tracking URI given here
+    client = MlflowClient(tracking_uri=team.tracking_uri, registry_uri=team.tracking_uri)
     experiment = client.get_experiment_by_name("cifar10")
     assert experiment is not None, "no 'cifar10' experiment on the team server"
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
@@ -416,7 +417,8 @@ def test_dvc_push_pull_and_repro_from_the_run_cache(team: Team, pipeline: Pipeli
     assert json.loads(dvc(third, env, "status", "--json")) != {}
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=team.tracking_uri)
+    # registry_uri too: it defaults to a local sqlite:///mlflow.db, not to the tracking URI given here
+    client = MlflowClient(tracking_uri=team.tracking_uri, registry_uri=team.tracking_uri)
     experiment_id = client.get_experiment_by_name("cifar10").experiment_id
 
     def stage_runs() -> Counter[str]:
