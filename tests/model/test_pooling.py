@@ -59,7 +59,7 @@ INTERPRETER_CHECK = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from cifar10_pipeline.modeling.pooling import _MaxPool2x2
-    from tests.test_pooling import SHAPES, pool_and_grad, tied_channels_last
+    from tests.model.test_pooling import SHAPES, pool_and_grad, tied_channels_last
 
     failures = []
     for index, shape in enumerate(SHAPES):
