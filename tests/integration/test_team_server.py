@@ -285,6 +285,8 @@ def _check_tracking(team: Team, pipeline: Pipeline, scratch: Path) -> None:
 
     # Every artifact, downloaded back from the server (which reads the bucket): the clone's exact bytes.
     for stage, expected in expected_artifacts(pipeline.clone).items():
+        if stage not in pipeline.ran:
+            continue  # skipped by DVC as unchanged: it logged nothing this time
         child = children[stage]
         assert child.info.status == "FINISHED", stage
         # Proxied mode: the run's artifacts are addressed through the server, not the bucket.
