@@ -23,6 +23,7 @@ import jinja2
 import yaml
 
 from cifar10_pipeline.core.paths import METRICS_DIR, PARAMS_FILE
+from cifar10_pipeline.reporting.templating import template_environment
 
 DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"))
 BENCHMARK_REPORT = Path("reports/benchmark.md")
@@ -49,15 +50,7 @@ def torch_label(version: str) -> str:
 
 
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("cifar10_pipeline.reporting", "templates"),
-        undefined=jinja2.StrictUndefined,  # a missing metric is an error, not an empty cell
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters |= {"pct": pct, "pm": pm, "torch_label": torch_label}
-    return env
+    return template_environment(pct=pct, pm=pm, torch_label=torch_label)
 
 
 def load_metrics(metrics_dir: Path = METRICS_DIR, params_file: Path = PARAMS_FILE) -> dict[str, Any]:

@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from cifar10_pipeline.core.data import DataError, atomic_output, write_json_atomic
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.core.paths import EMISSIONS_METRICS, EMISSIONS_REPORT, STAGE_EMISSIONS_DIR
+from cifar10_pipeline.reporting.templating import template_environment
 from cifar10_pipeline.tracking.emissions import STAGE_FIELDS
 from cifar10_pipeline.tracking.runs import stage_run
 
@@ -49,15 +48,7 @@ def aggregate(stage_dir: Path = STAGE_EMISSIONS_DIR) -> dict:
 
 def render_report(summary: dict[str, Any]) -> str:
     """``reports/emissions.md`` from ``reporting/templates/emissions.md.j2``."""
-    # Not reporting.docs' render_template: importing that module would make this stage depend (for DVC) on
-    # the benchmark and training code its load_metrics imports.
-    environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("cifar10_pipeline.reporting", "templates"),
-        undefined=jinja2.StrictUndefined,  # a field missing from the summary stops the stage
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
+    environment = template_environment()
     return environment.get_template("emissions.md.j2").render(summary=summary)
 
 

@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cifar10_pipeline.core.data import atomic_output
@@ -33,6 +32,7 @@ from cifar10_pipeline.core.paths import (
     VALIDATION_METRICS,
 )
 from cifar10_pipeline.modeling.architectures import SPEED_RUN, architecture, describe_architecture
+from cifar10_pipeline.reporting.templating import template_environment
 from cifar10_pipeline.tracking.runs import stage_run
 
 PARENT_MODEL = "google/vit-base-patch16-224-in21k"
@@ -45,23 +45,10 @@ BATCHNORM_WORDING = {
 }
 
 
-def pct(fraction: float) -> str:
-    return f"{100 * fraction:.2f}%"
-
-
 def render_body(**facts: Any) -> str:
     """``reporting/templates/model_card.md.j2`` filled in. Not ``ModelCard.from_template``: its plain
     ``jinja2.Template`` prints a missing fact as an empty string, where StrictUndefined stops the stage."""
-    # reporting.docs has the same environment, but importing it would make this stage depend (for DVC) on
-    # the benchmark and training code that docs.load_metrics imports.
-    environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("cifar10_pipeline.reporting", "templates"),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    environment.filters["pct"] = pct
+    environment = template_environment()
     return environment.get_template("model_card.md.j2").render(**facts)
 
 
