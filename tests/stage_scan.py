@@ -56,6 +56,14 @@ NOT_A_RESULT_DEP: dict[str, str] = {
     ),
     f"src/{PACKAGE}/stages/__init__.py": "empty package marker of the stage modules",
 }
+# Pipeline paths a stage may use without declaring them, each with the reason.
+NOT_A_DECLARED_PATH: dict[str, str] = {
+    "models/checkpoints/train": (
+        "the train stage's resumable checkpoint: scratch state that must survive a crashed run (DVC deletes "
+        "declared outputs before it re-runs a stage), used only when its fingerprint matches the run's own "
+        "params, data and code, and deleted once the model is saved"
+    ),
+}
 # Modules whose own imports and params reads are not followed: what only tracking.py pulls in serves
 # logging, not results (today it imports params.py and paths.py, which every stage declares anyway).
 NOT_FOLLOWED = frozenset({f"{PACKAGE}.tracking.runs"})
@@ -704,7 +712,7 @@ def check_stage(name: str, stage: Mapping[str, Any], index: ProjectIndex) -> lis
         covered = any(path_under(ref.path, d) for d in declared) or (
             not ref.folded and any(path_under(d, ref.path) for d in declared)
         )
-        if not covered:
+        if not covered and ref.path.as_posix() not in NOT_A_DECLARED_PATH:
             undeclared.setdefault(ref.path, []).append(ref.where)
     for path, wheres in sorted(undeclared.items()):
         problems.append(Problem(name, PATH_MISSING, path.as_posix(), "; ".join(sorted(set(wheres)))))

@@ -99,6 +99,10 @@ class TrainParams(_Section):
     vit_heads: PositiveInt
     vit_mlp_ratio: Annotated[float, Field(gt=0)]
     finetune_image_size: PositiveInt
+    # Processes on this machine (torchrun, DDP; training/distributed.py); 1: a plain single process.
+    nproc: PositiveInt
+    checkpoint_every: Annotated[int, Field(ge=0)]  # epochs between resumable checkpoints; 0: none
+    resume: bool  # continue from a checkpoint of this same run setup when one is there
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:

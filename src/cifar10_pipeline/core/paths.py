@@ -14,6 +14,8 @@ CONFIG_NAME = "config"
 RAW_DIR = Path("data/raw")
 PROCESSED_DIR = Path("data/processed")
 MODEL_DIR = Path("models/cifar10")
+# Scratch space of the train stage (git- and DVC-ignored, not a declared output): resumable checkpoints.
+TRAIN_CHECKPOINT_DIR = Path("models/checkpoints/train")
 
 METRICS_DIR = Path("metrics")
 REPORTS_DIR = Path("reports")

@@ -3,6 +3,10 @@
 Per-epoch loss/accuracy (train and the held-out validation split) go to ``metrics/train_history.csv`` (a DVC
 plot) and to MLflow; the model (safetensors, config.json with ``id2label``, and preprocessor_config.json
 so that ``transformers.pipeline`` can load it) goes to ``models/cifar10/``.
+
+With ``train.nproc: N`` the stage restarts itself under torchrun: N processes train one model together
+(training/distributed.py) and rank 0 alone writes the outputs, logs to MLflow and runs codecarbon. With
+``train.checkpoint_every`` it saves a resumable state every few epochs, and a re-run after a crash resumes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from cifar10_pipeline.core.paths import (
     MODEL_DIR,
     PROCESSED_DIR,
     STAGE_EMISSIONS_DIR,
+    TRAIN_CHECKPOINT_DIR,
     TRAIN_CURVES,
     TRAIN_HISTORY,
     TRAIN_METRICS,
@@ -35,6 +40,9 @@ from cifar10_pipeline.modeling.inference import fit_temperature, predict_logits,
 from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.tracking import emissions
 from cifar10_pipeline.tracking.runs import stage_run
+from cifar10_pipeline.training import distributed
+from cifar10_pipeline.training.checkpoint import Checkpointer, fingerprint
+from cifar10_pipeline.training.distributed import Ranks
 from cifar10_pipeline.training.loop import (
     EpochRecord,
     TrainingResult,
@@ -72,13 +80,32 @@ def train(
     hp: TrainParams,
     processed_dir: Path = PROCESSED_DIR,
     on_epoch: Callable[[EpochRecord], None] | None = None,
-) -> Trained:
-    """Fit and calibrate a fresh model on the processed splits; nothing is written (write_outputs does)."""
-    device = resolve_device(hp.device)
-    train_split = load_split(Path(processed_dir) / "train.npz")
-    val_split = load_split(Path(processed_dir) / "val.npz")
+    ranks: Ranks | None = None,
+    checkpoint_dir: Path | None = TRAIN_CHECKPOINT_DIR,
+) -> Trained | None:
+    """Fit and calibrate a fresh model on the processed splits; nothing is written (write_outputs does).
+
+    Every rank of a torchrun job calls this; only rank 0 gets the Trained result (the others None).
+    ``checkpoint_dir`` None: no checkpoints, whatever train.checkpoint_every says.
+    """
+    ranks = ranks or Ranks()
+    device = distributed.device_for(ranks, resolve_device(hp.device))
+    data_files = [Path(processed_dir) / "train.npz", Path(processed_dir) / "val.npz"]
+    train_split, val_split = (load_split(f) for f in data_files)
+    checkpointer = None
+    if checkpoint_dir is not None and hp.checkpoint_every:
+        checkpointer = Checkpointer(
+            Path(checkpoint_dir),
+            hp.checkpoint_every,
+            fingerprint(hp, data_files, ranks.world_size),
+            hp.resume,
+        )
     model = build_model(hp)
-    result = train_classifier(model, train_split, val_split, hp, device, on_epoch=on_epoch)
+    result = train_classifier(
+        model, train_split, val_split, hp, device, on_epoch=on_epoch, ranks=ranks, checkpointer=checkpointer
+    )
+    if not ranks.is_main:
+        return None
     temperature = calibrate(model, val_split)
     last = result.history[-1]
     summary = {
@@ -90,6 +117,7 @@ def train(
         "batchnorm_precision": batchnorm_precision(model, device, resolve_precision(hp.precision, device)),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "processes": ranks.world_size,
         "epochs": hp.epochs,
         "steps": result.steps,
         "train_images": len(train_split),
@@ -145,15 +173,27 @@ def log_results(run: StageRun, summary: dict[str, Any]) -> None:
 
 def main() -> None:
     params = load_params()
-    outputs = (MODEL_DIR, TRAIN_HISTORY, TRAIN_METRICS, TRAIN_CURVES, STAGE_EMISSIONS_DIR / "train.json")
-    with stage_run("train", params, outputs) as run:
-        # The emissions record covers training and saving, not the uploads to MLflow.
-        with emissions.measure(
-            "train", params.emissions.country_iso_code, STAGE_EMISSIONS_DIR / "train.json"
-        ):
-            trained = train(params.train, on_epoch=lambda r: run.log_metrics(epoch_metrics(r), step=r.epoch))
-            summary = write_outputs(trained)
-        log_results(run, summary)
+    ranks = distributed.from_environment()
+    if params.train.nproc > 1 and not ranks.launched:
+        distributed.exec_torchrun("cifar10_pipeline.stages.train", params.train.nproc)  # does not return
+    device = distributed.device_for(ranks, resolve_device(params.train.device))
+    with distributed.process_group(ranks, device):
+        if not ranks.is_main:
+            train(params.train, ranks=ranks)  # a worker: its shard of every batch, no outputs, no tracking
+            return
+        outputs = (MODEL_DIR, TRAIN_HISTORY, TRAIN_METRICS, TRAIN_CURVES, STAGE_EMISSIONS_DIR / "train.json")
+        with stage_run("train", params, outputs) as run:
+            # The emissions record covers training and saving, not the uploads to MLflow. codecarbon
+            # measures the whole machine, so rank 0's tracker counts every local rank (once).
+            with emissions.measure(
+                "train", params.emissions.country_iso_code, STAGE_EMISSIONS_DIR / "train.json"
+            ):
+                on_epoch = lambda r: run.log_metrics(epoch_metrics(r), step=r.epoch)  # noqa: E731
+                trained = train(params.train, on_epoch=on_epoch, ranks=ranks)
+                summary = write_outputs(trained)
+            log_results(run, summary)
+        # The model is saved: the resumable state has done its job.
+        Checkpointer(TRAIN_CHECKPOINT_DIR, 0, "").discard()
     val_accuracy = summary["val_accuracy"]
     validation = f"val_accuracy={val_accuracy:.4f}" if val_accuracy is not None else "no validation split"
     print(

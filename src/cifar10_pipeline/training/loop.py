@@ -10,6 +10,10 @@ epochs. Transformers (the from-scratch ``cifar_vit`` or a Hub checkpoint such as
 loop with AdamW on the mean loss. Which recipe, and which parts of the network it treats specially, comes
 from the architecture registry.
 
+Under torchrun (training/distributed.py) every rank walks the same augmented epoch in the same order and
+trains on its shard of each global batch; DDP averages the gradients. ``train.checkpoint_every`` saves the
+loop's whole state after every N epochs (training/checkpoint.py) and a re-run resumes from it.
+
 On a GPU, ``cuda_graphs`` records the whole step (forward, backward, optimizer, statistics) once as a CUDA
 graph and replays it: per step the CPU only copies the batch in, so a small network is no longer limited by
 Python and kernel-launch overhead, and nothing has to be compiled.
@@ -34,6 +38,9 @@ from cifar10_pipeline.core.data import ArraySplit
 from cifar10_pipeline.core.params import TrainParams
 from cifar10_pipeline.modeling.architectures import architecture
 from cifar10_pipeline.modeling.inference import autocast, fit_input_size, normalize, tta_logits
+from cifar10_pipeline.training import distributed
+from cifar10_pipeline.training.checkpoint import Checkpointer, history_to_state
+from cifar10_pipeline.training.distributed import Ranks
 
 # Fixed constants of the recipes, not params: they change results, but no profile has needed another value
 # and none was tuned here (they are the airbench recipe's). Changing one is a code change, and dvc.yaml's
@@ -399,6 +406,79 @@ def evaluate_normalised(
     return loss_sum.item() / len(x), correct.item() / len(x)
 
 
+def capture_state(
+    epoch: int,
+    step: int,
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    lookahead: Lookahead | None,
+    generator: torch.Generator,
+    result: TrainingResult,
+) -> dict:
+    """Everything the next epoch reads, on the CPU: see training/checkpoint.py."""
+
+    def cpu(value):
+        return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+
+    return {
+        "epoch": epoch,
+        "step": step,
+        "model": {k: cpu(v) for k, v in model.state_dict().items()},
+        "optimizers": [
+            {
+                "state": {i: {k: cpu(v) for k, v in s.items()} for i, s in enumerate(_states(opt))},
+            }
+            for opt in optimizers
+        ],
+        "lookahead": [cpu(v) for v in lookahead.slow] if lookahead is not None else None,
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": history_to_state(result.history),
+        "train_seconds": result.train_seconds,
+        "images_seen": result.images_seen,
+    }
+
+
+def _states(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter's optimizer state, in parameter order (empty before its first step)."""
+    return [optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"]]
+
+
+@torch.no_grad()
+def restore_state(
+    saved: dict,
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    lookahead: Lookahead | None,
+    generator: torch.Generator,
+    result: TrainingResult,
+    in_place: bool,
+) -> None:
+    """Put a captured state back. ``in_place``: copy into the existing tensors, which a captured CUDA graph
+    reads by address (creating new ones would leave the graph updating the old)."""
+    for key, value in model.state_dict().items():
+        value.copy_(saved["model"][key])
+    for optimizer, saved_optimizer in zip(optimizers, saved["optimizers"], strict=True):
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for index, param in enumerate(params):
+            for key, value in saved_optimizer["state"].get(index, {}).items():
+                current = optimizer.state[param].get(key)
+                if in_place and isinstance(current, torch.Tensor):
+                    current.copy_(value)
+                elif isinstance(value, torch.Tensor) and key != "step":
+                    optimizer.state[param][key] = value.to(param.device)
+                else:
+                    optimizer.state[param][key] = value  # eager AdamW keeps its step count on the CPU
+    if lookahead is not None:
+        for slow, value in zip(lookahead.slow, saved["lookahead"], strict=True):
+            slow.copy_(value)
+    generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    result.history = [EpochRecord(**record) for record in saved["history"]]
+    result.train_seconds = saved["train_seconds"]
+    result.images_seen = saved["images_seen"]
+
+
 def train_classifier(
     model: PreTrainedModel,
     train: ArraySplit,
@@ -407,8 +487,15 @@ def train_classifier(
     device: torch.device,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     progress: bool = True,
+    ranks: Ranks | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> TrainingResult:
-    """Train ``model`` in place on ``train``; report validation after every epoch."""
+    """Train ``model`` in place on ``train``; report validation after every epoch (rank 0 only).
+
+    Under torchrun, ``ranks`` says which shard of each batch this process takes. With a ``checkpointer``,
+    the state is saved every few epochs and a matching saved state is resumed instead of starting over.
+    """
+    ranks = ranks or Ranks()
     generator = torch.Generator().manual_seed(hp.seed)
     model.to(device=device, memory_format=torch.channels_last).train()
     cfg = model.config
@@ -425,16 +512,30 @@ def train_classifier(
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
 
     batch_size = min(hp.batch_size, len(x_train))
+    if batch_size % ranks.world_size:
+        raise ValueError(
+            f"train.batch_size ({batch_size}) is the global batch and must divide evenly between the "
+            f"{ranks.world_size} processes (train.nproc or torchrun's process count); pick a multiple"
+        )
     steps_per_epoch = len(x_train) // batch_size  # the last partial batch is dropped: constant shapes
     total_steps = max(1, math.ceil(hp.epochs * steps_per_epoch))
     whiten_bias_steps = math.ceil(hp.whiten_bias_epochs * steps_per_epoch)
-    graphs = hp.cuda_graphs and device.type == "cuda"
+    # A captured graph would have to hold DDP's all-reduce as well: several processes run eagerly.
+    graphs = hp.cuda_graphs and device.type == "cuda" and not ranks.distributed
+    if hp.cuda_graphs and ranks.distributed and ranks.is_main:
+        print("train: cuda_graphs is ignored with several processes (DDP runs the step eagerly)", flush=True)
     optimizers = make_optimizers(model, hp, graph_safe=graphs)
     groups = param_groups(optimizers)
     base_lrs = [float(group["lr"]) for group in groups]
     reported_lr = next(float(g["lr"]) for g in groups if g["role"] in ("weights", "filters"))
     lookahead = Lookahead(model) if (hp.lookahead and spec.recipe.lookahead) else None
-    forward = torch.compile(model, mode=hp.compile) if hp.compile else model
+    forward: torch.nn.Module = model
+    if ranks.distributed:
+        # Built after the data-dependent init: DDP copies rank 0's weights and buffers to every rank.
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    forward = torch.compile(forward, mode=hp.compile) if hp.compile else forward
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
 
@@ -442,7 +543,8 @@ def train_classifier(
         with autocast(device, hp.precision):
             logits = forward(pixel_values=fit_input_size(xb, cfg.image_size)).logits.float()
         losses = F.cross_entropy(logits, yb, label_smoothing=hp.label_smoothing, reduction="none")
-        loss = losses.sum() if spec.recipe.summed_loss else losses.mean()
+        # DDP averages gradients over ranks: a summed loss is scaled back up to the global batch's sum.
+        loss = losses.sum() * ranks.world_size if spec.recipe.summed_loss else losses.mean()
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -463,8 +565,24 @@ def train_classifier(
 
     result = TrainingResult()
     step = 0
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, mininterval=1.0)
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+    first_epoch = 0
+    last_epoch = math.ceil(total_steps / steps_per_epoch)
+    saved = checkpointer.load() if checkpointer is not None else None
+    if saved is not None:
+        step, first_epoch = saved["step"], saved["epoch"]
+        restore_state(saved, model, optimizers, lookahead, generator, result, in_place=graphs)
+        if ranks.is_main:
+            print(f"train: resuming from {checkpointer.path} after epoch {first_epoch}", flush=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not (progress and ranks.is_main),
+        mininterval=1.0,
+    )
+    validate = val is not None and len(val) and ranks.is_main
+    for epoch in range(first_epoch, last_epoch):
         synchronize(device)
         epoch_start = time.perf_counter()
         flips = (first_flips ^ bool(epoch % 2)) if hp.flip else None
@@ -480,12 +598,12 @@ def train_classifier(
             for group, base_lr in zip(groups, base_lrs, strict=True):
                 frozen = group.get("role") == "whiten_bias" and step >= whiten_bias_steps
                 set_learning_rate(group, 0.0 if frozen else base_lr * factor)
-            idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
+            idx = ranks.shard(order[batch_index * batch_size : (batch_index + 1) * batch_size])
             run_step(x_epoch[idx], y_train[idx])
             step += 1
             if lookahead is not None and step % LOOKAHEAD_EVERY == 0:
                 lookahead.pull(decay=LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * (step / total_steps) ** 3)
-            seen += len(idx)
+            seen += len(idx) * ranks.world_size
             bar.update(1)
         if lookahead is not None and step >= total_steps and step >= LOOKAHEAD_EVERY:
             lookahead.pull(decay=1.0)  # finish on the slow weights (once they exist)
@@ -493,8 +611,9 @@ def train_classifier(
         epoch_seconds = time.perf_counter() - epoch_start
         result.train_seconds += epoch_seconds
         result.images_seen += seen
+        distributed.all_reduce_sum(loss_sum, correct)  # the whole batch's statistics, not this shard's
         val_loss = val_acc = None
-        if val is not None and len(val):
+        if validate:
             val_loss, val_acc = evaluate_normalised(model, x_val, y_val, hp.precision)
         record = EpochRecord(
             epoch=epoch + 1,
@@ -512,6 +631,8 @@ def train_classifier(
         )
         if on_epoch is not None:
             on_epoch(record)
+        if checkpointer is not None and checkpointer.due(epoch + 1, last_epoch) and ranks.is_main:
+            checkpointer.save(capture_state(epoch + 1, step, model, optimizers, lookahead, generator, result))
     bar.close()
     result.steps = step
     model.eval()

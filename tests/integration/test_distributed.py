@@ -1,0 +1,93 @@
+"""The train stage as DVC runs it, in real subprocesses: `train.nproc: 2` starts itself under torchrun (2 CPU
+processes, gloo), and a SIGKILLed run with checkpoints resumes to the uninterrupted run's exact model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar10_pipeline.core.paths import MODEL_DIR, STAGE_EMISSIONS_DIR, TRAIN_CHECKPOINT_DIR, TRAIN_METRICS
+from cifar10_pipeline.modeling.model import load_model
+
+from ..helpers import write_params
+from .test_train_stage import TINY_TRAIN, stage_runs, write_processed
+
+pytestmark = pytest.mark.slow
+STAGE = [sys.executable, "-m", "cifar10_pipeline.stages.train"]
+
+
+def run_stage(root: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(STAGE, cwd=root, capture_output=True, text=True, timeout=timeout, env=os.environ)
+
+
+def test_two_cpu_processes_train_one_model_and_log_one_run(project: Path) -> None:
+    write_processed(project, train_size=400, val_size=100)
+    write_params(project, train={**TINY_TRAIN, "nproc": 2})
+    done = run_stage(project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "starting 2 processes with torchrun" in done.stdout
+    two = json.loads((project / TRAIN_METRICS).read_text())
+    assert two["processes"] == 2
+    assert two["train_images_per_second"] > 0 and two["steps"] == 3 * (400 // 50)
+    load_model(project / MODEL_DIR)  # rank 0 saved a loadable model
+    assert (project / STAGE_EMISSIONS_DIR / "train.json").is_file()
+    runs = stage_runs(project)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 1 opened no MLflow run
+
+    write_params(project, train={**TINY_TRAIN, "nproc": 1})
+    done = run_stage(project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    one = json.loads((project / TRAIN_METRICS).read_text())
+    assert one["processes"] == 1
+    # Same global batch, same order, same augmentation; only batch norm sees half batches per process.
+    assert abs(two["val_accuracy"] - one["val_accuracy"]) <= 0.05, (two["val_accuracy"], one["val_accuracy"])
+    assert one["val_accuracy"] >= 0.3  # well above chance (0.1) after 3 short epochs
+
+
+def test_a_batch_that_does_not_split_between_processes_is_refused(project: Path) -> None:
+    write_processed(project, train_size=200, val_size=50)
+    write_params(project, train={**TINY_TRAIN, "nproc": 2, "batch_size": 51})
+    done = run_stage(project)
+    assert done.returncode != 0
+    assert "train.batch_size (51) is the global batch and must divide evenly" in done.stdout + done.stderr
+    assert not (project / MODEL_DIR).exists()
+
+
+@pytest.mark.reliability(
+    "train stage SIGKILLed mid-run (checkpoint_every: 1), then run again",
+    "resumes from the last checkpoint; the saved model is byte-identical to an uninterrupted run's",
+)
+def test_a_killed_run_resumes_to_the_same_model(project: Path, tmp_path: Path) -> None:
+    write_processed(project, train_size=400, val_size=100)
+    write_params(project, train={**TINY_TRAIN, "epochs": 8, "checkpoint_every": 1})
+    assert run_stage(project).returncode == 0
+    reference = {p.name: p.read_bytes() for p in (project / MODEL_DIR).iterdir()}
+    assert not (project / TRAIN_CHECKPOINT_DIR / "last.pt").exists()  # deleted once the model is saved
+    for path in (project / MODEL_DIR).iterdir():
+        path.unlink()
+    (project / MODEL_DIR).rmdir()
+
+    process = subprocess.Popen(STAGE, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = project / TRAIN_CHECKPOINT_DIR / "last.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert checkpoint.exists(), "no checkpoint appeared"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (project / MODEL_DIR).exists()  # no model that looks complete
+
+    done = run_stage(project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming from" in done.stdout
+    resumed = {p.name: p.read_bytes() for p in (project / MODEL_DIR).iterdir()}
+    assert resumed.keys() == reference.keys()
+    for name, content in reference.items():
+        assert resumed[name] == content, name
