@@ -25,7 +25,7 @@ import yaml
 from cifar10_pipeline.core.paths import METRICS_DIR, PARAMS_FILE
 from cifar10_pipeline.reporting.templating import template_environment
 
-DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"))
+DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"), Path("docs/team.md"))
 BENCHMARK_REPORT = Path("reports/benchmark.md")
 PINNED_TORCH = "2.13.0"  # pyproject.toml's pin: figures from another torch say so
 BLOCK = re.compile(
