@@ -91,3 +91,24 @@ def test_a_killed_run_resumes_to_the_same_model(project: Path, tmp_path: Path) -
     assert resumed.keys() == reference.keys()
     for name, content in reference.items():
         assert resumed[name] == content, name
+
+
+def test_a_hub_checkpoint_fine_tunes_on_two_processes(project: Path, tmp_path: Path) -> None:
+    """The transformers path (AdamW on the mean loss) under DDP: a tiny ViT checkpoint stands in for
+    google/vit-base-patch16-224-in21k, whose weights cannot be downloaded here."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    checkpoint = tmp_path / "tiny-vit"
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=10)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(checkpoint)
+    ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(checkpoint)
+    write_processed(project, train_size=200, val_size=0)
+    hp = {**TINY_TRAIN, "model": str(checkpoint), "finetune_image_size": 32, "nproc": 2, "epochs": 1}
+    write_params(project, train=hp)
+    done = run_stage(project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((project / TRAIN_METRICS).read_text())
+    assert summary["processes"] == 2 and summary["architecture"] == "ViTForImageClassification"
+    assert type(load_model(project / MODEL_DIR)).__name__ == "ViTForImageClassification"
+    assert len(stage_runs(project)) == 1

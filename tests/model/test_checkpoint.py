@@ -79,6 +79,7 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tmp_path: Path, capsys: py
     assert all(torch.equal(v, fresh["state"][k]) for k, v in uninterrupted["state"].items())
 
 
+@pytest.mark.slow
 def test_resume_false_starts_over(tmp_path: Path) -> None:
     hp = train_params(**TINY, checkpoint_every=1)
     with pytest.raises(Interrupted):
