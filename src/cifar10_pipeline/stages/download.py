@@ -84,9 +84,21 @@ def _is_local(error: BaseException) -> bool:
 
 
 def _reason(error: BaseException) -> str:
-    """One line for the summary: the exception's type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+    """One line for the summary: the exception's type and first message line, and those of its root cause
+    (the Hub client wraps a refused connection or an HTTP 500 in errors of its own)."""
+
+    def first_line(exc: BaseException) -> str:
+        lines = str(exc).strip().splitlines()
+        return lines[0] if lines else "no message"
+
+    root, seen = error, {id(error)}
+    while (cause := root.__cause__ or root.__context__) is not None and id(cause) not in seen:
+        root = cause
+        seen.add(id(cause))
+    reason = f"{type(error).__name__}: {first_line(error)}"
+    if first_line(root) not in reason:
+        reason += f" (cause: {type(root).__name__}: {first_line(root)})"
+    return reason
 
 
 @contextlib.contextmanager
@@ -177,7 +189,7 @@ def fetch_hub(params: DownloadParams, staging: Path) -> dict:
     from huggingface_hub import HfApi, hf_hub_download
 
     where = f"Hugging Face Hub dataset {params.hub_repo}@{params.hub_revision}"
-    with _remote(f"{where} unreachable"):
+    with _remote(f"{where}: listing its files failed"):
         try:
             info = HfApi().dataset_info(params.hub_repo, revision=params.hub_revision, files_metadata=True)
         except (ValueError, KeyError, TypeError) as exc:  # an answer that is not a dataset listing
