@@ -142,7 +142,7 @@ class TrainParams(_Section):
     lookahead: bool
     translate: Annotated[int, Field(ge=0, le=8)]
     flip: bool
-    tta_level: Literal[0, 1, 2]
+    tta_level: Annotated[int, Field(ge=0, le=2)]  # 0, 1 or 2 (an int field: strict refuses true)
     precision: Literal["auto", "bf16", "fp32"]
     # torch.compile: false, or a mode ("default", "reduce-overhead" = with CUDA graphs, "max-autotune").
     compile: Literal[False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
