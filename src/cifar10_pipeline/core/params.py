@@ -275,6 +275,7 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> d
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    shown = Path(conf_dir)  # as given (conf/), for messages
     conf_dir = Path(conf_dir).resolve()
     if not (conf_dir / f"{CONFIG_NAME}.yaml").is_file():
         raise ParamsError(
@@ -292,7 +293,7 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> d
             raise ParamsError(
                 f"unknown key {key} in the overrides {list(overrides)}"
                 + (f" (did you mean {guess}?)" if guess else ""),
-                hint=f"every key is documented in {conf_dir / CONFIG_NAME}.yaml",
+                hint=f"every key is documented in {shown / CONFIG_NAME}.yaml",
             ) from None
         profiles = sorted(path.stem for path in (conf_dir / "profile").glob("*.yaml"))
         raise ParamsError(
