@@ -31,6 +31,9 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 # metrics still rest on more than one or two images. Smaller splits are refused with the keys to change.
 MIN_IMAGES_PER_CLASS = 10
 MIN_SPLIT_IMAGES = MIN_IMAGES_PER_CLASS * NUM_CLASSES
+# CIFAR-10's split sizes, which params.yaml is checked against (a copy: tests shrink SPLIT_SIZES for the
+# validate stage's small fixtures, which must not change what a valid params file is).
+CIFAR10_SPLIT_SIZES = dict(SPLIT_SIZES)
 
 
 class ParamsError(PipelineError, ValueError):
@@ -72,7 +75,7 @@ class PreprocessParams(_Section):
     @model_validator(mode="after")
     def _splits_fit(self) -> PreprocessParams:
         # Against CIFAR-10's own split sizes; the preprocess stage checks again against the data it reads.
-        problems = split_size_problems(self, SPLIT_SIZES["train"], SPLIT_SIZES["test"])
+        problems = split_size_problems(self, CIFAR10_SPLIT_SIZES["train"], CIFAR10_SPLIT_SIZES["test"])
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
@@ -115,7 +118,8 @@ def split_size_problems(params: PreprocessParams, train_available: int, test_ava
     if sizes["test"] < MIN_SPLIT_IMAGES:
         problems.append(
             f"the test split would keep {sizes['test']} images (preprocess.max_test_images: "
-            f"{params.max_test_images}, of {test_available}); it needs {least}: raise "
+            f"{params.max_test_images if params.max_test_images is not None else 'null'}, of "
+            f"{test_available}); it needs {least}: raise "
             "preprocess.max_test_images or set it to null (the whole split)"
         )
     return problems
@@ -292,7 +296,8 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> d
             guess = did_you_mean(key)
             raise ParamsError(
                 f"unknown key {key} in the overrides {list(overrides)}"
-                + (f" (did you mean {guess}?)" if guess else ""),
+                + (f" (did you mean {guess}?)" if guess else "")
+                + f" [Hydra: {str(exc).splitlines()[0]}]",
                 hint=f"every key is documented in {shown / CONFIG_NAME}.yaml",
             ) from None
         profiles = sorted(path.stem for path in (conf_dir / "profile").glob("*.yaml"))
