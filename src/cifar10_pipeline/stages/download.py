@@ -288,8 +288,10 @@ def _archive_members(tar: tarfile.TarFile, where: str, staging: Path) -> dict[st
         path = PurePosixPath(member.name)
         if path.is_absolute() or member.name.startswith(("/", "\\")) or ".." in path.parts:
             raise SourceUnavailable(f"{refuse} has an absolute path or '..'")
+        data_filter = getattr(tarfile, "data_filter", None)  # Python >= 3.11.4; the checks above stand alone
         try:
-            tarfile.data_filter(member, str(staging))
+            if data_filter is not None:
+                data_filter(member, str(staging))
         except tarfile.FilterError as exc:
             raise SourceUnavailable(f"{refuse}: {exc}") from None
         if member.isfile():
