@@ -18,14 +18,37 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from cifar10_pipeline import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
+from cifar10_pipeline.core.errors import PipelineError
 
 SPLITS = ("train", "test")
 PROCESSED_SPLITS = ("train", "val", "test")
 CHECKSUM_FILE = "SHA256SUMS"
+# What the processed arrays' labels may be stored as (save_split writes int64).
+LABEL_DTYPES = (np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32)
 
 
-class DataError(RuntimeError):
+class DataError(PipelineError, RuntimeError):
     """The data on disk is missing, corrupt or not what the pipeline expects."""
+
+
+def check_file_name(name: str, where: str) -> str:
+    """``name`` if it is a plain file name (no folder, not absolute, not ``..``); else a DataError naming
+    ``where`` it came from. Names from checksum files and remote listings become local paths: one that
+    climbs out of its folder must be refused, not followed."""
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or Path(name).is_absolute()
+        or Path(name).name != name
+    ):
+        raise DataError(
+            f"{where}: refusing the file name {name!r}: only plain file names (no folders, no absolute "
+            "paths, no '..') are allowed"
+        )
+    return name
 
 
 def file_digest(path: Path, algorithm: str = "sha256", chunk_size: int = 1 << 20) -> str:
@@ -47,7 +70,8 @@ def read_checksums(path: Path) -> dict[str, str]:
         parts = line.split()
         if len(parts) != 2 or len(parts[0]) != 64:
             raise DataError(f"{path}:{line_number}: expected '<sha256>  <file name>', got {line!r}")
-        sums[parts[1].lstrip("*")] = parts[0].lower()
+        name = check_file_name(parts[1].removeprefix("*"), f"{path}:{line_number}")
+        sums[name] = parts[0].lower()
     return sums
 
 
@@ -204,14 +228,40 @@ def save_split(path: Path, split: ArraySplit) -> None:
 
 
 def load_split(path: Path) -> ArraySplit:
+    """Read one processed split and check what training and evaluation rely on: uint8 (N, 32, 32, 3)
+    images, one integer label in 0..9 per image, one source row per image. A DataError names the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found; run the preprocess stage first: dvc repro preprocess")
-    with np.load(path) as arrays:
-        split = ArraySplit(arrays["images"], arrays["labels"], arrays["source_rows"])
-    if split.images.dtype != np.uint8 or split.images.shape[1:] != IMAGE_SHAPE:
+    redo = "; the file is not what the preprocess stage writes: dvc repro --force preprocess"
+    try:
+        # allow_pickle=False: an .npz holding pickled objects is refused, never unpickled.
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = {"images", "labels", "source_rows"} - set(arrays.files)
+            if missing:
+                raise DataError(f"{path}: lacks array(s) {sorted(missing)}{redo}")
+            split = ArraySplit(arrays["images"], arrays["labels"], arrays["source_rows"])
+    except (OSError, ValueError, EOFError) as exc:  # not a zip, a truncated member, an object array
+        raise DataError(f"{path} is not a readable processed split ({exc}){redo}") from None
+    images, labels = split.images, split.labels
+    if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(
-            f"{path}: images must be uint8 (N, 32, 32, 3), got {split.images.dtype} {split.images.shape}"
+            f"{path}: images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}{redo}"
+        )
+    if labels.ndim != 1 or labels.dtype not in LABEL_DTYPES:
+        raise DataError(
+            f"{path}: labels must be integers of shape (N,), got {labels.dtype} {labels.shape}{redo}"
+        )
+    if len(labels) != len(images) or split.source_rows.shape != labels.shape:
+        raise DataError(
+            f"{path}: {len(images)} images but {len(labels)} labels and {len(split.source_rows)} source "
+            f"rows{redo}"
+        )
+    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    if bad.size:
+        raise DataError(
+            f"{path}: label {labels[bad[0]]} at row {bad[0]} is outside 0..{NUM_CLASSES - 1} "
+            f"({bad.size} such label(s)){redo}"
         )
     return split
 

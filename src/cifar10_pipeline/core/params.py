@@ -8,27 +8,45 @@ value fails before any work is done, with a message that names the key and the f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cifar10_pipeline import NUM_CLASSES, SPLIT_SIZES
+from cifar10_pipeline.core.errors import PipelineError, add_debug_flag, user_errors
 from cifar10_pipeline.core.paths import CONF_DIR, CONFIG_NAME, PARAMS_FILE
 
 SourceName = Literal["mirror", "hub", "url"]
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
+# Every split the preprocess stage makes (train; val when val_size > 0; test) keeps at least this many images
+# of each class. Fixed, not a param: at 10 per class (100 images) a stratified split's rounding moves a
+# class's share of the split by under 1/100, inside validate.class_share_tolerance's 0.02, and per-class
+# metrics still rest on more than one or two images. Smaller splits are refused with the keys to change.
+MIN_IMAGES_PER_CLASS = 10
+MIN_SPLIT_IMAGES = MIN_IMAGES_PER_CLASS * NUM_CLASSES
+# CIFAR-10's split sizes, which params.yaml is checked against (a copy: tests shrink SPLIT_SIZES for the
+# validate stage's small fixtures, which must not change what a valid params file is).
+CIFAR10_SPLIT_SIZES = dict(SPLIT_SIZES)
 
-class ParamsError(ValueError):
+
+class ParamsError(PipelineError, ValueError):
     """params.yaml is missing, malformed, or holds an unknown key or an invalid value."""
 
 
+# extra="forbid": an unknown key is a typo until proven otherwise. strict: no silent coercion (``epochs:
+# true`` is not 1 epoch, ``"3"`` is not 3); allow_inf_nan=False: ``.inf`` and ``.nan`` are not numbers here.
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
 class _Section(BaseModel):
-    # extra="forbid": an unknown key is a typo until proven otherwise.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
 
 class DownloadParams(_Section):
@@ -55,12 +73,56 @@ class PreprocessParams(_Section):
     max_test_images: PositiveInt | None
 
     @model_validator(mode="after")
-    def _val_fits(self) -> PreprocessParams:
-        if self.max_train_images is not None and self.val_size >= self.max_train_images:
-            raise ValueError(
-                f"val_size ({self.val_size}) must be smaller than max_train_images ({self.max_train_images})"
-            )
+    def _splits_fit(self) -> PreprocessParams:
+        # Against CIFAR-10's own split sizes; the preprocess stage checks again against the data it reads.
+        problems = split_size_problems(self, CIFAR10_SPLIT_SIZES["train"], CIFAR10_SPLIT_SIZES["test"])
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
+
+
+def planned_split_sizes(
+    params: PreprocessParams, train_available: int, test_available: int
+) -> dict[str, int]:
+    """How many images each processed split gets from raw splits of the given sizes."""
+    kept_train = min(params.max_train_images or train_available, train_available)
+    return {
+        "train": kept_train - params.val_size,
+        "val": params.val_size,
+        "test": min(params.max_test_images or test_available, test_available),
+    }
+
+
+def split_size_problems(params: PreprocessParams, train_available: int, test_available: int) -> list[str]:
+    """What is wrong with the preprocess section for raw splits of these sizes: one sentence per problem,
+    naming the keys (empty when every split keeps at least MIN_IMAGES_PER_CLASS images of each class)."""
+    sizes = planned_split_sizes(params, train_available, test_available)
+    kept_train = sizes["train"] + sizes["val"]
+    cap = params.max_train_images if params.max_train_images is not None else "null, the whole split"
+    kept = f"{kept_train} training images kept (preprocess.max_train_images: {cap})"
+    least = f"at least {MIN_SPLIT_IMAGES} ({MIN_IMAGES_PER_CLASS} per class)"
+    problems = []
+    if params.val_size >= kept_train:
+        problems.append(f"preprocess.val_size ({params.val_size}) must be smaller than the {kept}")
+    elif sizes["train"] < MIN_SPLIT_IMAGES:
+        problems.append(
+            f"the train split would keep {sizes['train']} images: the {kept} minus preprocess.val_size "
+            f"({params.val_size}); it needs {least}: raise preprocess.max_train_images or lower "
+            "preprocess.val_size"
+        )
+    if 0 < params.val_size < MIN_SPLIT_IMAGES:
+        problems.append(
+            f"preprocess.val_size ({params.val_size}) holds out too few images: use 0 (no validation "
+            f"split) or {least}"
+        )
+    if sizes["test"] < MIN_SPLIT_IMAGES:
+        problems.append(
+            f"the test split would keep {sizes['test']} images (preprocess.max_test_images: "
+            f"{params.max_test_images if params.max_test_images is not None else 'null'}, of "
+            f"{test_available}); it needs {least}: raise "
+            "preprocess.max_test_images or set it to null (the whole split)"
+        )
+    return problems
 
 
 class TrainParams(_Section):
@@ -84,7 +146,7 @@ class TrainParams(_Section):
     lookahead: bool
     translate: Annotated[int, Field(ge=0, le=8)]
     flip: bool
-    tta_level: Literal[0, 1, 2]
+    tta_level: Annotated[int, Field(ge=0, le=2)]  # 0, 1 or 2 (an int field: strict refuses true)
     precision: Literal["auto", "bf16", "fp32"]
     # torch.compile: false, or a mode ("default", "reduce-overhead" = with CUDA graphs, "max-autotune").
     compile: Literal[False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -146,7 +208,7 @@ class Params(_Section):
     emissions: EmissionsParams
     mlflow: MlflowParams
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(**_STRICT, populate_by_name=True)
 
     def as_flat_dict(self) -> dict[str, Any]:
         """Values as ``section.key`` pairs (for MLflow)."""
@@ -157,6 +219,43 @@ class Params(_Section):
         return flat
 
 
+def known_keys() -> dict[str, list[str]]:
+    """Every params.yaml key: {section: [keys]}, top-level scalars (``profile``) under ``""``."""
+    keys: dict[str, list[str]] = {"": []}
+    for name, field in Params.model_fields.items():
+        section = field.alias or name
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys[section] = list(annotation.model_fields)
+        else:
+            keys[""].append(section)
+    return keys
+
+
+def did_you_mean(dotted: str) -> str | None:
+    """The known key closest to ``dotted`` (``train.epoch`` -> ``train.epochs``), or None."""
+    keys = known_keys()
+    section, _, key = dotted.rpartition(".")
+    if section in keys and section:
+        match = difflib.get_close_matches(key, keys[section], n=1, cutoff=0.6)
+        return f"{section}.{match[0]}" if match else None
+    candidates = [*keys[""], *(name for name in keys if name)]
+    first = dotted.split(".", 1)[0]
+    match = difflib.get_close_matches(first, candidates, n=1, cutoff=0.6)
+    return match[0] + dotted[len(first) :] if match else None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        guess = did_you_mean(location)
+        hint = f" (did you mean {guess}?)" if guess else ""
+        return f"  {location}: unknown key{hint}"
+    if error["type"] == "value_error":  # a cross-field check of ours: its sentences name the keys
+        return f"  {error['ctx']['error']}"
+    return f"  {location}: {error['msg']} (got {error.get('input')!r})"
+
+
 def validate_params(raw: Any, source: str = "params.yaml") -> Params:
     """Check every key and value of a params mapping; the error names each bad key."""
     if not isinstance(raw, dict):
@@ -164,14 +263,14 @@ def validate_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            location = ".".join(str(part) for part in error["loc"])
-            problems.append(f"  {location}: {error['msg']} (got {error.get('input')!r})")
+        problems = [_describe(error) for error in exc.errors()]
         raise ParamsError(
-            f"{source} (profile {raw.get('profile')!r}) is invalid:\n" + "\n".join(problems) + "\n"
-            f"Fix the value(s) above; every key is documented in {CONF_DIR / CONFIG_NAME}.yaml."
+            f"{source} is invalid:\n" + "\n".join(problems),
+            hint=f"fix the key(s) above; every key is documented in {CONF_DIR / CONFIG_NAME}.yaml",
         ) from None
+
+
+_OVERRIDE_KEY = re.compile(r"Could not override '([^']+)'")
 
 
 def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> dict[str, Any]:
@@ -184,6 +283,7 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> d
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    shown = Path(conf_dir)  # as given (conf/), for messages
     conf_dir = Path(conf_dir).resolve()
     if not (conf_dir / f"{CONFIG_NAME}.yaml").is_file():
         raise ParamsError(
@@ -194,6 +294,16 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> d
             config = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
         OmegaConf.resolve(config)
     except (HydraException, OmegaConfBaseException) as exc:
+        unknown = _OVERRIDE_KEY.search(str(exc))
+        if unknown:  # a key that conf/ does not have: a typo, whatever the profile sets
+            key = unknown.group(1)
+            guess = did_you_mean(key)
+            raise ParamsError(
+                f"unknown key {key} in the overrides {list(overrides)}"
+                + (f" (did you mean {guess}?)" if guess else "")
+                + f" [Hydra: {str(exc).splitlines()[0]}]",
+                hint=f"every key is documented in {shown / CONFIG_NAME}.yaml",
+            ) from None
         profiles = sorted(path.stem for path in (conf_dir / "profile").glob("*.yaml"))
         raise ParamsError(
             f"cannot compose {conf_dir.name}/ with overrides {list(overrides)}: {exc}\n"
@@ -231,9 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifar10_pipeline.core.params", description=main.__doc__)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. profile=quick train.epochs=12")
     parser.add_argument("--check", action="store_true", help="exit 1 if params.yaml differs; write nothing")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    text = composed_yaml(args.overrides)
-    validate_params(yaml.safe_load(text), source=f"{CONF_DIR}/ composed with {args.overrides}")
+    with user_errors(args.debug):
+        text = composed_yaml(args.overrides)
+        validate_params(yaml.safe_load(text), source=f"{CONF_DIR}/ composed with {args.overrides}")
     if args.check:
         current = PARAMS_FILE.read_text() if PARAMS_FILE.is_file() else ""
         if current != text:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar10_pipeline.core.data import DataError, atomic_output, write_json_atomic
+from cifar10_pipeline.core.errors import run_cli
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.core.paths import EMISSIONS_METRICS, EMISSIONS_REPORT, STAGE_EMISSIONS_DIR
 from cifar10_pipeline.reporting.templating import template_environment
@@ -71,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

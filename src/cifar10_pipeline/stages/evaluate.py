@@ -23,6 +23,7 @@ from sklearn.metrics import confusion_matrix
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import ArraySplit, atomic_output, load_split, write_json_atomic
+from cifar10_pipeline.core.errors import run_cli
 from cifar10_pipeline.core.params import EvaluateParams, load_params
 from cifar10_pipeline.core.paths import (
     CONFUSION_PAIRS,
@@ -306,4 +307,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

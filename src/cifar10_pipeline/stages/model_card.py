@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cifar10_pipeline.core.data import atomic_output
+from cifar10_pipeline.core.errors import run_cli
 from cifar10_pipeline.core.params import Params, TrainParams, load_params
 from cifar10_pipeline.core.paths import (
     BENCHMARK_METRICS,
@@ -374,4 +375,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from cifar10_pipeline import NUM_CLASSES
 from cifar10_pipeline.core.data import (
     ArraySplit,
     atomic_output,
@@ -22,7 +23,14 @@ from cifar10_pipeline.core.data import (
     save_split,
     write_json_atomic,
 )
-from cifar10_pipeline.core.params import PreprocessParams, ValidateParams, load_params
+from cifar10_pipeline.core.errors import run_cli
+from cifar10_pipeline.core.params import (
+    ParamsError,
+    PreprocessParams,
+    ValidateParams,
+    load_params,
+    split_size_problems,
+)
 from cifar10_pipeline.core.paths import PROCESSED_DIR, PROCESSED_VALIDATION, RAW_DIR
 from cifar10_pipeline.tracking.runs import stage_run
 
@@ -31,6 +39,11 @@ def stratified_subset(labels: np.ndarray, rows: np.ndarray, size: int | None, se
     """``size`` of ``rows`` with class proportions kept (all of them when size is None or too large)."""
     if size is None or size >= len(rows):
         return rows
+    if len(rows) - size < NUM_CLASSES:
+        # Fewer rows left out than classes: too few to stratify (scikit-learn refuses), and too few to
+        # move any class's share; leave out that many at random.
+        left_out = np.random.default_rng(seed).choice(len(rows), len(rows) - size, replace=False)
+        return np.sort(np.delete(rows, left_out))
     kept, _ = train_test_split(rows, train_size=size, stratify=labels[rows], random_state=seed)
     return np.sort(kept)
 
@@ -42,6 +55,13 @@ def split_arrays(
     test_labels: np.ndarray,
     params: PreprocessParams,
 ) -> dict[str, ArraySplit]:
+    # params.yaml was checked against CIFAR-10's split sizes; check again against the data at hand.
+    problems = split_size_problems(params, len(train_labels), len(test_labels))
+    if problems:
+        raise ParamsError(
+            f"the preprocess params do not fit the raw data ({len(train_labels)} training and "
+            f"{len(test_labels)} test images):\n  " + "\n  ".join(problems)
+        )
     train_rows = stratified_subset(
         train_labels, np.arange(len(train_labels)), params.max_train_images, params.seed
     )
@@ -104,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from cifar10_pipeline.core.data import atomic_output, load_split, write_json_atomic
+from cifar10_pipeline.core.errors import run_cli
 from cifar10_pipeline.core.params import TrainParams, load_params
 from cifar10_pipeline.core.paths import (
     MODEL_DIR,
@@ -203,4 +204,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,6 +18,7 @@ from typing import Any
 
 from cifar10_pipeline import SPLIT_SIZES
 from cifar10_pipeline.core.data import SPLITS, atomic_output, remove_outputs, write_json_atomic
+from cifar10_pipeline.core.errors import run_cli
 from cifar10_pipeline.core.params import ValidateParams, load_params
 from cifar10_pipeline.core.paths import DATA_DOCS_DIR, RAW_DIR, VALIDATION_METRICS
 from cifar10_pipeline.tracking.runs import stage_run
@@ -83,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,5 +1,6 @@
 """MLflow model registry: log the trained model with a signature, register it, and move ``champion`` only
-to a version that beats the current champion on the same test set."""
+to a version that beats the current champion on the same test set. The model is logged as code
+(pyfunc_model.py beside this module), never pickled."""
 
 from __future__ import annotations
 
@@ -24,23 +25,8 @@ def test_set_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def _python_model_class():
-    import mlflow.pyfunc
-
-    class Cifar10Classifier(mlflow.pyfunc.PythonModel):
-        """uint8 images (N, 32, 32, 3) in, class probabilities (N, 10) out; wraps the saved model."""
-
-        def load_context(self, context) -> None:
-            from cifar10_pipeline.modeling.model import load_model
-
-            self.model = load_model(context.artifacts["model_dir"])
-
-        def predict(self, context, model_input, params=None):
-            from cifar10_pipeline.modeling.inference import predict_logits
-
-            return predict_logits(self.model, np.asarray(model_input, dtype=np.uint8)).softmax(1).numpy()
-
-    return Cifar10Classifier
+# The pyfunc's code, logged as code (MLflow models-from-code): loading the model runs this file, no pickle.
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 def log_and_register(
@@ -54,6 +40,9 @@ def log_and_register(
     evaluate_champion: Callable[[str], float],
 ) -> dict:
     """Log ``model_dir`` to ``run_id`` as a pyfunc model, register it, and apply the champion rule.
+
+    The pyfunc is logged as code (``pyfunc_model.py``, MLflow's models-from-code) with the saved model
+    directory (safetensors weights) as its artifact: loading it runs our code and unpickles nothing.
 
     ``evaluate_champion(model_uri)`` re-measures the current champion when it was scored on another test set.
     Returns {"registered_model", "version", "champion_version", "promoted", "previous_champion_accuracy"}:
@@ -69,7 +58,7 @@ def log_and_register(
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=_python_model_class()(),
+            python_model=str(MODEL_CODE),
             artifacts={"model_dir": str(model_dir)},
             signature=signature,
             input_example=example_images[:2],
