@@ -43,6 +43,29 @@ def save_tiny_convnet(directory: Path, tta_level: int = 0, seed: int = 0) -> Pat
     return directory
 
 
+def save_tiny_vit_checkpoint(
+    directory: Path,
+    image_size: int = 32,
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5),
+) -> Path:
+    """A random transformers ViT written by save_pretrained with its image processor beside it, as a Hub
+    download looks (5 labels of its own): the fine-tuning path's stand-in for a real checkpoint."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=5)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(directory)
+    processor = ViTImageProcessor(
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        size={"height": image_size, "width": image_size},
+    )
+    processor.save_pretrained(directory)
+    return directory
+
+
 def write_params(root: Path, **sections: dict) -> None:
     """Rewrite ``root/params.yaml`` with per-section overrides."""
     raw = default_raw_params()

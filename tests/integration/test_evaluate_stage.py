@@ -16,6 +16,7 @@ import yaml
 from cifar10_pipeline.core.data import ArraySplit, save_split
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.core.paths import EVAL_METRICS, MODEL_DIR, PROCESSED_DIR, STAGE_EMISSIONS_DIR
+from cifar10_pipeline.modeling.inference import set_calibration_temperature
 from cifar10_pipeline.stages import evaluate as evaluate_stage
 
 from ..conftest import PROJECT_ROOT, synthetic_images
@@ -113,7 +114,7 @@ def test_outputs_hold_no_registry_fact_whatever_the_mlflow_history(
 def test_the_temperature_is_the_saved_one_never_fitted_on_test(evaluated_project: Path, saved) -> None:
     model = tiny_convnet(tta_level=0)
     if saved is not None:
-        model.config.temperature = saved  # what train.calibrate stores after fitting on validation
+        set_calibration_temperature(model, saved)  # what train.calibrate stores after fitting on validation
     model.save_pretrained(evaluated_project / MODEL_DIR)
     metrics = evaluate_stage.evaluate(load_params().evaluate).metrics
     assert metrics["temperature"] == (saved or 1.0)

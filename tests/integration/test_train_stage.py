@@ -55,7 +55,7 @@ def test_every_epoch_reaches_mlflow_without_a_validation_split(
     assert "no validation split" in capsys.readouterr().out
     # Nothing to fit a temperature on: none is recorded and the saved model applies none.
     assert summary["temperature"] is None
-    assert json.loads((project / MODEL_DIR / "config.json").read_text())["temperature"] == 1.0
+    assert json.loads((project / MODEL_DIR / "config.json").read_text())["calibration_temperature"] == 1.0
     # precision: auto is bf16 autocast (batch norm on fp32 copies) on a CPU with native bf16, else fp32.
     assert summary["precision"] == resolve_precision("auto", torch.device("cpu"))
     assert summary["batchnorm_precision"] == {"bf16": "fp32 copy", "fp32": "fp32"}[summary["precision"]]

@@ -32,6 +32,7 @@ from cifar10_pipeline.core.paths import (
     VALIDATION_METRICS,
 )
 from cifar10_pipeline.modeling.architectures import build_model
+from cifar10_pipeline.modeling.inference import set_calibration_temperature
 from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.stages import model_card
 
@@ -50,7 +51,7 @@ def model_config(params: Params, tmp_path: Path, temperature: float | None) -> d
     """config.json as save_pretrained writes it for the profile's network (after calibrate, if any)."""
     model = build_model(params.train)
     if temperature is not None:
-        model.config.temperature = temperature
+        set_calibration_temperature(model, temperature)
     model.save_pretrained(tmp_path / "config-model")
     return json.loads((tmp_path / "config-model" / "config.json").read_text())
 
@@ -288,6 +289,10 @@ def test_stale_temperature_facts_stop_the_card(tmp_path: Path) -> None:
     fitted["train"]["temperature"] = 0.5  # a temperature with no validation split to fit it on
     with pytest.raises(ValueError, match="stale"):
         model_card.render(gpu, fitted)
+    unsaved = copy.deepcopy(facts)
+    del unsaved["config"]["calibration_temperature"]  # a model saved without the fitted temperature
+    with pytest.raises(ValueError, match=r"config\.json applies 1\.0"):
+        model_card.render(params, unsaved)
 
 
 # --- The card and the MLflow store's history ------------------------------------------------------------

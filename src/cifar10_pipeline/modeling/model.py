@@ -51,9 +51,11 @@ class CifarConvNetConfig(PreTrainedConfig):
     image_mean: list[float] | tuple[float, ...] = CIFAR10_MEAN
     image_std: list[float] | tuple[float, ...] = CIFAR10_STD
     tta_level: int = 0  # test-time augmentation every consumer applies (see inference.py)
-    temperature: float = 1.0  # divides the logits; fitted on the validation split after training
+    # Divides the logits; fitted on the validation split after training (inference.calibration_temperature).
+    calibration_temperature: float = 1.0
 
     def __post_init__(self, **kwargs):
+        read_legacy_temperature(self, kwargs)
         self.widths = list(self.widths)
         self.image_mean = list(self.image_mean)
         self.image_std = list(self.image_std)
@@ -149,17 +151,25 @@ def whitening_layer(num_channels: int, kernel_size: int) -> nn.Conv2d:
     return layer
 
 
+def read_legacy_temperature(config: PreTrainedConfig, kwargs: dict) -> None:
+    """A built-in config.json saved before the key was renamed holds ``temperature``: read it as
+    ``calibration_temperature`` (else a registered model of that time would be served uncalibrated)."""
+    if "temperature" in kwargs:
+        config.calibration_temperature = float(kwargs.pop("temperature"))
+
+
 def calibrated_logits(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """The logits of the project's inference path for normalised images: test-time augmentation at the
-    model's ``tta_level``, divided by its fitted ``temperature`` (what ``predict_logits`` returns).
+    model's ``tta_level``, divided by its fitted temperature (what ``predict_logits`` returns).
 
     Reached through ``forward(calibrated=...)``, which the saved image processor sets, so
     ``transformers.pipeline`` reports the same probabilities as our CLI; training and ``predict_logits``
     call ``forward`` without it and get the raw logits.
     """
-    from cifar10_pipeline.modeling.inference import tta_logits  # inference.py calls forward: import late
+    # inference.py calls forward: import late
+    from cifar10_pipeline.modeling.inference import calibration_temperature, tta_logits
 
-    return tta_logits(model, pixel_values, model.config.tta_level) / model.config.temperature
+    return tta_logits(model, pixel_values, model.config.tta_level) / calibration_temperature(model.config)
 
 
 def wants_calibrated(calibrated: torch.Tensor | bool | None) -> bool:
@@ -298,8 +308,7 @@ def build_finetune_model(name_or_path: str, image_size: int, tta_level: int) -> 
     try:
         model = AutoModelForImageClassification.from_pretrained(
             name_or_path,
-            num_labels=len(id2label),
-            id2label=id2label,
+            id2label=id2label,  # sets num_labels (10); passing both warns against the checkpoint's own map
             label2id=label2id,
             ignore_mismatched_sizes=True,  # the checkpoint's own head has another number of classes
         )

@@ -27,6 +27,7 @@ from cifar10_pipeline.modeling.model import (
     ConvGroup,
     calibrated_logits,
     init_whitening,
+    read_legacy_temperature,
     wants_calibrated,
     whitening_layer,
 )
@@ -50,9 +51,10 @@ class CifarViTConfig(PreTrainedConfig):
     image_mean: list[float] | tuple[float, ...] = CIFAR10_MEAN
     image_std: list[float] | tuple[float, ...] = CIFAR10_STD
     tta_level: int = 0
-    temperature: float = 1.0
+    calibration_temperature: float = 1.0  # see inference.calibration_temperature
 
     def __post_init__(self, **kwargs):
+        read_legacy_temperature(self, kwargs)
         self.tokenizer_widths = list(self.tokenizer_widths)
         self.image_mean = list(self.image_mean)
         self.image_std = list(self.image_std)
