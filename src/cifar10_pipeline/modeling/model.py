@@ -281,7 +281,7 @@ def build_cifar_convnet(
 def checkpoint_normalisation(name_or_path: str) -> tuple[list[float], list[float]]:
     """The checkpoint's own image normalisation (``image_mean``, ``image_std``), from its image processor."""
     try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise OSError(
             f"could not load the image processor of {name_or_path!r} ({type(exc).__name__}: {exc}).\n"
@@ -311,12 +311,15 @@ def build_finetune_model(name_or_path: str, image_size: int, tta_level: int) -> 
             id2label=id2label,  # sets num_labels (10); passing both warns against the checkpoint's own map
             label2id=label2id,
             ignore_mismatched_sizes=True,  # the checkpoint's own head has another number of classes
+            use_safetensors=True,  # as load_model: pickled weights can run code when loaded
+            trust_remote_code=False,
         )
     except (OSError, ValueError) as exc:
         raise OSError(
             f"could not load the checkpoint {name_or_path!r}: {exc}\n"
             "Give a Hugging Face Hub id (needs network access or a filled HF cache) or a local directory "
-            "written by save_pretrained, or set train.model: cifar_convnet to train the built-in network."
+            "written by save_pretrained, with model.safetensors weights (pickled pytorch_model.bin files are "
+            "refused), or set train.model: cifar_convnet to train the built-in network."
         ) from None
     mean, std = checkpoint_normalisation(name_or_path)
     model.config.image_mean = mean
@@ -326,11 +329,27 @@ def build_finetune_model(name_or_path: str, image_size: int, tta_level: int) -> 
     return model
 
 
+# The weights files load_model accepts: safetensors (one file, or shards named by an index) hold tensors only.
+# A pickled pytorch_model.bin can run code when it is unpickled, so it is never loaded.
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """Load a trained model for inference, whichever architecture it is."""
+    """Load a trained model for inference, whichever architecture it is: weights from safetensors only, the
+    code from this package or transformers only (never a checkpoint's own, trust_remote_code=False)."""
     register_auto_classes()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (config.json missing); train one first: dvc repro train")
-    model = AutoModelForImageClassification.from_pretrained(path)
+    if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        found = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(
+            f"{path} holds no model.safetensors (it has {found}): models load from safetensors only, never "
+            "from pickled weights such as pytorch_model.bin, which can run code when loaded. Re-save the "
+            "model with save_pretrained (transformers 5 writes model.safetensors) or train it again "
+            "(dvc repro train)."
+        )
+    model = AutoModelForImageClassification.from_pretrained(
+        path, use_safetensors=True, trust_remote_code=False
+    )
     return model.to(device).eval()
