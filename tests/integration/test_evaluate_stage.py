@@ -20,7 +20,7 @@ from cifar10_pipeline.modeling.inference import set_calibration_temperature
 from cifar10_pipeline.stages import evaluate as evaluate_stage
 
 from ..conftest import PROJECT_ROOT, synthetic_images
-from ..helpers import register_history, tiny_convnet, write_params
+from ..helpers import fresh_and_history_stores, tiny_convnet, write_params
 
 SMALL_EVALUATE = {"batch_size": 40, "robustness_images": 20, "gallery_per_class": 1}
 # What registry.log_and_register answers; it depends on the store's history.
@@ -69,17 +69,11 @@ def evaluated_project(project: Path) -> Path:
 def test_outputs_hold_no_registry_fact_whatever_the_mlflow_history(
     evaluated_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     project, declared = evaluated_project, declared_outputs()
     outputs, versions = [], []
-    for name, earlier in (("fresh", 0), ("history", 3)):
-        uri = f"sqlite:///{tmp_path / f'{name}.db'}"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        if earlier:
-            register_history(tmp_path / name, earlier)
+    for _ in fresh_and_history_stores(tmp_path, monkeypatch):
         before = {p for p in project.rglob("*") if p.is_file()}
         evaluate_stage.main()
         written = {p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file()} - {

@@ -34,7 +34,7 @@ from cifar10_pipeline.modeling.processor import CifarImageProcessor
 from cifar10_pipeline.training.loop import train_classifier
 
 from ..conftest import synthetic_images
-from ..helpers import save_tiny_vit_checkpoint, train_params
+from ..helpers import save_tiny_vit_checkpoint, train_params, write_train_val
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 TRAIN_SHARD = "train-00000-of-00002.parquet"
@@ -162,15 +162,10 @@ def test_fine_tuned_checkpoint_gets_our_preprocessing_but_its_own_forward(tmp_pa
 
 
 def test_the_train_stage_saves_a_directory_the_pipeline_loads(tmp_path: Path) -> None:
-    from cifar10_pipeline.core.data import save_split
     from cifar10_pipeline.stages.train import train, write_outputs
 
     images, labels = synthetic_images(150, seed=5)
-    processed = tmp_path / "processed"
-    processed.mkdir()
-    rows = np.arange(150)
-    for name, part in (("train", slice(0, 100)), ("val", slice(100, None))):
-        save_split(processed / f"{name}.npz", ArraySplit(images[part], labels[part], rows[part]))
+    processed = write_train_val(tmp_path / "processed", images, labels, train_size=100)
     hp = train_params(
         widths=[8, 16, 16], epochs=1, batch_size=50, device="cpu", tta_level=1, precision="fp32"
     )
@@ -207,17 +202,12 @@ print(json.dumps(classifier([Image.fromarray(image) for image in images], top_k=
 def test_fine_tuning_a_checkpoint_with_a_validation_split_saves_its_temperature(tmp_path: Path) -> None:
     """The train stage's path for a Hub/local checkpoint: fine-tune, fit the temperature on the validation
     split, save; the folder reloads with the Auto classes and pipeline(), the temperature kept."""
-    from cifar10_pipeline.core.data import save_split
     from cifar10_pipeline.modeling.model import load_model
     from cifar10_pipeline.stages.train import train, write_outputs
 
     checkpoint = save_tiny_vit_checkpoint(tmp_path / "tiny-vit")
     images, labels = synthetic_images(150, seed=7)
-    processed = tmp_path / "processed"
-    processed.mkdir()
-    rows = np.arange(150)
-    for name, part in (("train", slice(0, 100)), ("val", slice(100, None))):
-        save_split(processed / f"{name}.npz", ArraySplit(images[part], labels[part], rows[part]))
+    processed = write_train_val(tmp_path / "processed", images, labels, train_size=100)
     hp = train_params(
         model=str(checkpoint), finetune_image_size=32, epochs=1, batch_size=50, device="cpu", tta_level=0,
         precision="fp32",

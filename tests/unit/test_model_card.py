@@ -37,7 +37,7 @@ from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.stages import model_card
 
 from ..conftest import PROJECT_ROOT
-from ..helpers import default_raw_params, register_history
+from ..helpers import default_raw_params, fresh_and_history_stores
 
 TRAIN_SPLIT_IMAGES = 50_000  # the raw training split, as metrics/validation.json records it
 TEMPERATURE = 0.52
@@ -317,17 +317,10 @@ def write_facts(root: Path, facts: dict) -> None:
 def test_card_is_byte_identical_whatever_the_mlflow_history(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mlflow
-
     raw = yaml.safe_load((project / "params.yaml").read_text())
     write_facts(project, synthetic_facts(validate_params(raw), tmp_path, "cpu"))
     cards = []
-    for name, earlier in (("fresh", 0), ("history", 3)):
-        uri = f"sqlite:///{tmp_path / f'{name}.db'}"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        if earlier:
-            register_history(tmp_path / name, earlier)
+    for _ in fresh_and_history_stores(tmp_path, monkeypatch):
         model_card.main()
         cards.append((project / MODEL_CARD).read_bytes())
     assert cards[0] == cards[1]

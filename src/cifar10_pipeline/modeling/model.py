@@ -182,6 +182,35 @@ def wants_calibrated(calibrated: torch.Tensor | bool | None) -> bool:
     return bool(flags.all())
 
 
+class WhitenedImageClassifier:
+    """What the project's own architectures share, mixed in before their ``PreTrainedModel`` base: a frozen
+    whitening first layer (``whiten``) set from the training images, and ``forward``: the raw logits (and the
+    loss, given labels) or, with ``calibrated``, the inference path's logits (:func:`calibrated_logits`).
+    A subclass defines ``whiten`` and ``raw_logits``."""
+
+    whiten: nn.Conv2d
+    config: PreTrainedConfig
+
+    def init_whitening(self, pixel_values: torch.Tensor) -> None:
+        init_whitening(self.whiten, pixel_values)
+
+    def raw_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        calibrated: torch.Tensor | bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        if wants_calibrated(calibrated):  # the saved image processor asks for it, for transformers.pipeline
+            return ImageClassifierOutput(logits=calibrated_logits(self, pixel_values))
+        logits = self.raw_logits(pixel_values)
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
 class CifarConvNetPreTrainedModel(PreTrainedModel):
     config_class = CifarConvNetConfig
     base_model_prefix = "cifar_convnet"
@@ -208,7 +237,7 @@ class CifarConvNetPreTrainedModel(PreTrainedModel):
             init.zeros_(module.num_batches_tracked)
 
 
-class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
+class CifarConvNetForImageClassification(WhitenedImageClassifier, CifarConvNetPreTrainedModel):
     def __init__(self, config: CifarConvNetConfig):
         super().__init__(config)
         w1, w2, w3 = config.widths
@@ -222,27 +251,14 @@ class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
         self.classifier = nn.Linear(w3, config.num_labels, bias=False)
         self.post_init()
 
-    def init_whitening(self, pixel_values: torch.Tensor) -> None:
-        init_whitening(self.whiten, pixel_values)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        calibrated: torch.Tensor | bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput:
-        if wants_calibrated(calibrated):
-            return ImageClassifierOutput(logits=calibrated_logits(self, pixel_values))
+    def raw_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.act(self.whiten(pixel_values))
         x = self.group3(self.group2(self.group1(x)))
         # Global max-pool as a plain reduction: on CUDA, adaptive_max_pool2d's channels-last kernels took
         # 7% of a training step for this 3x3 map. max(dim) rather than amax: its gradient goes to one
         # element, while amax's divides by the count of ties, which compiled bf16 kernels can make 0 (NaN).
         features = x.flatten(2).max(dim=2).values
-        logits = self.classifier(features) * self.config.logit_scale
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return self.classifier(features) * self.config.logit_scale
 
 
 def register_auto_classes() -> None:
