@@ -50,6 +50,9 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 CMD ["python", "-m", "cifar10_pipeline.serving.serve"]
 
-# Default target: the trained model (dvc repro train) copied in, read-only for the server's user.
+# Default target: the trained model (dvc repro train) copied in, read-only for the server's user. COPY keeps
+# the files' modes: save_model writes the folder world-readable (files 0644, folders 0755), which
+# tests/model/test_model_folder.py checks by reading a copy as an unprivileged user. A folder saved before
+# that (model.safetensors 0600) needs `chmod -R a+rX models/cifar10` or a new `dvc repro train`.
 FROM runtime AS bundled
 COPY models/cifar10 /models/cifar10

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from cifar10_pipeline.core.data import ArraySplit, save_split
 from cifar10_pipeline.core.params import TrainParams, validate_params
 from cifar10_pipeline.modeling.model import build_cifar_convnet
 
@@ -41,6 +43,56 @@ def tiny_convnet(tta_level: int = 0, seed: int = 0):
 def save_tiny_convnet(directory: Path, tta_level: int = 0, seed: int = 0) -> Path:
     tiny_convnet(tta_level, seed).save_pretrained(directory)
     return directory
+
+
+def save_tiny_vit_checkpoint(
+    directory: Path,
+    image_size: int = 32,
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5),
+) -> Path:
+    """A random transformers ViT written by save_pretrained with its image processor beside it, as a Hub
+    download looks (5 labels of its own): the fine-tuning path's stand-in for a real checkpoint."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=5)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(directory)
+    processor = ViTImageProcessor(
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        size={"height": image_size, "width": image_size},
+    )
+    processor.save_pretrained(directory)
+    return directory
+
+
+def write_train_val(folder: Path, images: np.ndarray, labels: np.ndarray, train_size: int) -> Path:
+    """A processed folder as the preprocess stage writes it: the first ``train_size`` images in train.npz,
+    the rest in val.npz (source rows numbered in order)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = np.arange(len(labels))
+    for name, part in (("train", slice(0, train_size)), ("val", slice(train_size, None))):
+        save_split(folder / f"{name}.npz", ArraySplit(images[part], labels[part], rows[part]))
+    return folder
+
+
+def run_checked(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: float, log: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command; fail with its output's tail if it fails or overruns (``log`` gets all of it)."""
+    try:
+        done = subprocess.run(
+            args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{' '.join(args)} ran past {timeout}s:\n{str(exc.output)[-3000:]}") from None
+    output = done.stdout + done.stderr
+    if log is not None:
+        log.write_text(output)
+    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{output[-4000:]}"
+    return done
 
 
 def write_params(root: Path, **sections: dict) -> None:
@@ -113,3 +165,19 @@ def register_history(tmp_path: Path, versions: int, name: str = "cifar10-classif
         )
     champion = client.get_model_version_by_alias(name, model_registry.CHAMPION)
     assert str(champion.version) == str(versions)
+
+
+def fresh_and_history_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, earlier: int = 3
+) -> Iterator[str]:
+    """MLflow pointed at a fresh store, then at one holding ``earlier`` promoted registrations (what a stage
+    writes must not depend on the store's history); yields "fresh", then "history"."""
+    import mlflow
+
+    for name, versions in (("fresh", 0), ("history", earlier)):
+        uri = f"sqlite:///{tmp_path / f'{name}.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        if versions:
+            register_history(tmp_path / name, versions)
+        yield name

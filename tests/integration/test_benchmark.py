@@ -4,6 +4,7 @@ recipe run as a subprocess on our data, provenance on every entry, and the rende
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from cifar10_pipeline import benchmark
+from benchmarks import training as benchmark
 from cifar10_pipeline.core.data import ArraySplit, save_split
 from cifar10_pipeline.core.params import ParamsError
 
@@ -177,9 +178,13 @@ def test_merge_brings_in_entries_from_another_machine(tmp_path: Path, processed:
     gpu_file, metrics = tmp_path / "from_gpu.json", tmp_path / "benchmark.json"
     benchmark.save({"gpu_run": entry.model_copy(update={"machine": "one NVIDIA H200"})}, gpu_file)
     benchmark.save({"cpu_run": entry}, metrics)
-    benchmark.main(
-        ["merge", str(gpu_file), "--metrics-file", str(metrics), "--report", str(tmp_path / "r.md")]
-    )
+    # As the docs run it: a script beside benchmarks/serving.py, not a module of the package.
+    subprocess.run(
+        [sys.executable, "benchmarks/training.py", "merge", str(gpu_file), "--metrics-file", str(metrics),
+         "--report", str(tmp_path / "r.md")],
+        cwd=PROJECT_ROOT, check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "gpu_run" in (tmp_path / "r.md").read_text()
     merged = benchmark.read_results(metrics)
     assert merged["gpu_run"].machine == "one NVIDIA H200" and merged["cpu_run"].machine == "test machine"
 

@@ -16,10 +16,11 @@ import yaml
 from cifar10_pipeline.core.data import ArraySplit, save_split
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.core.paths import EVAL_METRICS, MODEL_DIR, PROCESSED_DIR, STAGE_EMISSIONS_DIR
+from cifar10_pipeline.modeling.inference import set_calibration_temperature
 from cifar10_pipeline.stages import evaluate as evaluate_stage
 
 from ..conftest import PROJECT_ROOT, synthetic_images
-from ..helpers import register_history, tiny_convnet, write_params
+from ..helpers import fresh_and_history_stores, tiny_convnet, write_params
 
 SMALL_EVALUATE = {"batch_size": 40, "robustness_images": 20, "gallery_per_class": 1}
 # What registry.log_and_register answers; it depends on the store's history.
@@ -68,17 +69,11 @@ def evaluated_project(project: Path) -> Path:
 def test_outputs_hold_no_registry_fact_whatever_the_mlflow_history(
     evaluated_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     project, declared = evaluated_project, declared_outputs()
     outputs, versions = [], []
-    for name, earlier in (("fresh", 0), ("history", 3)):
-        uri = f"sqlite:///{tmp_path / f'{name}.db'}"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        if earlier:
-            register_history(tmp_path / name, earlier)
+    for _ in fresh_and_history_stores(tmp_path, monkeypatch):
         before = {p for p in project.rglob("*") if p.is_file()}
         evaluate_stage.main()
         written = {p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file()} - {
@@ -113,7 +108,7 @@ def test_outputs_hold_no_registry_fact_whatever_the_mlflow_history(
 def test_the_temperature_is_the_saved_one_never_fitted_on_test(evaluated_project: Path, saved) -> None:
     model = tiny_convnet(tta_level=0)
     if saved is not None:
-        model.config.temperature = saved  # what train.calibrate stores after fitting on validation
+        set_calibration_temperature(model, saved)  # what train.calibrate stores after fitting on validation
     model.save_pretrained(evaluated_project / MODEL_DIR)
     metrics = evaluate_stage.evaluate(load_params().evaluate).metrics
     assert metrics["temperature"] == (saved or 1.0)

@@ -34,7 +34,7 @@ from cifar10_pipeline.core.params import ParamsError, compose, validate_params
 from tests.localserver import free_port, local_server
 
 from ..conftest import PROJECT_ROOT, mirror_dir
-from ..helpers import default_raw_params, headless_chrome
+from ..helpers import default_raw_params, headless_chrome, run_checked
 
 # ---------------------------------------------------------------------------------------------------------
 # Every knob, through the same YAML edit as `dvc exp run -S key=value`
@@ -258,18 +258,8 @@ class Sweep:
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float, log: Path | None = None) -> str:
-    """Run a command, fail with its output's tail if it fails or overruns."""
-    try:
-        done = subprocess.run(
-            args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{' '.join(args)} ran past {timeout}s:\n{str(exc.output)[-3000:]}") from None
-    output = done.stdout + done.stderr
-    if log is not None:
-        log.write_text(output)
-    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{output[-4000:]}"
-    return done.stdout
+    """Run a command, fail with its output's tail if it fails or overruns; its stdout."""
+    return run_checked(args, cwd, env, timeout, log).stdout
 
 
 def dvc(*args: str, sweep: Sweep, timeout: float = 120) -> str:

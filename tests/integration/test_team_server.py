@@ -34,6 +34,7 @@ import yaml
 from tests.localserver import free_port
 
 from ..conftest import PROJECT_ROOT, mirror_dir
+from ..helpers import run_checked
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -65,15 +66,8 @@ PORT_NAMES += ("filer", "filer_grpc")
 
 def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
     """Run a command; fail with its output's tail if it fails or overruns. Returns stdout + stderr."""
-    try:
-        done = subprocess.run(
-            args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{' '.join(args)} ran past {timeout}s:\n{str(exc.output)[-3000:]}") from None
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{output[-4000:]}"
-    return output
+    done = run_checked(args, cwd, env, timeout)
+    return done.stdout + done.stderr
 
 
 def clean_env(**extra: str) -> dict[str, str]:

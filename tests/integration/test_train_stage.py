@@ -7,17 +7,15 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from cifar10_pipeline.core.data import ArraySplit, save_split
 from cifar10_pipeline.core.paths import MODEL_DIR, STAGE_EMISSIONS_DIR, TRAIN_HISTORY, TRAIN_METRICS
 from cifar10_pipeline.modeling.inference import resolve_precision
 from cifar10_pipeline.stages import train as train_stage
 
 from ..conftest import synthetic_images
-from ..helpers import write_params
+from ..helpers import write_params, write_train_val
 
 TINY_TRAIN = {"widths": [8, 16, 16], "epochs": 3, "batch_size": 50, "device": "cpu", "tta_level": 0}
 
@@ -26,11 +24,7 @@ def write_processed(root: Path, train_size: int, val_size: int, bad_label: bool 
     images, labels = synthetic_images(train_size + val_size, seed=5)
     if bad_label:
         labels[7] = 10  # one label outside the 10 classes
-    processed = root / "data" / "processed"
-    processed.mkdir(parents=True)
-    rows = np.arange(len(labels))
-    for name, part in (("train", slice(0, train_size)), ("val", slice(train_size, None))):
-        save_split(processed / f"{name}.npz", ArraySplit(images[part], labels[part], rows[part]))
+    write_train_val(root / "data" / "processed", images, labels, train_size)
 
 
 def stage_runs(root: Path) -> list:
@@ -55,7 +49,7 @@ def test_every_epoch_reaches_mlflow_without_a_validation_split(
     assert "no validation split" in capsys.readouterr().out
     # Nothing to fit a temperature on: none is recorded and the saved model applies none.
     assert summary["temperature"] is None
-    assert json.loads((project / MODEL_DIR / "config.json").read_text())["temperature"] == 1.0
+    assert json.loads((project / MODEL_DIR / "config.json").read_text())["calibration_temperature"] == 1.0
     # precision: auto is bf16 autocast (batch norm on fp32 copies) on a CPU with native bf16, else fp32.
     assert summary["precision"] == resolve_precision("auto", torch.device("cpu"))
     assert summary["batchnorm_precision"] == {"bf16": "fp32 copy", "fp32": "fp32"}[summary["precision"]]

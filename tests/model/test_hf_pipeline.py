@@ -17,20 +17,24 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    ViTConfig,
     ViTForImageClassification,
-    ViTImageProcessor,
     pipeline,
 )
 
 from cifar10_pipeline.core.data import ArraySplit
 from cifar10_pipeline.modeling.architectures import build_model, save_model
-from cifar10_pipeline.modeling.inference import fit_temperature, normalize, predict_logits
+from cifar10_pipeline.modeling.inference import (
+    calibration_temperature,
+    fit_temperature,
+    normalize,
+    predict_logits,
+    set_calibration_temperature,
+)
 from cifar10_pipeline.modeling.processor import CifarImageProcessor
 from cifar10_pipeline.training.loop import train_classifier
 
 from ..conftest import synthetic_images
-from ..helpers import train_params
+from ..helpers import save_tiny_vit_checkpoint, train_params, write_train_val
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 TRAIN_SHARD = "train-00000-of-00002.parquet"
@@ -84,7 +88,7 @@ def trained_on_real_images(real_mirror: Path, tmp_path_factory: pytest.TempPathF
         progress=False,
     )  # fmt: skip
     logits = predict_logits(model, images[1000:], calibrated=False)
-    model.config.temperature = fit_temperature(logits, torch.as_tensor(labels[1000:]))
+    set_calibration_temperature(model, fit_temperature(logits, torch.as_tensor(labels[1000:])))
     directory = tmp_path_factory.mktemp("real") / "model"
     save_model(model, directory, hp.model)
     return directory
@@ -102,7 +106,8 @@ def test_pipeline_gives_our_calibrated_probabilities_on_real_images(
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     model = AutoModelForImageClassification.from_pretrained(trained_on_real_images).eval()
-    assert model.config.tta_level == 2 and abs(model.config.temperature - 1.0) > 0.05  # both are exercised
+    # both are exercised
+    assert model.config.tta_level == 2 and abs(calibration_temperature(model.config) - 1.0) > 0.05
     piped = scores_by_label(json.loads(run.stdout.splitlines()[-1]), model.config.label2id)
     images, labels = read_images(real_mirror / TEST_SHARD, 0, n)
     ours = predict_logits(model, images).softmax(1).numpy()
@@ -141,12 +146,7 @@ def test_tiny_checkpoint_round_trips_through_the_auto_classes(name: str, tmp_pat
 def test_fine_tuned_checkpoint_gets_our_preprocessing_but_its_own_forward(tmp_path: Path) -> None:
     """A fine-tuned Hub architecture keeps transformers' forward: the pipeline resizes and normalises like
     our inference path, but applies neither TTA nor the temperature (documented in the README)."""
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "tiny-vit"
-    config = ViTConfig(image_size=48, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32, num_labels=5)  # fmt: skip
-    ViTForImageClassification(config).save_pretrained(checkpoint)
-    ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(checkpoint)
+    checkpoint = save_tiny_vit_checkpoint(tmp_path / "tiny-vit", image_size=48)
     hp = train_params(model=str(checkpoint), finetune_image_size=48, tta_level=1)
     model = build_model(hp).eval()
     save_model(model, tmp_path / "finetuned", hp.model)
@@ -162,15 +162,10 @@ def test_fine_tuned_checkpoint_gets_our_preprocessing_but_its_own_forward(tmp_pa
 
 
 def test_the_train_stage_saves_a_directory_the_pipeline_loads(tmp_path: Path) -> None:
-    from cifar10_pipeline.core.data import save_split
     from cifar10_pipeline.stages.train import train, write_outputs
 
     images, labels = synthetic_images(150, seed=5)
-    processed = tmp_path / "processed"
-    processed.mkdir()
-    rows = np.arange(150)
-    for name, part in (("train", slice(0, 100)), ("val", slice(100, None))):
-        save_split(processed / f"{name}.npz", ArraySplit(images[part], labels[part], rows[part]))
+    processed = write_train_val(tmp_path / "processed", images, labels, train_size=100)
     hp = train_params(
         widths=[8, 16, 16], epochs=1, batch_size=50, device="cpu", tta_level=1, precision="fp32"
     )
@@ -187,3 +182,60 @@ def test_the_train_stage_saves_a_directory_the_pipeline_loads(tmp_path: Path) ->
     np.testing.assert_allclose(
         piped, predict_logits(model, images[:4]).softmax(1).numpy(), rtol=0, atol=PROBABILITY_ATOL
     )
+
+
+# A fresh interpreter: the saved folder loads with standard tools after importing the package.
+FINETUNED_PIPELINE_SCRIPT = """
+import json, sys
+import numpy as np
+from PIL import Image
+from transformers import pipeline
+import cifar10_pipeline.modeling  # registers the project's image processor with AutoImageProcessor
+
+images = np.load(sys.argv[2])
+classifier = pipeline("image-classification", model=sys.argv[1], device="cpu")
+print(json.dumps(classifier([Image.fromarray(image) for image in images], top_k=10)))
+"""
+
+
+@pytest.mark.slow  # ~15 s: a fine-tune epoch, the save, and a fresh interpreter for the pipeline
+def test_fine_tuning_a_checkpoint_with_a_validation_split_saves_its_temperature(tmp_path: Path) -> None:
+    """The train stage's path for a Hub/local checkpoint: fine-tune, fit the temperature on the validation
+    split, save; the folder reloads with the Auto classes and pipeline(), the temperature kept."""
+    from cifar10_pipeline.modeling.model import load_model
+    from cifar10_pipeline.stages.train import train, write_outputs
+
+    checkpoint = save_tiny_vit_checkpoint(tmp_path / "tiny-vit")
+    images, labels = synthetic_images(150, seed=7)
+    processed = write_train_val(tmp_path / "processed", images, labels, train_size=100)
+    hp = train_params(
+        model=str(checkpoint), finetune_image_size=32, epochs=1, batch_size=50, device="cpu", tta_level=0,
+        precision="fp32",
+    )  # fmt: skip
+    trained = train(hp, processed)
+    fitted = trained.summary["temperature"]
+    assert fitted is not None and abs(fitted - 1.0) > 1e-3  # a real fit on the 50 validation images
+    out = tmp_path / "model"
+    write_outputs(trained, out, tmp_path / "history.csv", tmp_path / "train.json", tmp_path / "curves.png")
+
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "vit" and calibration_temperature(config) == pytest.approx(fitted)
+    loaded = AutoModelForImageClassification.from_pretrained(out).eval()
+    assert type(loaded) is ViTForImageClassification
+    assert calibration_temperature(load_model(out).config) == pytest.approx(fitted)
+    # Evaluation and serving read it back: the calibrated logits are the raw ones over the fitted temperature.
+    sample = images[:4]
+    raw = predict_logits(load_model(out), sample, calibrated=False)
+    torch.testing.assert_close(predict_logits(load_model(out), sample), raw / fitted)
+    torch.testing.assert_close(predict_logits(trained.model, sample), raw / fitted)
+
+    np.save(tmp_path / "images.npy", sample)
+    run = subprocess.run(
+        [sys.executable, "-c", FINETUNED_PIPELINE_SCRIPT, str(out), str(tmp_path / "images.npy")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    piped = scores_by_label(json.loads(run.stdout.splitlines()[-1]), loaded.config.label2id)
+    # transformers' ViT forward knows nothing of the temperature: the pipeline gives the plain softmax
+    # (documented in the README), on our preprocessing.
+    np.testing.assert_allclose(piped, raw.softmax(1).numpy(), rtol=0, atol=PROBABILITY_ATOL)

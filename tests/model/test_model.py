@@ -11,9 +11,6 @@ import torch
 import torch.nn.functional as F
 from transformers import (
     AutoModelForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
-    ViTImageProcessor,
 )
 
 from cifar10_pipeline import CLASS_NAMES
@@ -25,7 +22,7 @@ from cifar10_pipeline.modeling.architectures import (
     build_model,
     describe_architecture,
 )
-from cifar10_pipeline.modeling.inference import predict_logits
+from cifar10_pipeline.modeling.inference import calibration_temperature, predict_logits
 from cifar10_pipeline.modeling.model import (
     FrozenScaleBatchNorm,
     batchnorm_precision,
@@ -36,7 +33,7 @@ from cifar10_pipeline.modeling.model import (
 from cifar10_pipeline.training.loop import make_optimizers, train_classifier
 
 from ..conftest import synthetic_images
-from ..helpers import tiny_convnet, train_params
+from ..helpers import save_tiny_vit_checkpoint, tiny_convnet, train_params
 
 
 def test_save_and_load_through_auto_classes(tmp_path: Path) -> None:
@@ -51,6 +48,20 @@ def test_save_and_load_through_auto_classes(tmp_path: Path) -> None:
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(loaded(pixel_values=x).logits, model(pixel_values=x).logits)
     assert loaded.config.tta_level == 2
+
+
+def test_a_model_saved_with_the_old_temperature_key_keeps_its_temperature(tmp_path: Path) -> None:
+    """config.json files written before the key became calibration_temperature (a registered champion of
+    that time) still apply their fitted temperature, and save again."""
+    tiny_convnet().save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config["temperature"] = 0.5
+    del config["calibration_temperature"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = load_model(tmp_path / "old")
+    assert calibration_temperature(loaded.config) == 0.5
+    loaded.save_pretrained(tmp_path / "again")  # no stray generation parameter named temperature
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["calibration_temperature"] == 0.5
 
 
 def test_load_model_explains_a_missing_checkpoint(tmp_path: Path) -> None:
@@ -74,24 +85,7 @@ def test_whitening_layer_decorrelates_patches() -> None:
 
 @pytest.fixture
 def tiny_vit_checkpoint(tmp_path: Path) -> Path:
-    """A ViT checkpoint written by save_pretrained, as a Hub download looks (5 labels, own processor)."""
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=48,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=5,
-    )
-    directory = tmp_path / "tiny-vit"
-    ViTForImageClassification(config).save_pretrained(directory)
-    processor = ViTImageProcessor(
-        image_mean=[0.4, 0.5, 0.6], image_std=[0.3, 0.5, 0.7], size={"height": 48, "width": 48}
-    )
-    processor.save_pretrained(directory)
-    return directory
+    return save_tiny_vit_checkpoint(tmp_path / "tiny-vit", 48, (0.4, 0.5, 0.6), (0.3, 0.5, 0.7))
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from cifar10_pipeline.modeling.inference import (
     image_to_array,
     normalize,
     predict_logits,
+    set_calibration_temperature,
     tta_logits,
 )
 
@@ -106,7 +107,7 @@ def test_temperature_is_recovered_and_applied() -> None:
     model = tiny_convnet()
     images, _ = synthetic_images(4, seed=0)
     raw = predict_logits(model, images, precision="fp32", calibrated=False)
-    model.config.temperature = 2.0
+    set_calibration_temperature(model, 2.0)
     torch.testing.assert_close(predict_logits(model, images, precision="fp32"), raw / 2.0)
     assert torch.equal(raw.argmax(1), predict_logits(model, images, precision="fp32").argmax(1))
 

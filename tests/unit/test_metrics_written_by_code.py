@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar10_pipeline.benchmark import read_results
+from cifar10_pipeline.reporting.benchmark_records import read_results
 
 from ..conftest import PROJECT_ROOT
 

@@ -32,11 +32,12 @@ from cifar10_pipeline.core.paths import (
     VALIDATION_METRICS,
 )
 from cifar10_pipeline.modeling.architectures import build_model
+from cifar10_pipeline.modeling.inference import set_calibration_temperature
 from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.stages import model_card
 
 from ..conftest import PROJECT_ROOT
-from ..helpers import default_raw_params, register_history
+from ..helpers import default_raw_params, fresh_and_history_stores
 
 TRAIN_SPLIT_IMAGES = 50_000  # the raw training split, as metrics/validation.json records it
 TEMPERATURE = 0.52
@@ -50,7 +51,7 @@ def model_config(params: Params, tmp_path: Path, temperature: float | None) -> d
     """config.json as save_pretrained writes it for the profile's network (after calibrate, if any)."""
     model = build_model(params.train)
     if temperature is not None:
-        model.config.temperature = temperature
+        set_calibration_temperature(model, temperature)
     model.save_pretrained(tmp_path / "config-model")
     return json.loads((tmp_path / "config-model" / "config.json").read_text())
 
@@ -288,6 +289,10 @@ def test_stale_temperature_facts_stop_the_card(tmp_path: Path) -> None:
     fitted["train"]["temperature"] = 0.5  # a temperature with no validation split to fit it on
     with pytest.raises(ValueError, match="stale"):
         model_card.render(gpu, fitted)
+    unsaved = copy.deepcopy(facts)
+    del unsaved["config"]["calibration_temperature"]  # a model saved without the fitted temperature
+    with pytest.raises(ValueError, match=r"config\.json applies 1\.0"):
+        model_card.render(params, unsaved)
 
 
 # --- The card and the MLflow store's history ------------------------------------------------------------
@@ -312,17 +317,10 @@ def write_facts(root: Path, facts: dict) -> None:
 def test_card_is_byte_identical_whatever_the_mlflow_history(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mlflow
-
     raw = yaml.safe_load((project / "params.yaml").read_text())
     write_facts(project, synthetic_facts(validate_params(raw), tmp_path, "cpu"))
     cards = []
-    for name, earlier in (("fresh", 0), ("history", 3)):
-        uri = f"sqlite:///{tmp_path / f'{name}.db'}"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        if earlier:
-            register_history(tmp_path / name, earlier)
+    for _ in fresh_and_history_stores(tmp_path, monkeypatch):
         model_card.main()
         cards.append((project / MODEL_CARD).read_bytes())
     assert cards[0] == cards[1]

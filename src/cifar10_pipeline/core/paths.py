@@ -35,6 +35,6 @@ ROBUSTNESS_METRICS = METRICS_DIR / "robustness.csv"
 EVAL_FIGURES_DIR = REPORTS_DIR / "figures"
 STAGE_EMISSIONS_DIR = METRICS_DIR / "emissions"
 EMISSIONS_METRICS = METRICS_DIR / "emissions.json"
-BENCHMARK_METRICS = METRICS_DIR / "benchmark.json"  # written by `python -m cifar10_pipeline.benchmark`
+BENCHMARK_METRICS = METRICS_DIR / "benchmark.json"  # written by `python benchmarks/training.py`
 EMISSIONS_REPORT = REPORTS_DIR / "emissions.md"
 MODEL_CARD = REPORTS_DIR / "model_card.md"

@@ -186,7 +186,18 @@ def describe_architecture(name: str, config: Mapping[str, Any] | PreTrainedConfi
 
 
 def save_model(model: PreTrainedModel, directory: str | Path, name: str) -> None:
-    """``save_pretrained`` plus the image processor (preprocessor_config.json) standard tools load with it."""
+    """``save_pretrained`` plus the image processor (preprocessor_config.json) standard tools load with it;
+    the folder readable by every user (see :func:`make_world_readable`)."""
     model.save_pretrained(directory)
     processor = CifarImageProcessor.for_config(model.config, architecture(name).calibrated_forward)
     processor.save_pretrained(directory)
+    make_world_readable(Path(directory))
+
+
+def make_world_readable(directory: Path) -> None:
+    """Folders 0755 and files 0644 under ``directory`` (itself included). save_pretrained writes
+    model.safetensors 0600, and the container image copies the folder as root with its modes and serves it
+    as a non-root user (Dockerfile), which then could not read its own model."""
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)

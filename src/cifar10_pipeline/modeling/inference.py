@@ -2,22 +2,26 @@
 web service, so what is served is exactly what was measured (no train/serve skew).
 
 Every model saved by this project carries in its config the normalisation (``image_mean``/``image_std``), the
-input size (``image_size``) and the test-time augmentation level (``tta_level``) it expects.
+input size (``image_size``), the test-time augmentation level (``tta_level``) it expects and the softmax
+temperature fitted after training (``calibration_temperature``, read and written only through
+:func:`calibration_temperature` and :func:`set_calibration_temperature`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from cifar10_pipeline import IMAGE_SHAPE
 
@@ -122,6 +126,28 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp())
 
 
+# The config.json key of the fitted temperature, the same for every architecture. Not "temperature":
+# transformers 5 refuses to save a config holding a generation parameter of that name unless its class
+# declares the field, so a fine-tuned Hub architecture (ViTConfig, ...) could not be saved with it.
+CALIBRATION_TEMPERATURE = "calibration_temperature"
+
+
+def calibration_temperature(config: PreTrainedConfig | Mapping[str, Any]) -> float:
+    """The softmax temperature fitted on the validation split after training, from a model's config (or
+    its config.json as a dict); 1.0 when none was fitted. Evaluation, the CLI, the web service, the model
+    card and ``forward(calibrated=True)`` (hence ``transformers.pipeline``) all read it here."""
+    if isinstance(config, Mapping):
+        return float(config.get(CALIBRATION_TEMPERATURE, 1.0))
+    return float(getattr(config, CALIBRATION_TEMPERATURE, 1.0))
+
+
+def set_calibration_temperature(model: PreTrainedModel, temperature: float) -> None:
+    """Store the fitted temperature in ``model.config`` (saved to config.json by ``save_pretrained``)."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"a softmax temperature must be a positive finite number, got {temperature}")
+    setattr(model.config, CALIBRATION_TEMPERATURE, float(temperature))
+
+
 def native_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether ``device`` runs bf16 matrix kernels in hardware: a CUDA GPU that supports bf16, or a CPU with
     AVX-512 BF16 or AMX. Elsewhere (e.g. an AVX2-only CPU) torch emulates bf16, tens of times slower than
@@ -167,12 +193,12 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (N, num_labels) on the CPU for uint8 (N, 32, 32, 3) images, with the model's own TTA level.
 
-    ``calibrated`` divides by the temperature fitted after training (``config.temperature``, 1 if absent),
-    so softmax gives calibrated probabilities; predictions are the same either way.
+    ``calibrated`` divides by the temperature fitted after training (:func:`calibration_temperature`, 1 if
+    none), so softmax gives calibrated probabilities; predictions are the same either way.
     """
     device = next(model.parameters()).device
     level = model.config.tta_level if tta_level is None else tta_level
-    temperature = getattr(model.config, "temperature", 1.0) if calibrated else 1.0
+    temperature = calibration_temperature(model.config) if calibrated else 1.0
     images = torch.as_tensor(images)
     if images.ndim != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE or images.dtype != torch.uint8:
         raise ImageInputError(

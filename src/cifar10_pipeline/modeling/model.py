@@ -51,9 +51,11 @@ class CifarConvNetConfig(PreTrainedConfig):
     image_mean: list[float] | tuple[float, ...] = CIFAR10_MEAN
     image_std: list[float] | tuple[float, ...] = CIFAR10_STD
     tta_level: int = 0  # test-time augmentation every consumer applies (see inference.py)
-    temperature: float = 1.0  # divides the logits; fitted on the validation split after training
+    # Divides the logits; fitted on the validation split after training (inference.calibration_temperature).
+    calibration_temperature: float = 1.0
 
     def __post_init__(self, **kwargs):
+        read_legacy_temperature(self, kwargs)
         self.widths = list(self.widths)
         self.image_mean = list(self.image_mean)
         self.image_std = list(self.image_std)
@@ -149,17 +151,25 @@ def whitening_layer(num_channels: int, kernel_size: int) -> nn.Conv2d:
     return layer
 
 
+def read_legacy_temperature(config: PreTrainedConfig, kwargs: dict) -> None:
+    """A built-in config.json saved before the key was renamed holds ``temperature``: read it as
+    ``calibration_temperature`` (else a registered model of that time would be served uncalibrated)."""
+    if "temperature" in kwargs:
+        config.calibration_temperature = float(kwargs.pop("temperature"))
+
+
 def calibrated_logits(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """The logits of the project's inference path for normalised images: test-time augmentation at the
-    model's ``tta_level``, divided by its fitted ``temperature`` (what ``predict_logits`` returns).
+    model's ``tta_level``, divided by its fitted temperature (what ``predict_logits`` returns).
 
     Reached through ``forward(calibrated=...)``, which the saved image processor sets, so
     ``transformers.pipeline`` reports the same probabilities as our CLI; training and ``predict_logits``
     call ``forward`` without it and get the raw logits.
     """
-    from cifar10_pipeline.modeling.inference import tta_logits  # inference.py calls forward: import late
+    # inference.py calls forward: import late
+    from cifar10_pipeline.modeling.inference import calibration_temperature, tta_logits
 
-    return tta_logits(model, pixel_values, model.config.tta_level) / model.config.temperature
+    return tta_logits(model, pixel_values, model.config.tta_level) / calibration_temperature(model.config)
 
 
 def wants_calibrated(calibrated: torch.Tensor | bool | None) -> bool:
@@ -170,6 +180,35 @@ def wants_calibrated(calibrated: torch.Tensor | bool | None) -> bool:
     if flags.any() and not flags.all():
         raise ValueError("calibrated must be the same for every image of a batch")
     return bool(flags.all())
+
+
+class WhitenedImageClassifier:
+    """What the project's own architectures share, mixed in before their ``PreTrainedModel`` base: a frozen
+    whitening first layer (``whiten``) set from the training images, and ``forward``: the raw logits (and the
+    loss, given labels) or, with ``calibrated``, the inference path's logits (:func:`calibrated_logits`).
+    A subclass defines ``whiten`` and ``raw_logits``."""
+
+    whiten: nn.Conv2d
+    config: PreTrainedConfig
+
+    def init_whitening(self, pixel_values: torch.Tensor) -> None:
+        init_whitening(self.whiten, pixel_values)
+
+    def raw_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        calibrated: torch.Tensor | bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        if wants_calibrated(calibrated):  # the saved image processor asks for it, for transformers.pipeline
+            return ImageClassifierOutput(logits=calibrated_logits(self, pixel_values))
+        logits = self.raw_logits(pixel_values)
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
 
 
 class CifarConvNetPreTrainedModel(PreTrainedModel):
@@ -198,7 +237,7 @@ class CifarConvNetPreTrainedModel(PreTrainedModel):
             init.zeros_(module.num_batches_tracked)
 
 
-class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
+class CifarConvNetForImageClassification(WhitenedImageClassifier, CifarConvNetPreTrainedModel):
     def __init__(self, config: CifarConvNetConfig):
         super().__init__(config)
         w1, w2, w3 = config.widths
@@ -212,27 +251,14 @@ class CifarConvNetForImageClassification(CifarConvNetPreTrainedModel):
         self.classifier = nn.Linear(w3, config.num_labels, bias=False)
         self.post_init()
 
-    def init_whitening(self, pixel_values: torch.Tensor) -> None:
-        init_whitening(self.whiten, pixel_values)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        calibrated: torch.Tensor | bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput:
-        if wants_calibrated(calibrated):
-            return ImageClassifierOutput(logits=calibrated_logits(self, pixel_values))
+    def raw_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.act(self.whiten(pixel_values))
         x = self.group3(self.group2(self.group1(x)))
         # Global max-pool as a plain reduction: on CUDA, adaptive_max_pool2d's channels-last kernels took
         # 7% of a training step for this 3x3 map. max(dim) rather than amax: its gradient goes to one
         # element, while amax's divides by the count of ties, which compiled bf16 kernels can make 0 (NaN).
         features = x.flatten(2).max(dim=2).values
-        logits = self.classifier(features) * self.config.logit_scale
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return self.classifier(features) * self.config.logit_scale
 
 
 def register_auto_classes() -> None:
@@ -271,7 +297,7 @@ def build_cifar_convnet(
 def checkpoint_normalisation(name_or_path: str) -> tuple[list[float], list[float]]:
     """The checkpoint's own image normalisation (``image_mean``, ``image_std``), from its image processor."""
     try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise OSError(
             f"could not load the image processor of {name_or_path!r} ({type(exc).__name__}: {exc}).\n"
@@ -298,16 +324,18 @@ def build_finetune_model(name_or_path: str, image_size: int, tta_level: int) -> 
     try:
         model = AutoModelForImageClassification.from_pretrained(
             name_or_path,
-            num_labels=len(id2label),
-            id2label=id2label,
+            id2label=id2label,  # sets num_labels (10); passing both warns against the checkpoint's own map
             label2id=label2id,
             ignore_mismatched_sizes=True,  # the checkpoint's own head has another number of classes
+            use_safetensors=True,  # as load_model: pickled weights can run code when loaded
+            trust_remote_code=False,
         )
     except (OSError, ValueError) as exc:
         raise OSError(
             f"could not load the checkpoint {name_or_path!r}: {exc}\n"
             "Give a Hugging Face Hub id (needs network access or a filled HF cache) or a local directory "
-            "written by save_pretrained, or set train.model: cifar_convnet to train the built-in network."
+            "written by save_pretrained, with model.safetensors weights (pickled pytorch_model.bin files are "
+            "refused), or set train.model: cifar_convnet to train the built-in network."
         ) from None
     mean, std = checkpoint_normalisation(name_or_path)
     model.config.image_mean = mean
@@ -317,11 +345,27 @@ def build_finetune_model(name_or_path: str, image_size: int, tta_level: int) -> 
     return model
 
 
+# The weights files load_model accepts: safetensors (one file, or shards named by an index) hold tensors only.
+# A pickled pytorch_model.bin can run code when it is unpickled, so it is never loaded.
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """Load a trained model for inference, whichever architecture it is."""
+    """Load a trained model for inference, whichever architecture it is: weights from safetensors only, the
+    code from this package or transformers only (never a checkpoint's own, trust_remote_code=False)."""
     register_auto_classes()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (config.json missing); train one first: dvc repro train")
-    model = AutoModelForImageClassification.from_pretrained(path)
+    if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        found = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(
+            f"{path} holds no model.safetensors (it has {found}): models load from safetensors only, never "
+            "from pickled weights such as pytorch_model.bin, which can run code when loaded. Re-save the "
+            "model with save_pretrained (transformers 5 writes model.safetensors) or train it again "
+            "(dvc repro train)."
+        )
+    model = AutoModelForImageClassification.from_pretrained(
+        path, use_safetensors=True, trust_remote_code=False
+    )
     return model.to(device).eval()

@@ -8,7 +8,8 @@ normalisation with the model's ``image_mean``/``image_std`` and the on-device re
 
 With ``calibrated_output`` (built-in architectures), the processor also asks the model for the logits of our
 inference path (``calibrated``: test-time augmentation at ``config.tta_level``, divided by the fitted
-``config.temperature``), so the pipeline's softmax gives the calibrated probabilities our CLI reports.
+temperature, ``inference.calibration_temperature``), so the pipeline's softmax gives the calibrated
+probabilities our CLI reports.
 """
 
 from __future__ import annotations

@@ -14,20 +14,17 @@ with fused scaled-dot-product attention) mixes them globally. Mean of the final 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import ImageClassifierOutput
 
 from cifar10_pipeline.modeling.model import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     ConvGroup,
-    calibrated_logits,
-    init_whitening,
-    wants_calibrated,
+    WhitenedImageClassifier,
+    read_legacy_temperature,
     whitening_layer,
 )
 
@@ -50,9 +47,10 @@ class CifarViTConfig(PreTrainedConfig):
     image_mean: list[float] | tuple[float, ...] = CIFAR10_MEAN
     image_std: list[float] | tuple[float, ...] = CIFAR10_STD
     tta_level: int = 0
-    temperature: float = 1.0
+    calibration_temperature: float = 1.0  # see inference.calibration_temperature
 
     def __post_init__(self, **kwargs):
+        read_legacy_temperature(self, kwargs)
         self.tokenizer_widths = list(self.tokenizer_widths)
         self.image_mean = list(self.image_mean)
         self.image_std = list(self.image_std)
@@ -85,7 +83,7 @@ class CifarViTPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.position_embeddings, std=std)
 
 
-class CifarViTForImageClassification(CifarViTPreTrainedModel):
+class CifarViTForImageClassification(WhitenedImageClassifier, CifarViTPreTrainedModel):
     def __init__(self, config: CifarViTConfig):
         super().__init__(config)
         w1, w2 = config.tokenizer_widths
@@ -116,25 +114,12 @@ class CifarViTForImageClassification(CifarViTPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def init_whitening(self, pixel_values: torch.Tensor) -> None:
-        init_whitening(self.whiten, pixel_values)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        calibrated: torch.Tensor | bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput:
-        if wants_calibrated(calibrated):  # the inference path, for transformers.pipeline (see model.py)
-            return ImageClassifierOutput(logits=calibrated_logits(self, pixel_values))
+    def raw_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         features = self.tokenizer(self.act(self.whiten(pixel_values)))  # (N, C, 7, 7)
         tokens = self.projection(features.flatten(2).transpose(1, 2)) + self.position_embeddings
         for layer in self.encoder:
             tokens = layer(tokens)
-        logits = self.classifier(self.norm(tokens).mean(dim=1))
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return self.classifier(self.norm(tokens).mean(dim=1))
 
 
 def flops_split(config: CifarViTConfig) -> dict[str, float]:

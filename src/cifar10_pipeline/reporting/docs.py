@@ -23,6 +23,7 @@ import jinja2
 import yaml
 
 from cifar10_pipeline.core.paths import METRICS_DIR, PARAMS_FILE
+from cifar10_pipeline.reporting.benchmark_records import Entry, read_results
 from cifar10_pipeline.reporting.templating import template_environment
 
 DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"), Path("docs/team.md"))
@@ -56,8 +57,6 @@ def _environment() -> jinja2.Environment:
 def load_metrics(metrics_dir: Path = METRICS_DIR, params_file: Path = PARAMS_FILE) -> dict[str, Any]:
     """Every JSON and CSV file in ``metrics_dir`` by stem (``emissions/train.json`` -> ``emissions_train``),
     benchmark entries validated, plus the active profile from params.yaml."""
-    from cifar10_pipeline.benchmark import read_results
-
     context: dict[str, Any] = {"params": yaml.safe_load(Path(params_file).read_text())}
     for path in sorted(Path(metrics_dir).rglob("*")):
         name = "_".join(path.relative_to(metrics_dir).with_suffix("").parts)
@@ -72,6 +71,11 @@ def load_metrics(metrics_dir: Path = METRICS_DIR, params_file: Path = PARAMS_FIL
 
 def render_template(name: str, **context: Any) -> str:
     return _environment().get_template(name).render(**context)
+
+
+def render_benchmark_report(results: dict[str, Entry]) -> str:
+    """reports/benchmark.md for the entries of metrics/benchmark.json."""
+    return render_template("benchmark_report.md.j2", results=results)
 
 
 @dataclass
@@ -107,7 +111,7 @@ def render_all(root: Path = Path("."), write: bool = True) -> list[Stale]:
         stale += [Stale(document, name) for name in changed]
         if write and changed:
             path.write_text(rendered)
-    report = render_template("benchmark_report.md.j2", results=context["benchmark"])
+    report = render_benchmark_report(context["benchmark"])
     path = root / BENCHMARK_REPORT
     if not path.is_file() or path.read_text() != report:
         stale.append(Stale(BENCHMARK_REPORT, "(whole file)"))

@@ -1,7 +1,8 @@
 """The one Jinja environment every document is rendered with (the README blocks, the card, the reports).
 
-Kept apart from reporting.docs, whose metrics loading imports the benchmark and training code: a stage
-that renders a template depends (for DVC) on this file and its template only.
+Kept apart from reporting.docs (the README/docs renderer, which also reads metrics/benchmark.json through
+reporting.benchmark_records): a stage that renders a template depends (for DVC) on this file and its
+template only.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from cifar10_pipeline.evaluation.metrics import (
     corrupt,
     most_confident_mistakes,
 )
-from cifar10_pipeline.modeling.inference import predict_logits, resolve_precision
+from cifar10_pipeline.modeling.inference import calibration_temperature, predict_logits, resolve_precision
 from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.tracking import emissions
 from cifar10_pipeline.tracking import model_registry as registry
@@ -153,7 +153,7 @@ def evaluate(
     report = classification_metrics(test.labels, predictions)
     # The temperature the train stage fitted on the validation split (1.0 when there was none); nothing is
     # fitted on the test split. The same logits without it show what calibration changed.
-    temperature = float(getattr(model.config, "temperature", 1.0))
+    temperature = calibration_temperature(model.config)
     calib, uncalibrated = calibration_with_and_without_temperature(
         logits, temperature, test.labels, params.calibration_bins
     )

@@ -33,6 +33,7 @@ from cifar10_pipeline.core.paths import (
     VALIDATION_METRICS,
 )
 from cifar10_pipeline.modeling.architectures import SPEED_RUN, architecture, describe_architecture
+from cifar10_pipeline.modeling.inference import calibration_temperature
 from cifar10_pipeline.reporting.templating import template_environment
 from cifar10_pipeline.tracking.runs import stage_run
 
@@ -179,10 +180,19 @@ class Calibration(NamedTuple):
     rows: list[tuple[str, str]]  # results-table rows: (metric, value)
 
 
-def calibration(train: dict[str, Any], evaluation: dict[str, Any], val_size: int) -> Calibration:
-    """What temperature scaling did, from the train stage's record (None: nothing fitted, no split)."""
+def calibration(
+    train: dict[str, Any], evaluation: dict[str, Any], config: dict[str, Any], val_size: int
+) -> Calibration:
+    """What temperature scaling did, from the train stage's record (None: nothing fitted, no split), checked
+    against the temperature the saved model applies (its config.json)."""
     fitted = train["temperature"]
     ece = evaluation["ece"]
+    saved = calibration_temperature(config)
+    if saved != (1.0 if fitted is None else fitted):
+        raise ValueError(
+            f"{TRAIN_METRICS} records temperature {fitted} but the saved model's config.json applies "
+            f"{saved}: the metrics are stale, re-run the pipeline (dvc repro)"
+        )
     if fitted is None:
         if val_size or evaluation["temperature"] != 1.0:
             raise ValueError(
@@ -327,7 +337,7 @@ def render(params: Params, facts: dict[str, Any]) -> str:
         severities=severities,
         worst_severity=worst_severity,
         weakest=[{"name": name.replace("_", " "), "accuracy": at_worst[name]} for name in weakest],
-        calibration=calibration(train, evaluation, params.preprocess.val_size),
+        calibration=calibration(train, evaluation, config, params.preprocess.val_size),
         data_use=data_use(params, train, validation, selections_in_effect(params, facts["benchmark"])),
         augmentation=augmentation_sentence(hp),
         optimiser_rows=_optimiser_rows(hp),

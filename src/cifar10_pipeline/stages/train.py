@@ -37,7 +37,12 @@ from cifar10_pipeline.core.paths import (
 )
 from cifar10_pipeline.evaluation import plots
 from cifar10_pipeline.modeling.architectures import build_model, save_model
-from cifar10_pipeline.modeling.inference import fit_temperature, predict_logits, resolve_precision
+from cifar10_pipeline.modeling.inference import (
+    fit_temperature,
+    predict_logits,
+    resolve_precision,
+    set_calibration_temperature,
+)
 from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.tracking import emissions
 from cifar10_pipeline.tracking.runs import stage_run
@@ -64,7 +69,7 @@ def calibrate(model: PreTrainedModel, val_split) -> float | None:
         return None
     logits = predict_logits(model, val_split.images, calibrated=False)
     temperature = fit_temperature(logits, torch.as_tensor(val_split.labels))
-    model.config.temperature = temperature
+    set_calibration_temperature(model, temperature)
     return temperature
 
 

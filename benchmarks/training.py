@@ -1,20 +1,21 @@
 """Training benchmark: the train stage's own code over several seeds, reference recipes side by side, and
 knob choice on a validation hold-out. Not a DVC stage: run it on the machine the figures should describe.
 
-    python -m cifar10_pipeline.benchmark run --profile default --seeds 3
-    python -m cifar10_pipeline.benchmark run --profile gpu_fast --seeds 10
-    python -m cifar10_pipeline.benchmark select --profile gpu_fast --processed-dir data/processed_val5000 \\
+    python benchmarks/training.py run --profile default --seeds 3
+    python benchmarks/training.py run --profile gpu_fast --seeds 10
+    python benchmarks/training.py select --profile gpu_fast --processed-dir data/processed_val5000 \\
         --grid train.head_lr_scale=0.5,1.0 --grid train.label_smoothing=0.15,0.2 --seeds 6
-    python -m cifar10_pipeline.benchmark reference ../airbench/airbench94_muon.py --runs 10 \\
+    python benchmarks/training.py reference ../airbench/airbench94_muon.py --runs 10 \\
         --source https://github.com/KellerJordan/cifar10-airbench@<commit>
-    python -m cifar10_pipeline.benchmark vit-throughput
-    python -m cifar10_pipeline.benchmark merge results-from-the-gpu-machine.json
+    python benchmarks/training.py vit-throughput
+    python benchmarks/training.py merge results-from-the-gpu-machine.json
 
-Every entry is written by this module and carries its provenance: machine, device, torch version, git commit
-and date (``Provenance``). Entries merge into ``metrics/benchmark.json`` by name, so figures from several
-machines (a CPU VM, an H200) live side by side, each naming its own; ``reports/benchmark.md`` is re-rendered
-from the merged file every time. ``--metrics-file`` writes elsewhere (e.g. ``$OUT`` on a GPU machine), and
-``merge`` brings such a file in.
+Every entry is written by this script and carries its provenance: machine, device, torch version, git commit
+and date (``Provenance``). The entries' models live in the package (``cifar10_pipeline.reporting.
+benchmark_records``), which renders them into the docs and never imports this script. Entries merge into
+``metrics/benchmark.json`` by name, so figures from several machines (a CPU VM, an H200) live side by side,
+each naming its own; ``reports/benchmark.md`` is re-rendered from the merged file every time.
+``--metrics-file`` writes elsewhere (e.g. ``$OUT`` on a GPU machine), and ``merge`` brings such a file in.
 
 Timing: ``train_seconds`` is device-synchronised from the start of ``train_classifier`` (the data copied to
 the device, whitening, graph capture, every epoch) to the end of the final evaluation with test-time
@@ -44,18 +45,29 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import psutil
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import ArraySplit, atomic_output, file_digest, load_processed
 from cifar10_pipeline.core.params import Params, compose, validate_params
-from cifar10_pipeline.core.paths import CONF_DIR, DATA_SOURCE, PROCESSED_DIR
+from cifar10_pipeline.core.paths import BENCHMARK_METRICS, CONF_DIR, DATA_SOURCE, PROCESSED_DIR
 from cifar10_pipeline.modeling.architectures import architecture, build_model
+from cifar10_pipeline.reporting.benchmark_records import (
+    Candidate,
+    Emissions,
+    Entry,
+    ReferenceEntry,
+    SelectionEntry,
+    TrainingEntry,
+    VitThroughputEntry,
+    read_results,
+)
+from cifar10_pipeline.reporting.docs import BENCHMARK_REPORT, render_benchmark_report
+from cifar10_pipeline.tracking.runs import git_commit as head_commit
 from cifar10_pipeline.training.loop import (
     cpu_model_name,
     describe_device,
@@ -65,128 +77,7 @@ from cifar10_pipeline.training.loop import (
     train_classifier,
 )
 
-BENCHMARK_METRICS = Path("metrics/benchmark.json")
-BENCHMARK_REPORT = Path("reports/benchmark.md")
 SELECTION_SEED_START = 100  # selection runs use seeds 100, 101, ...; reported test runs use 0, 1, ...
-
-
-# ---------------------------------------------------------------------------------------------------------
-# What an entry holds. extra="forbid": a key that this module does not write cannot be in the file (the test
-# of metrics/ validates the committed file against these models).
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Provenance(_Record):
-    machine: str  # the host: CPU model and cores, plus the GPU where one was used
-    device: str  # what the work ran on
-    torch: str
-    git_commit: str
-    date: str  # UTC, ISO 8601
-    command: str  # how to make this entry again
-
-
-class Emissions(_Record):
-    emissions_kg: float
-    energy_kwh: float
-    duration_s: float
-    country_iso_code: str
-
-
-class TrainingEntry(Provenance):
-    kind: Literal["training"] = "training"
-    profile: str
-    overrides: list[str]
-    model: str
-    epochs: float
-    batch_size: int
-    widths: list[int]
-    compile: str | bool
-    cuda_graphs: bool
-    augmentation: dict[str, int | bool]
-    tta_level: int
-    train_images: int
-    scored_split: Literal["test", "val"]
-    scored_images: int
-    seeds: list[int]
-    accuracies: list[float]
-    accuracy_mean: float
-    accuracy_std: float
-    train_seconds: list[float]
-    train_seconds_median: float
-    loop_seconds: list[float]
-    loop_seconds_median: float
-    warmup_seconds: float
-    process_to_first_seed_seconds: float
-    data: str
-    emissions: Emissions | None = None
-    parameters: int | None = None
-    forward_macs_per_image: dict[str, float] | None = None
-
-
-class Candidate(_Record):
-    overrides: dict[str, Any]
-    val_accuracies: list[float]
-    val_accuracy_mean: float
-    val_accuracy_std: float
-    train_seconds_median: float
-
-
-class SelectionEntry(Provenance):
-    kind: Literal["selection"] = "selection"
-    profile: str
-    protocol: str
-    grid: dict[str, list[Any]]
-    fixed_overrides: list[str]
-    seeds: list[int]
-    train_images: int
-    val_images: int
-    candidates: list[Candidate]
-    chosen: dict[str, Any]
-    data: str
-
-
-class ReferenceEntry(Provenance):
-    kind: Literal["reference"] = "reference"
-    recipe: str
-    recipe_sha256: str
-    source: str
-    runs: int
-    accuracies: list[float]
-    accuracy_mean: float
-    accuracy_std: float
-    seconds: list[float]
-    seconds_median: float
-    timing: str
-    train_images: int
-    test_images: int
-    data: str
-
-
-class VitThroughputEntry(Provenance):
-    kind: Literal["vit_throughput"] = "vit_throughput"
-    model: str
-    parameters: int
-    batch_size: int
-    train_images_per_second: float
-    inference_images_per_second: float
-    train_peak_memory_gib: float | None
-
-
-Entry = Annotated[
-    TrainingEntry | SelectionEntry | ReferenceEntry | VitThroughputEntry, Field(discriminator="kind")
-]
-BENCHMARK_FILE = TypeAdapter(dict[str, Entry])
-
-
-def read_results(path: Path) -> dict[str, Entry]:
-    """The entries in ``path``, validated (an empty dict when the file does not exist)."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    return BENCHMARK_FILE.validate_python(json.loads(path.read_text()))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,13 +86,7 @@ def read_results(path: Path) -> dict[str, Entry]:
 
 def git_commit(default: str | None = None) -> str:
     """HEAD of the checkout, or ``default`` for a copy without .git (e.g. a tree sent to a GPU machine)."""
-    if default:
-        return default
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    return default or head_commit()
 
 
 def machine_name(device: torch.device) -> str:
@@ -633,12 +518,6 @@ def vit_throughput(origin: dict[str, str], batch_size: int = 128, steps: int = 2
 # Saving and the report
 
 
-def render_report(results: dict[str, Entry]) -> str:
-    from cifar10_pipeline.reporting.docs import render_template
-
-    return render_template("benchmark_report.md.j2", results=results)
-
-
 def save(
     entries: dict[str, Entry], metrics_file: Path = BENCHMARK_METRICS, report_file: Path | None = None
 ) -> None:
@@ -649,7 +528,7 @@ def save(
         staged.write_text(json.dumps(payload, indent=2) + "\n")
     if report_file is not None:
         with atomic_output(Path(report_file)) as staged:
-            staged.write_text(render_report(read_results(metrics_file)))
+            staged.write_text(render_benchmark_report(read_results(metrics_file)))
 
 
 def _measured(country_iso_code: str, out_file: Path) -> contextlib.AbstractContextManager:
@@ -719,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if getattr(args, "seeds", 1) < 1 or getattr(args, "runs", 1) < 1:
         parser.error("--seeds and --runs must be at least 1")
-    command = "python -m cifar10_pipeline.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/training.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def keep(key: str) -> Callable[[Any], None]:
         return lambda entry: save({key: entry}, args.metrics_file, report)
