@@ -103,7 +103,7 @@ def test_a_hub_checkpoint_fine_tunes_on_two_processes(project: Path, tmp_path: P
                        num_attention_heads=2, intermediate_size=32, num_labels=10)  # fmt: skip
     ViTForImageClassification(config).save_pretrained(checkpoint)
     ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(checkpoint)
-    write_processed(project, train_size=200, val_size=0)
+    write_processed(project, train_size=200, val_size=50)  # a validation split: calibrated on rank 0
     hp = {**TINY_TRAIN, "model": str(checkpoint), "finetune_image_size": 32, "nproc": 2, "epochs": 1}
     write_params(project, train=hp)
     done = run_stage(project)
@@ -112,3 +112,4 @@ def test_a_hub_checkpoint_fine_tunes_on_two_processes(project: Path, tmp_path: P
     assert summary["processes"] == 2 and summary["architecture"] == "ViTForImageClassification"
     assert type(load_model(project / MODEL_DIR)).__name__ == "ViTForImageClassification"
     assert len(stage_runs(project)) == 1
+    assert summary["temperature"] is not None
