@@ -149,6 +149,10 @@ def load_runtime(settings: ServeSettings) -> Runtime:
     from cifar10_pipeline.modeling.inference import predict_logits
     from cifar10_pipeline.modeling.model import load_model
 
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     scratch: Path | None = None
     version: str | None = None
     if settings.model.startswith(REGISTRY_PREFIX):

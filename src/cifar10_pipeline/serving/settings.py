@@ -93,6 +93,11 @@ class ServeSettings(BaseSettings):
         description="Longest a forward pass is held back for more requests to join it, in milliseconds; "
         "only while other requests are on their way, so a lone request never waits.",
     )
+    torch_threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="Threads torch uses for a forward pass; by default torch's own choice (one per core).",
+    )
     default_top_k: int = Field(
         default=3, ge=1, le=NUM_CLASSES, description="Classes listed per image when a request gives no top_k."
     )
