@@ -266,7 +266,11 @@ async def flood(url: str, pid: int, cases: list[Case], clients: int, duration: f
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(120.0)) as http:
         await asyncio.gather(
             _watch(url, pid, stop_at, health_ms, health_fail, rss),
-            *(_client(http, cases, offset, stop_at, tallies, failures) for offset in range(clients)),
+            # Clients start spread over the mix, so every case is sent from the first seconds on.
+            *(
+                _client(http, cases, client * len(cases) // clients, stop_at, tallies, failures)
+                for client in range(clients)
+            ),
         )
     return {
         "tallies": tallies,
