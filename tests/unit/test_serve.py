@@ -573,13 +573,29 @@ def test_a_request_waiting_too_long_for_a_decode_slot_gets_503_retry_after(model
     )
 
     def probe(client: TestClient) -> None:
-        response = client.post("/predict", files=[("files", ("ok.png", encode(), "image/png"))])
+        # A CIFAR-sized upload is decoded without a slot (next test); this one needs one.
+        response = client.post("/predict", files=[("files", ("photo.png", encode((300, 300)), "image/png"))])
         if response.status_code == 200:
             raise _TooLate
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == str(RETRY_AFTER_S)
         assert "no image decoder freed up within 0.002 s" in response.json()["detail"]
         assert client.get("/health").json()["load"]["requests_refused_busy"] >= 1
+
+    _while_one_request_decodes(settings, probe)
+
+
+def test_cifar_sized_requests_are_not_held_behind_large_decodes(model_dir: Path) -> None:
+    settings = ServeSettings(
+        model=str(model_dir), git_commit="0", max_concurrent_decodes=1, decode_wait_s=0.002
+    )
+
+    def probe(client: TestClient) -> None:
+        files = [("files", (f"{i}.png", encode(seed=i), "image/png")) for i in range(MAX_FILES)]
+        response = client.post("/predict", files=files)
+        assert response.status_code == 200, response.text
+        if client.get("/health").json()["load"]["decodes_running"] != 1:
+            raise _TooLate  # the heavy request had finished: nothing was shown
 
     _while_one_request_decodes(settings, probe)
 
