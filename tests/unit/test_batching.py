@@ -176,3 +176,19 @@ def test_closing_stops_the_worker_and_refuses_new_work(infer: Callable[[np.ndarr
 def test_bounds_are_checked(infer: Callable[[np.ndarray], np.ndarray]) -> None:
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(infer, Traffic(1), max_batch=0, max_wait_s=0.0)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_test_time_views_stacked_into_one_pass_give_the_same_logits(level: int) -> None:
+    """A small batch's views go through the network as one batch; a large one's one view at a time."""
+    import torch
+
+    from cifar10_pipeline.modeling.inference import STACK_VIEWS_UP_TO, normalize, tta_logits
+
+    model = tiny_convnet(seed=4)
+    count = STACK_VIEWS_UP_TO + 1  # above the cap even at one view: one pass per view
+    x = normalize(torch.from_numpy(images(count, seed=5)), model.config.image_mean, model.config.image_std)
+    with torch.no_grad():
+        one_pass_per_view = tta_logits(model, x, level)
+        stacked = torch.cat([tta_logits(model, x[i : i + 1], level) for i in range(8)])
+    torch.testing.assert_close(stacked, one_pass_per_view[:8], rtol=0, atol=1e-5)
