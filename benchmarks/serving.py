@@ -1,9 +1,10 @@
 """Bounded load benchmark of the web service, micro-batching off and on, and of the CLI's batch inference.
 
-Starts ``python -m cifar10_pipeline.serving.serve`` on 127.0.0.1 (a free port) twice in the same run, first
-with batching off (``--batching false``: one request per forward pass, the service before micro-batching),
-then on (the default), and for single-image and batched requests at each concurrency runs closed-loop
-clients for a fixed ``--duration`` after a short warm-up, recording throughput, p50/p95/p99 latency, the
+Starts ``python -m cifar10_pipeline.serving.serve`` on 127.0.0.1 twice (free ports), one server with
+batching off (``--batching false``: one request per forward pass, the service before micro-batching), one
+with it on (the default), and for single-image and batched requests at each concurrency runs closed-loop
+clients for a fixed ``--duration`` after a short warm-up against each server in turn, back to back (so a
+shared machine's changing load falls on both alike), recording throughput, p50/p95/p99 latency, the
 forward passes the server ran (from ``/health``) and how much CPU other processes took meanwhile (the
 machine may be shared). Any failed request makes the run exit 1. Then it measures the CLI path in-process:
 ``image_to_array`` decoding and ``predict_logits`` on CPU, in images per second.
@@ -374,14 +375,10 @@ def server_counters(http: httpx.Client) -> dict[str, int]:
     return {"batches": load["batches"], "images": load["batched_images"]}
 
 
-def measure_server(
-    url: str, batching: str, pngs: list[bytes], args: argparse.Namespace, warmup: float
-) -> list[dict[str, Any]] | None:
-    """Every load setting against one running server; None if its warm-up failed."""
-    rows: list[dict[str, Any]] = []
+def warm_up(url: str, pngs: list[bytes], batch: int) -> bool:
+    """Reach steady state (first requests pay torch's kernel setup for each new batch shape)."""
     with httpx.Client(base_url=url, timeout=60) as http:
-        # Reach steady state once (first requests pay torch's kernel setup for each new batch shape).
-        for size in (1, args.batch, 1, args.batch):
+        for size in (1, batch, 1, batch):
             files = [("files", (f"{i}.png", pngs[i % len(pngs)], "image/png")) for i in range(size)]
             response = http.post("/predict", files=files)
             if response.status_code != 200:
@@ -389,36 +386,43 @@ def measure_server(
                     f"FAILED: warm-up request answered {response.status_code}: {response.text}",
                     file=sys.stderr,
                 )
-                return None
-        for images_per_request in (1, args.batch):
-            for concurrency in args.concurrency:
-                before = server_counters(http)
-                meter = CpuMeter([os.getpid(), url.pid])  # type: ignore[attr-defined]
-                load = asyncio.run(
-                    run_load(url, pngs, images_per_request, concurrency, warmup, args.duration, batching)
-                )
-                others = meter.others_percent()
-                after = server_counters(http)
-                row = load.summary()
-                passes = after["batches"] - before["batches"]
-                row["server"] = {
-                    "forward_passes": passes,
-                    "images_per_forward_pass": round(
-                        (after["images"] - before["images"]) / max(1, passes), 2
-                    ),
-                }
-                row["other_cpu_percent"] = others
-                rows.append(row)
-                print(
-                    f"  batching {batching:3} {row['mode']:6} x{images_per_request:<3} "
-                    f"clients={concurrency:<3} "
-                    f"{row['requests_per_s']:8.1f} req/s {row['images_per_s']:9.1f} img/s "
-                    f"p50={row['latency_ms']['p50']} p99={row['latency_ms']['p99']} ms "
-                    f"img/pass={row['server']['images_per_forward_pass']} errors={row['errors']} "
-                    f"other CPU={others}%",
-                    file=sys.stderr,
-                )
-    return rows
+                return False
+    return True
+
+
+def measure_setting(
+    url: str,
+    batching: str,
+    pngs: list[bytes],
+    images_per_request: int,
+    concurrency: int,
+    args: argparse.Namespace,
+    warmup: float,
+) -> dict[str, Any]:
+    """One load setting against one running server, with its forward passes and the machine's contention."""
+    with httpx.Client(base_url=url, timeout=60) as http:
+        before = server_counters(http)
+        meter = CpuMeter([os.getpid(), url.pid])  # type: ignore[attr-defined]
+        load = asyncio.run(
+            run_load(url, pngs, images_per_request, concurrency, warmup, args.duration, batching)
+        )
+        others = meter.others_percent()
+        after = server_counters(http)
+    row = load.summary()
+    passes = after["batches"] - before["batches"]
+    row["server"] = {
+        "forward_passes": passes,
+        "images_per_forward_pass": round((after["images"] - before["images"]) / max(1, passes), 2),
+    }
+    row["other_cpu_percent"] = others
+    print(
+        f"  batching {batching:3} {row['mode']:6} x{images_per_request:<3} clients={concurrency:<3} "
+        f"{row['requests_per_s']:8.1f} req/s {row['images_per_s']:9.1f} img/s "
+        f"p50={row['latency_ms']['p50']} p99={row['latency_ms']['p99']} ms "
+        f"img/pass={row['server']['images_per_forward_pass']} errors={row['errors']} other CPU={others}%",
+        file=sys.stderr,
+    )
+    return row
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -467,23 +471,31 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
 
+    # One server per mode, all running at once; each setting is measured against each in turn, back to back,
+    # so that a shared machine's changing load falls on both alike.
     http_rows: list[dict[str, Any]] = []
-    for batching in args.modes:
-        with (
-            tempfile.TemporaryDirectory() as scratch,
-            model_server(
-                args.model,
-                Path(scratch) / "server.log",
-                timeout=180,
-                max_files=args.batch,
-                batching=MODES[batching],
-                log_level="warning",  # no access log: it would cost the server time per request
-            ) as url,
-        ):
-            rows = measure_server(url, batching, pngs, args, warmup)
-            if rows is None:
-                return 1
-            http_rows += rows
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as servers:
+        urls = {
+            batching: servers.enter_context(
+                model_server(
+                    args.model,
+                    Path(scratch) / f"server_{batching}.log",
+                    timeout=180,
+                    max_files=args.batch,
+                    batching=MODES[batching],
+                    log_level="warning",  # no access log: it would cost the server time per request
+                )
+            )
+            for batching in args.modes
+        }
+        if not all(warm_up(url, pngs, args.batch) for url in urls.values()):
+            return 1
+        for images_per_request in (1, args.batch):
+            for concurrency in args.concurrency:
+                for batching, url in urls.items():
+                    http_rows.append(
+                        measure_setting(url, batching, pngs, images_per_request, concurrency, args, warmup)
+                    )
     cli = cli_path_throughput(args.model, pngs, args.duration)
     print(f"  cli    predict_logits {cli['predict_images_per_s']} img/s", file=sys.stderr)
 
