@@ -1,13 +1,17 @@
-"""Bounded load benchmark of the web service and of the CLI's batch inference, on this machine.
+"""Bounded load benchmark of the web service, micro-batching off and on, and of the CLI's batch inference.
 
-Starts ``python -m cifar10_pipeline.serving.serve`` on 127.0.0.1 (a free port), then, for single-image and
-batched
-requests at each concurrency, runs closed-loop clients for a fixed ``--duration`` after a short warm-up, and
-records throughput and p50/p95/p99 latency. Any failed request makes the run exit 1. Then it measures the CLI
-path in-process: ``image_to_array`` decoding and ``predict_logits`` on CPU, in images per second.
+Starts ``python -m cifar10_pipeline.serving.serve`` on 127.0.0.1 twice (free ports), one server with
+batching off (``--batching false``: one request per forward pass, the service before micro-batching), one
+with it on (the default), and for single-image and batched requests at each concurrency runs closed-loop
+clients for a fixed ``--duration`` after a short warm-up against each server in turn, back to back (so a
+shared machine's changing load falls on both alike), recording throughput, p50/p95/p99 latency, the
+forward passes the server ran (from ``/health``) and how much CPU other processes took meanwhile (the
+machine may be shared). Any failed request makes the run exit 1. Then it measures the CLI path in-process:
+``image_to_array`` decoding and ``predict_logits`` on CPU, in images per second.
 
-Writes reports/serving_benchmark.md and metrics/serving.json. The load generator shares the CPU with the
-server, as on a one-box deployment; numbers are for comparing versions on the same machine.
+Writes reports/serving_benchmark.md and metrics/serving.json, with the issue's targets and whether they are
+met. The load generator shares the CPU with the server, as on a one-box deployment; numbers are for
+comparing versions on the same machine.
 
     python benchmarks/serving.py --model models/cifar10 --duration 10
 """
@@ -39,6 +43,16 @@ from tests.localserver import model_server  # noqa: E402
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 IMAGE_POOL = 256  # distinct images cycled through by the clients
+MODES = {"off": "false", "on": "true"}  # --batching value of each server, in the order they run
+# Issue 18's targets for the service (2-core CPU, one image per request): the throughput of 32 clients at
+# least 3x what the service did before micro-batching (28.8 requests/s, metrics/serving.json of that
+# version), with p99 <= 500 ms; one client's median at most 20 ms.
+BASELINE_32_CLIENTS_RPS = 28.8
+TARGETS = (
+    ("32 clients, requests/s", 32, "requests_per_s", ">=", 3 * BASELINE_32_CLIENTS_RPS),
+    ("32 clients, p99 latency ms", 32, "p99", "<=", 500.0),
+    ("1 client, p50 latency ms", 1, "p50", "<=", 20.0),
+)
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -62,7 +76,47 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cpu_flags": sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & cpu_flags()),
     }
+
+
+def cpu_flags() -> set[str]:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+class CpuMeter:
+    """CPU time the whole machine spent busy, and how much of it went to ``pids`` (ours), over a window."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.cores = os.cpu_count() or 1
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        busy = user + nice + system + irq + softirq + steal
+        ours = 0
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ours += int(stat[11]) + int(stat[12])  # utime, stime
+        return time.monotonic(), busy / self.ticks, ours / self.ticks
+
+    def others_percent(self) -> float:
+        """CPU used by other processes since construction, as a percentage of all cores."""
+        now, busy, ours = self._read()
+        wall = (now - self._start[0]) * self.cores
+        return (
+            round(100 * max(0.0, (busy - self._start[1]) - (ours - self._start[2])) / wall, 1)
+            if wall
+            else 0.0
+        )
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -99,6 +153,7 @@ def load_images(count: int) -> tuple[list[bytes], str]:
 @dataclass
 class LoadResult:
     mode: str
+    batching: str
     images_per_request: int
     concurrency: int
     duration_s: float
@@ -111,6 +166,7 @@ class LoadResult:
         latencies = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([np.nan])
         return {
             "mode": self.mode,
+            "batching": self.batching,
             "images_per_request": self.images_per_request,
             "concurrency": self.concurrency,
             "duration_s": round(self.duration_s, 3),
@@ -129,7 +185,13 @@ class LoadResult:
 
 
 async def run_load(
-    url: str, pngs: list[bytes], images_per_request: int, concurrency: int, warmup: float, duration: float
+    url: str,
+    pngs: list[bytes],
+    images_per_request: int,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    batching: str = "on",
 ) -> LoadResult:
     """Closed loop: each client sends its next request as soon as the previous one is answered."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -166,6 +228,7 @@ async def run_load(
         await asyncio.gather(*(client_loop(worker, http) for worker in range(concurrency)))
     return LoadResult(
         mode="single" if images_per_request == 1 else "batch",
+        batching=batching,
         images_per_request=images_per_request,
         concurrency=concurrency,
         duration_s=duration,
@@ -220,26 +283,44 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
     lines = [
         "# Serving benchmark",
         "",
-        f"Machine: {machine['cpu_model']}, {machine['usable_cores']} usable of "
-        f"{machine['logical_cores']} logical cores, torch {machine['torch']} "
-        f"({machine['torch_threads']} threads), Python {machine['python']}.",
+        f"Machine: {machine['cpu_model']} ({', '.join(machine['cpu_flags']) or 'no AVX2'}), "
+        f"{machine['usable_cores']} usable of {machine['logical_cores']} logical cores, torch "
+        f"{machine['torch']} ({machine['torch_threads']} threads), Python {machine['python']}.",
         f"Model: `{settings['model']}` (model.safetensors sha256 `{settings['model_sha256'][:16]}`), "
         f"TTA level {cli['tta_level']}. Images: {settings['images']}.",
         f"Each setting: {settings['warmup_s']} s warm-up, then {settings['duration_s']} s measured; "
-        "closed-loop clients on the same machine as the single uvicorn worker (they share the CPU).",
+        "closed-loop clients on the same machine as the single uvicorn worker (they share the CPU). "
+        "Batching off and on are measured in the same run, one server each "
+        f"(on: at most {settings['batch_max_size']} images per forward pass, held back at most "
+        f"{settings['batch_max_wait_ms']} ms). 'other CPU' is what other processes on the machine took "
+        "during the window, in % of all cores: above a few %, the figures are contended.",
+        "",
+        "## Targets (issue 18, one image per request)",
+        "",
+        "| target | batching off | batching on | met (on) |",
+        "|---|---:|---:|---|",
+    ]
+    for target in result["targets"]:
+        lines.append(
+            f"| {target['name']} {target['comparison']} {target['target']} | {target['before']} "
+            f"| {target['after']} | {'yes' if target['met'] else '**no**'} |"
+        )
+    lines += [
         "",
         "## HTTP API (`POST /predict`)",
         "",
-        "| request | clients | requests/s | images/s | p50 ms | p95 ms | p99 ms | requests | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batching | request | clients | requests/s | images/s | p50 ms | p95 ms | p99 ms | images per "
+        "forward pass | requests | errors | other CPU % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["http"]:
         latency = row["latency_ms"]
         kind = "1 image" if row["images_per_request"] == 1 else f"{row['images_per_request']} images"
         lines.append(
-            f"| {kind} | {row['concurrency']} | {row['requests_per_s']} | {row['images_per_s']} "
-            f"| {latency['p50']} | {latency['p95']} | {latency['p99']} "
-            f"| {row['requests']} | {row['errors']} |"
+            f"| {row['batching']} | {kind} | {row['concurrency']} | {row['requests_per_s']} "
+            f"| {row['images_per_s']} | {latency['p50']} | {latency['p95']} | {latency['p99']} "
+            f"| {row['server']['images_per_forward_pass']} | {row['requests']} | {row['errors']} "
+            f"| {row['other_cpu_percent']} |"
         )
     lines += [
         "",
@@ -255,6 +336,93 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 18's service targets, from the single-image rows, before (batching off) and after (on)."""
+
+    def value(batching: str, clients: int, key: str) -> float | None:
+        for row in rows:
+            if (
+                row["batching"] == batching
+                and row["images_per_request"] == 1
+                and row["concurrency"] == clients
+            ):
+                return row[key] if key == "requests_per_s" else row["latency_ms"][key]
+        return None
+
+    targets = []
+    for name, clients, key, comparison, target in TARGETS:
+        before, after = value("off", clients, key), value("on", clients, key)
+        if after is None:
+            continue  # that concurrency was not run
+        met = after >= target if comparison == ">=" else after <= target
+        targets.append(
+            {
+                "name": name,
+                "comparison": comparison,
+                "target": round(target, 2),
+                "before": before,
+                "after": after,
+                "met": met,
+            }
+        )
+    return targets
+
+
+def server_counters(http: httpx.Client) -> dict[str, int]:
+    load = http.get("/health").json()["load"]
+    return {"batches": load["batches"], "images": load["batched_images"]}
+
+
+def warm_up(url: str, pngs: list[bytes], batch: int) -> bool:
+    """Reach steady state (first requests pay torch's kernel setup for each new batch shape)."""
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for size in (1, batch, 1, batch):
+            files = [("files", (f"{i}.png", pngs[i % len(pngs)], "image/png")) for i in range(size)]
+            response = http.post("/predict", files=files)
+            if response.status_code != 200:
+                print(
+                    f"FAILED: warm-up request answered {response.status_code}: {response.text}",
+                    file=sys.stderr,
+                )
+                return False
+    return True
+
+
+def measure_setting(
+    url: str,
+    batching: str,
+    pngs: list[bytes],
+    images_per_request: int,
+    concurrency: int,
+    args: argparse.Namespace,
+    warmup: float,
+) -> dict[str, Any]:
+    """One load setting against one running server, with its forward passes and the machine's contention."""
+    with httpx.Client(base_url=url, timeout=60) as http:
+        before = server_counters(http)
+        meter = CpuMeter([os.getpid(), url.pid])  # type: ignore[attr-defined]
+        load = asyncio.run(
+            run_load(url, pngs, images_per_request, concurrency, warmup, args.duration, batching)
+        )
+        others = meter.others_percent()
+        after = server_counters(http)
+    row = load.summary()
+    passes = after["batches"] - before["batches"]
+    row["server"] = {
+        "forward_passes": passes,
+        "images_per_forward_pass": round((after["images"] - before["images"]) / max(1, passes), 2),
+    }
+    row["other_cpu_percent"] = others
+    print(
+        f"  batching {batching:3} {row['mode']:6} x{images_per_request:<3} clients={concurrency:<3} "
+        f"{row['requests_per_s']:8.1f} req/s {row['images_per_s']:9.1f} img/s "
+        f"p50={row['latency_ms']['p50']} p99={row['latency_ms']['p99']} ms "
+        f"img/pass={row['server']['images_per_forward_pass']} errors={row['errors']} other CPU={others}%",
+        file=sys.stderr,
+    )
+    return row
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -273,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=int, nargs="+", default=[1, 8, 32], help="clients (default: 1 8 32)"
     )
     parser.add_argument("--batch", type=int, default=16, help="images per batched request (default 16)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="batching off (before) and/or on (after), in this order (default: off on)",
+    )
     parser.add_argument("--report", type=Path, default=Path("reports/serving_benchmark.md"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/serving.json"))
     args = parser.parse_args(argv)
@@ -285,50 +460,42 @@ def main(argv: list[str] | None = None) -> int:
         )
     warmup = min(2.0, args.duration / 5) if args.warmup is None else args.warmup
 
+    from cifar10_pipeline.serving.settings import ServeSettings
+
+    defaults = ServeSettings()
     pngs, image_source = load_images(IMAGE_POOL)
-    settings_count = 2 * len(args.concurrency)
+    settings_count = 2 * len(args.concurrency) * len(args.modes)
     estimate = settings_count * (warmup + args.duration) + args.duration + 2
     print(
         f"benchmarking {args.model}: {settings_count} HTTP settings + CLI path, about {estimate:.0f} s",
         file=sys.stderr,
     )
 
+    # One server per mode, all running at once; each setting is measured against each in turn, back to back,
+    # so that a shared machine's changing load falls on both alike.
     http_rows: list[dict[str, Any]] = []
-    with (
-        tempfile.TemporaryDirectory() as scratch,
-        model_server(
-            args.model,
-            Path(scratch) / "server.log",
-            timeout=180,
-            max_files=args.batch,
-            log_level="warning",  # no access log: it would cost the server time per request
-        ) as url,
-    ):
-        # Reach steady state once (first requests pay torch's kernel setup for each new batch shape).
-        with httpx.Client(base_url=url, timeout=60) as http:
-            for size in (1, args.batch, 1, args.batch):
-                files = [("files", (f"{i}.png", pngs[i % len(pngs)], "image/png")) for i in range(size)]
-                response = http.post("/predict", files=files)
-                if response.status_code != 200:
-                    print(
-                        f"FAILED: warm-up request answered {response.status_code}: {response.text}",
-                        file=sys.stderr,
-                    )
-                    return 1
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as servers:
+        urls = {
+            batching: servers.enter_context(
+                model_server(
+                    args.model,
+                    Path(scratch) / f"server_{batching}.log",
+                    timeout=180,
+                    max_files=args.batch,
+                    batching=MODES[batching],
+                    log_level="warning",  # no access log: it would cost the server time per request
+                )
+            )
+            for batching in args.modes
+        }
+        if not all(warm_up(url, pngs, args.batch) for url in urls.values()):
+            return 1
         for images_per_request in (1, args.batch):
             for concurrency in args.concurrency:
-                load = asyncio.run(
-                    run_load(url, pngs, images_per_request, concurrency, warmup, args.duration)
-                )
-                row = load.summary()
-                http_rows.append(row)
-                print(
-                    f"  {row['mode']:6} x{images_per_request:<3} clients={concurrency:<3} "
-                    f"{row['requests_per_s']:8.1f} req/s {row['images_per_s']:9.1f} img/s "
-                    f"p50={row['latency_ms']['p50']} p99={row['latency_ms']['p99']} ms "
-                    f"errors={row['errors']}",
-                    file=sys.stderr,
-                )
+                for batching, url in urls.items():
+                    http_rows.append(
+                        measure_setting(url, batching, pngs, images_per_request, concurrency, args, warmup)
+                    )
     cli = cli_path_throughput(args.model, pngs, args.duration)
     print(f"  cli    predict_logits {cli['predict_images_per_s']} img/s", file=sys.stderr)
 
@@ -343,7 +510,10 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": warmup,
             "concurrency": args.concurrency,
             "batch": args.batch,
+            "batch_max_size": defaults.batch_max_size,
+            "batch_max_wait_ms": defaults.batch_max_wait_ms,
         },
+        "targets": check_targets(http_rows),
         "http": http_rows,
         "cli": cli,
         "errors": errors,
@@ -351,6 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(result, indent=2) + "\n")
     write_report(args.report, result)
+    for target in result["targets"]:
+        print(
+            f"  target {target['name']} {target['comparison']} {target['target']}: "
+            f"before {target['before']}, after {target['after']} -> {'met' if target['met'] else 'NOT met'}",
+            file=sys.stderr,
+        )
     print(f"wrote {args.report} and {args.metrics}", file=sys.stderr)
     if errors:
         first = next(row["first_error"] for row in http_rows if row["errors"])

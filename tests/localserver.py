@@ -17,6 +17,12 @@ from pathlib import Path
 import httpx
 
 
+class ServerURL(str):
+    """The base URL of a server started by ``local_server``; ``pid`` is its process (e.g. to read its RSS)."""
+
+    pid: int
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -32,14 +38,16 @@ def local_server(
     health_path: str = "/health",
     timeout: float = 120.0,
     cwd: Path | None = None,
-) -> Iterator[str]:
-    """Start ``command`` (which must listen on 127.0.0.1:``port``); yield its base URL once healthy."""
+) -> Iterator[ServerURL]:
+    """Start ``command`` (which must listen on 127.0.0.1:``port``); yield its base URL once healthy (a
+    ``ServerURL``: a str that also carries the process id)."""
     log_path = Path(log_path)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             list(command), env={**os.environ, **(env or {})}, cwd=cwd, stdout=log, stderr=subprocess.STDOUT
         )
-    url = f"http://127.0.0.1:{port}"
+    url = ServerURL(f"http://127.0.0.1:{port}")
+    url.pid = process.pid
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -69,7 +77,7 @@ def model_server(
     timeout: float = 120.0,
     flags: Sequence[str] = (),
     **settings: object,
-) -> contextlib.AbstractContextManager[str]:
+) -> contextlib.AbstractContextManager[ServerURL]:
     """``python -m cifar10_pipeline.serving.serve`` for ``model``; extra CIFAR10_SERVE_* settings as
     keywords, command-line ``flags`` after the module."""
     port = free_port()

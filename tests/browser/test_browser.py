@@ -96,7 +96,7 @@ def test_page_classifies_uploaded_real_images(driver, model_dir: Path, tmp_path:
         driver.find_element(By.ID, "file-input").send_keys(str(bad))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.card[data-state="error"]'))
         error = driver.find_element(By.CSS_SELECTOR, '.card[data-state="error"] .error').text
-        assert error.startswith("400") and "not an image" in error
+        assert error.startswith("400") and "not a readable image" in error
         assert len(driver.find_elements(By.CSS_SELECTOR, '.card[data-state="done"]')) == len(paths)
     assert screenshot.stat().st_size > 10_000
     # Tests write to temporary folders only: the committed screenshot (docs/serving.md shows it) stays as is.

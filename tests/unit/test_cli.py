@@ -18,6 +18,7 @@ from cifar10_pipeline.modeling.inference import image_to_array, predict_logits
 from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.serving.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, build_parser, main
 from cifar10_pipeline.serving.settings import ServeSettings, env_var_name, flag_name, settings_from_args
+from tests.hostile_images import sixteen_bit_copies
 
 from ..conftest import mirror_dir
 from ..helpers import save_tiny_convnet
@@ -271,3 +272,21 @@ def test_cli_probabilities_equal_predict_logits_on_real_test_images(
     assert code == EXIT_OK
     got = np.array([list(item["probabilities"].values()) for item in json.loads(out)["results"]])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.reliability(
+    "16-bit images (modes I;16, I;16B, I and 16-bit RGB) given to cifar10 predict",
+    "each classified with the probabilities of its 8-bit copy",
+)
+def test_16_bit_files_are_classified_like_their_8_bit_copies(capsys, model_dir: Path, tmp_path: Path) -> None:
+    rgb = np.random.default_rng(5).integers(0, 256, (40, 48, 3), dtype=np.uint8)  # resized: not 32x32
+    paths = []
+    for index, (sixteen, eight) in enumerate(sixteen_bit_copies(rgb).values()):
+        for kind, data in (("16", sixteen), ("8", eight)):
+            paths.append(tmp_path / f"{index}_{kind}.img")
+            paths[-1].write_bytes(data)
+    code, out, _ = run_cli(capsys, "predict", *map(str, paths), "--model", str(model_dir), "--json")
+    assert code == EXIT_OK
+    results = json.loads(out)["results"]
+    for sixteen, eight in zip(results[::2], results[1::2], strict=True):
+        assert sixteen["probabilities"] == pytest.approx(eight["probabilities"], abs=1e-6), sixteen["path"]

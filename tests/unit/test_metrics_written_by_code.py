@@ -21,6 +21,10 @@ PACKAGE = PROJECT_ROOT / "src" / "cifar10_pipeline"
 # Files written by a command outside the pipeline, and the sources of that command.
 COMMAND_WRITERS = {
     "metrics/serving.json": [PROJECT_ROOT / "benchmarks" / "serving.py"],
+    "metrics/service_reliability.json": [
+        PROJECT_ROOT / "benchmarks" / name for name in ("service_flood.py", "serving.py")
+    ]
+    + [PACKAGE / "serving" / "schemas.py"],  # /health's limits and load, copied in
     "metrics/ci_quick_baseline.json": [PROJECT_ROOT / "scripts" / "ci_gates.py"],
 }
 # Validated against the writer's own pydantic models (extra="forbid"), which is stricter than a key scan.

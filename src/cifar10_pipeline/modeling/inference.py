@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,37 +26,133 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from cifar10_pipeline import IMAGE_SHAPE
 
-# Pillow refuses images above this many pixels (a decompression bomb guard); 32x32 inputs need nothing close.
-# The one pixel limit: also the web service's default CIFAR10_SERVE_MAX_IMAGE_PIXELS (serving/guards.py).
+# Pillow refuses images above twice this many pixels at open (its decompression-bomb guard), as a backstop;
+# image_to_array refuses above ``max_pixels`` (by default this) itself, from the header, before decoding, with
+# a message that states the limit the caller set. 32x32 inputs need nothing close. The web service sets its
+# own, lower limit (ServeSettings.max_image_pixels), which may not exceed this one.
 MAX_IMAGE_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+# Words shared by every entry point (the CLI and the web service say the same thing about the same file).
+EMPTY_FILE = "not a readable image: the file is empty (0 bytes); choose an image file"
+UNKNOWN_FORMAT = (
+    "not a readable image: its bytes are in no image format Pillow reads; upload PNG, JPEG, WebP, BMP, GIF "
+    "or TIFF"
+)
+# Pillow's messages sometimes embed the repr of the file object (<_io.BytesIO object at 0x7f...>).
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+# What Pillow raises for input it cannot decode (a DecompressionBombError is none of the others).
+DECODE_ERRORS = (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError, SyntaxError)
+# Pillow modes holding 16-bit samples; "I" (32-bit integers) is where Pillow puts 16-bit data it widens.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 class ImageInputError(ValueError):
     """An input is not an image Pillow can decode, or is too large to decode safely."""
 
 
-def image_to_array(source: str | Path | bytes) -> np.ndarray:
+class ImageTooLargeError(ImageInputError):
+    """An image declares more pixels than the caller's limit (a possible decompression bomb)."""
+
+
+def too_large_message(declared: str, max_pixels: int) -> str:
+    return (
+        f"image is too large to decode safely: {declared}, above the limit of {max_pixels} pixels; "
+        "downscale it first (the model sees 32x32 anyway)"
+    )
+
+
+def _decode_failure(exc: BaseException, max_pixels: int) -> ImageInputError:
+    """Pillow's exception for an undecodable input -> an ImageInputError with a clean message."""
+    if isinstance(exc, Image.DecompressionBombError):
+        # Raised by Pillow's own guard at open, before the size is known to us; its message has the count.
+        match = _BOMB_PIXELS.search(str(exc))
+        declared = f"{match[1]} pixels" if match else "it declares more pixels than Pillow allows"
+        return ImageTooLargeError(too_large_message(declared, max_pixels))
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageInputError(UNKNOWN_FORMAT)
+    reason = _OBJECT_REPR.sub("", str(exc)).strip(" :;,") or type(exc).__name__
+    return ImageInputError(
+        f"not a readable image: the file is corrupt or truncated ({reason}); save or download it again"
+    )
+
+
+@contextlib.contextmanager
+def _open_checked(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """Open image bytes (header only) and refuse them if empty or above ``max_pixels``."""
+    if not data:
+        raise ImageInputError(EMPTY_FILE)
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                too_large_message(f"{width}x{height} = {width * height} pixels", max_pixels)
+            )
+        yield image
+
+
+def _located(exc: ImageInputError, where: str) -> ImageInputError:
+    return type(exc)(f"{where}: {exc}")
+
+
+def _read(source: str | Path | bytes) -> tuple[str, bytes]:
+    # A path is read here, so that a missing, unreadable or folder path raises its own OSError (the caller
+    # says "no such file" or "permission denied"), never a decoding message.
+    if isinstance(source, bytes):
+        return "image bytes", source
+    return str(source), Path(source).read_bytes()
+
+
+def image_size(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone, without decoding the pixels; the same checks and errors as
+    ``image_to_array`` except those only decoding can find (a truncated or corrupt pixel stream)."""
+    where, data = _read(source)
+    try:
+        with _open_checked(data, max_pixels) as image:
+            return image.size
+    except ImageInputError as exc:
+        raise _located(exc, where) from None
+    except DECODE_ERRORS as exc:
+        raise _located(_decode_failure(exc, max_pixels), where) from None
+
+
+def image_to_array(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode any image Pillow reads and bring it to the network's 32x32 RGB uint8 form.
 
     Images already 32x32 pass through untouched (the training data); any other size is resized with
-    Pillow's antialiased bicubic filter, the same way for every caller.
+    Pillow's antialiased bicubic filter, the same way for every caller. 16-bit images are scaled to 8 bits.
+    Raises ImageInputError (ImageTooLargeError above ``max_pixels``), its message prefixed with the path or
+    "image bytes"; OSError for a path that cannot be read.
     """
-    where = "image bytes" if isinstance(source, bytes) else str(source)
+    where, data = _read(source)
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with _open_checked(data, max_pixels) as image:
             image.load()
             # Phone photos store their rotation in EXIF; apply it so the model sees the upright scene. Done
             # here, inside the error handling (a damaged file can fail in either step); pil_to_array's own
             # exif_transpose is then a no-op (the orientation tag is gone).
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
-    except FileNotFoundError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageInputError(f"{where}: image is too large to decode safely ({exc})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageInputError(f"{where}: not a readable image ({type(exc).__name__}: {exc})") from None
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+    except ImageInputError as exc:
+        raise _located(exc, where) from None
+    except DECODE_ERRORS as exc:
+        raise _located(_decode_failure(exc, max_pixels), where) from None
     return pil_to_array(rgb)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, 16-bit images scaled from 0..65535 to 0..255.
+
+    Pillow's own ``convert`` clips 16-bit samples to 255 (a 16-bit photo turns white). 16-bit RGB(A) PNGs
+    already open as 8-bit RGB(A) (Pillow keeps the high byte). Mode "I" holds 16-bit data when Pillow widens
+    it, but also 8-bit values converted to it: it is scaled only if a sample exceeds 255.
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if image.mode != "I" or values.max(initial=0) > 255:
+            values = (np.clip(values, 0, 65535) * 255 + 32767) // 65535
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 def pil_to_array(image: Image.Image) -> np.ndarray:
@@ -63,7 +160,7 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
 
     Shared by ``image_to_array`` and the saved image processor, so every entry point resizes the same way.
     """
-    rgb = ImageOps.exif_transpose(image).convert("RGB")
+    rgb = to_rgb(ImageOps.exif_transpose(image))
     if rgb.size != IMAGE_SHAPE[1::-1]:
         rgb = rgb.resize(IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
@@ -88,21 +185,34 @@ def _logits(model: PreTrainedModel, x: torch.Tensor) -> torch.Tensor:
     return model(pixel_values=fit_input_size(x, model.config.image_size)).logits.float()
 
 
+# A small batch's test-time views go through the network together, as one batch: on a CPU one pass of 6
+# images costs about 60% of six passes of one (the web service classifies one image at a time). Larger
+# batches keep one pass per view (no gain there, and the views' activations would not fit as well).
+STACK_VIEWS_UP_TO = 64  # images x views
+
+
 def tta_logits(model: PreTrainedModel, x: torch.Tensor, level: int) -> torch.Tensor:
     """Average logits over views: 0 = the image, 1 = + its mirror, 2 = + both shifted by one pixel."""
-    logits = _logits(model, x)
+    views = [x]
+    if level >= 1:
+        views.append(x.flip(-1))
+    if level >= 2:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        for shifted in (padded[..., :h, :w], padded[..., 2:, 2:]):
+            views += [shifted, shifted.flip(-1)]
+    # In eval mode each image's logits do not depend on its batch, so stacking changes only float rounding.
+    if len(views) > 1 and len(x) * len(views) <= STACK_VIEWS_UP_TO and not model.training:
+        logits = list(_logits(model, torch.cat(views)).split(len(x)))
+    else:
+        logits = [_logits(model, view) for view in views]
     if level == 0:
-        return logits
-    logits = 0.5 * (logits + _logits(model, x.flip(-1)))
+        return logits[0]
+    plain = 0.5 * (logits[0] + logits[1])
     if level == 1:
-        return logits
-    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    h, w = x.shape[-2:]
-    shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
-    shifted_logits = torch.stack(
-        [0.5 * (_logits(model, s) + _logits(model, s.flip(-1))) for s in shifted]
-    ).mean(0)
-    return 0.5 * logits + 0.5 * shifted_logits
+        return plain
+    shifted_logits = torch.stack([0.5 * (logits[2] + logits[3]), 0.5 * (logits[4] + logits[5])]).mean(0)
+    return 0.5 * plain + 0.5 * shifted_logits
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -265,12 +265,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = settings_from_args(args)
+        from cifar10_pipeline.serving.serve import run
+
+        run(settings)  # checks the settings together before it serves
     except SettingsInputError as exc:
         print(f"cifar10 serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from cifar10_pipeline.serving.serve import run
-
-    run(settings)
     return EXIT_OK
 
 

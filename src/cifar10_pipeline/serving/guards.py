@@ -1,14 +1,21 @@
-"""Checks on untrusted uploads, made before they cost memory or CPU.
+"""Checks on untrusted uploads, made before they cost memory or CPU, and the bounds on concurrent work.
 
-In order: the request body's size (413) and content type (415), in ``UploadGuard`` before the body is parsed;
-then, per file, its declared content type (415), emptiness (400), the pixel count read from its header
-before decoding (413, a decompression-bomb guard) and whether it decodes (400). Every refusal is an
-``ErrorResponse`` that says how to fix it.
+In order: the number of /predict requests in flight (503 above ``max_pending_requests``), the request
+body's size (413) and content type (415), in ``UploadGuard`` before the body is parsed; then, per file, from
+its header alone (``inspect_all``): its declared content type (415), emptiness or an unreadable header (400),
+its pixel count (413, the decompression-bomb guard: the one limit, ``ServeSettings.max_image_pixels``, which
+``/health`` reports), then the pixels of all files together (413, ``max_request_pixels``). Only then is a
+request decoded, at most ``max_concurrent_decodes`` at a time (``DecodeSlots``; 503 with Retry-After after
+``decode_wait_s``), in a worker thread, off the event loop. Every refusal is an ``ErrorResponse`` that says
+how to fix it, and uses the words the CLI uses for the same file (``modeling/inference.py``).
 """
 
 from __future__ import annotations
 
-import io
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
 
 import numpy as np
 from fastapi.exceptions import HTTPException, RequestValidationError
@@ -16,30 +23,99 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cifar10_pipeline.serving.schemas import CURL_HINT, FILES_FIELD, PREDICT_PATH, ErrorItem, ErrorResponse
+from cifar10_pipeline.serving.settings import SettingsInputError
 
 # Content types a client may send for an image part; anything else is refused before decoding.
 # application/octet-stream and a missing type are what clients send when they do not know.
 GENERIC_CONTENT_TYPES = {"", "application/octet-stream"}
+# Seconds a client is told to wait (Retry-After) when the server refuses work because it is busy.
+RETRY_AFTER_S = 2
+TICKET_KEY = "cifar10_ticket"  # where UploadGuard leaves a request's Ticket in the ASGI scope's state
+
+Upload = tuple[str | None, str | None, bytes]  # (filename, content type, bytes) of one uploaded file
 
 
-def image_pixel_limit(configured: int | None) -> int:
-    """The server's pixel limit: the setting, else the limit every decode in the package obeys."""
-    if configured is not None:
-        return configured
-    # Imported here: it loads torch, which the settings and `--help` should not wait for.
+def check_pixel_limit(max_image_pixels: int) -> None:
+    """The service's pixel limit may not exceed the ceiling every decode in the package obeys (Pillow's own
+    guard fires above it, and would then be the limit that counts)."""
     from cifar10_pipeline.modeling.inference import MAX_IMAGE_PIXELS
 
-    return MAX_IMAGE_PIXELS
+    if max_image_pixels > MAX_IMAGE_PIXELS:
+        raise SettingsInputError(
+            f"--max-image-pixels / CIFAR10_SERVE_MAX_IMAGE_PIXELS {max_image_pixels} is above the package's "
+            f"decode ceiling of {MAX_IMAGE_PIXELS} pixels (MAX_IMAGE_PIXELS in modeling/inference.py); set "
+            "it at or below that"
+        )
 
 
 class UploadProblem(Exception):
     """A request the server refuses, with the status and a message that says how to fix it."""
 
-    def __init__(self, status_code: int, detail: str, errors: list[ErrorItem] | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        detail: str,
+        errors: list[ErrorItem] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
         self.errors = errors or []
+        self.headers = headers or {}
+
+
+# ------------------------------------------------------------------------------------ requests in flight
+
+
+class Traffic:
+    """The /predict requests in flight, from admission by ``UploadGuard`` until answered (at most
+    ``max_in_flight``). ``on_the_way`` counts those not yet handed to the model's queue: the micro-batcher
+    waits (a bounded time) only while some are, so a lone request never waits. ``changed`` is notified on
+    every change; the batcher's queue shares its lock."""
+
+    def __init__(self, max_in_flight: int):
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.on_the_way = 0
+        self.refused = 0  # requests answered 503 because max_in_flight were in flight
+        self.changed = threading.Condition()
+
+    def admit(self) -> Ticket | None:
+        with self.changed:
+            if self.in_flight >= self.max_in_flight:
+                self.refused += 1
+                return None
+            self.in_flight += 1
+            self.on_the_way += 1
+            self.changed.notify_all()
+        return Ticket(self)
+
+
+class Ticket:
+    """One admitted request's place in ``Traffic``."""
+
+    def __init__(self, traffic: Traffic):
+        self.traffic = traffic
+        self.queued = False  # handed to the model's queue
+        self.left = False
+
+    def mark_queued(self) -> None:
+        """Call holding ``traffic.changed`` (the batcher does, as it queues the request's images)."""
+        if not self.queued and not self.left:
+            self.queued = True
+            self.traffic.on_the_way -= 1
+            self.traffic.changed.notify_all()
+
+    def leave(self) -> None:
+        with self.traffic.changed:
+            if self.left:
+                return
+            self.left = True
+            if not self.queued:
+                self.traffic.on_the_way -= 1
+            self.traffic.in_flight -= 1
+            self.traffic.changed.notify_all()
 
 
 class BodyTooLarge(HTTPException):
@@ -52,23 +128,51 @@ class BodyTooLarge(HTTPException):
         )
 
 
-def error_response(status_code: int, detail: str, errors: list[ErrorItem] | None = None) -> JSONResponse:
+def error_response(
+    status_code: int,
+    detail: str,
+    errors: list[ErrorItem] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(
-        ErrorResponse(detail=detail, errors=errors or []).model_dump(), status_code=status_code
+        ErrorResponse(detail=detail, errors=errors or []).model_dump(),
+        status_code=status_code,
+        headers=headers,
     )
 
 
 class UploadGuard:
-    """Refuse uploads to /predict by content type and body size before the body is parsed or buffered."""
+    """Refuse uploads to /predict when too many are in flight (503), and by content type and body size,
+    before the body is parsed or buffered; admitted requests hold a ``Ticket`` in ``traffic`` until answered.
+    """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, traffic: Traffic):
         self.app = app
         self.max_bytes = max_bytes
+        self.traffic = traffic
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        ticket = self.traffic.admit()
+        if ticket is None:
+            # Refused before the body is read: waiting requests hold their bodies in memory.
+            response = error_response(
+                503,
+                f"the server is busy: {self.traffic.max_in_flight} requests are already being classified; "
+                f"retry in a few seconds (or raise CIFAR10_SERVE_MAX_PENDING_REQUESTS)",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})[TICKET_KEY] = ticket
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            ticket.leave()
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         content_type = headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "multipart/form-data":
@@ -123,42 +227,35 @@ def check_content_type(content_type: str | None) -> str | None:
     return f"content type {main!r} is not an image type; upload PNG, JPEG, WebP, BMP, GIF or TIFF files"
 
 
-def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """Bytes of one upload -> (32, 32, 3) uint8 via the shared ``image_to_array``, after the size checks."""
-    from PIL import Image, UnidentifiedImageError
+def _problem(exc: Exception) -> UploadProblem:
+    """The shared decoder's error for one upload -> its status and the words the CLI uses for it too."""
+    from cifar10_pipeline.modeling.inference import ImageTooLargeError
 
-    from cifar10_pipeline.modeling.inference import ImageInputError, image_to_array
-
-    if not data:
-        raise UploadProblem(400, "the file is empty (0 bytes); choose an image file")
-    # Read only the header first: a small file can declare billions of pixels (a decompression bomb).
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Image.DecompressionBombError as exc:
-        raise UploadProblem(413, f"image is too large to decode safely ({exc})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UploadProblem(
-            400,
-            f"not an image the server can read ({type(exc).__name__}); "
-            "upload PNG, JPEG, WebP, BMP, GIF or TIFF",
-        ) from None
-    if width * height > max_pixels:
-        raise UploadProblem(
-            413,
-            f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}; "
-            "downscale it first (the model sees 32x32 anyway)",
-        )
-    try:
-        return image_to_array(data)
-    except ImageInputError as exc:
-        message = str(exc).removeprefix("image bytes: ")
-        raise UploadProblem(400, f"{message}; the file looks corrupt or truncated, upload it again") from None
+    message = str(exc).removeprefix("image bytes: ")
+    return UploadProblem(413 if isinstance(exc, ImageTooLargeError) else 400, message)
 
 
-def decode_all(uploads: list[tuple[str | None, str | None, bytes]], max_pixels: int) -> np.ndarray:
-    """Decode every upload, or raise one UploadProblem listing every bad file (to fix them all at once)."""
-    arrays: list[np.ndarray] = []
+def _raise_all(problems: list[tuple[int, ErrorItem]], total: int) -> None:
+    """One UploadProblem listing every bad file (to fix them all at once); the status is the first's."""
+    if not problems:
+        return
+    first_status, first = problems[0]
+    detail = f"{first.location}: {first.message}"
+    if len(problems) > 1:
+        detail = f"{len(problems)} of {total} files could not be classified (see errors); first: {detail}"
+    raise UploadProblem(first_status, detail, [item for _, item in problems])
+
+
+def inspect_all(uploads: list[Upload], max_pixels: int, max_request_pixels: int) -> int:
+    """Check every upload from its header alone (cheap: nothing is decoded) and return their pixel count.
+
+    Refuses, listing every bad file: a content type that is not an image (415), an empty or unreadable
+    file (400), an image above ``max_pixels`` (413); then the request as a whole when its images declare
+    more than ``max_request_pixels`` together (413), before any of them costs a decode.
+    """
+    from cifar10_pipeline.modeling.inference import ImageInputError, image_size
+
+    total = 0
     problems: list[tuple[int, ErrorItem]] = []
     for index, (filename, content_type, data) in enumerate(uploads):
         where = describe(index, filename)
@@ -166,17 +263,77 @@ def decode_all(uploads: list[tuple[str | None, str | None, bytes]], max_pixels: 
             problems.append((415, ErrorItem(location=where, message=reason)))
             continue
         try:
-            arrays.append(decode_upload(data, max_pixels))
-        except UploadProblem as problem:
+            width, height = image_size(data, max_pixels)
+        except ImageInputError as exc:
+            problem = _problem(exc)
             problems.append((problem.status_code, ErrorItem(location=where, message=problem.detail)))
-    if problems:
-        first_status, first = problems[0]
-        detail = f"{first.location}: {first.message}"
-        if len(problems) > 1:
-            summary = f"{len(problems)} of {len(uploads)} files could not be classified (see errors)"
-            detail = f"{summary}; first: {detail}"
-        raise UploadProblem(first_status, detail, [item for _, item in problems])
+            continue
+        total += width * height
+    _raise_all(problems, len(uploads))
+    if total > max_request_pixels:
+        raise UploadProblem(
+            413,
+            f"the {len(uploads)} images of this request declare {total} pixels together, above the "
+            f"per-request limit of {max_request_pixels}; send fewer or smaller images per request (the "
+            "model sees 32x32 anyway)",
+        )
+    return total
+
+
+def decode_all(uploads: list[Upload], max_pixels: int) -> np.ndarray:
+    """Decode every upload with the shared ``image_to_array``, or raise one UploadProblem listing every file
+    that fails (a corrupt pixel stream is found only here; ``inspect_all`` has checked the rest)."""
+    from cifar10_pipeline.modeling.inference import ImageInputError, image_to_array
+
+    arrays: list[np.ndarray] = []
+    problems: list[tuple[int, ErrorItem]] = []
+    for index, (filename, _, data) in enumerate(uploads):
+        try:
+            arrays.append(image_to_array(data, max_pixels))
+        except ImageInputError as exc:
+            problem = _problem(exc)
+            problems.append(
+                (problem.status_code, ErrorItem(location=describe(index, filename), message=problem.detail))
+            )
+    _raise_all(problems, len(uploads))
     return np.stack(arrays)
+
+
+class DecodeSlots:
+    """At most ``count`` requests decode at once; a request waits at most ``wait_s`` for a slot, then is
+    answered 503 with Retry-After. Decoding costs CPU and memory in proportion to the pixels, so this bounds
+    both across concurrent requests (each request is bounded by the pixel limits)."""
+
+    def __init__(self, count: int, wait_s: float):
+        self.count = count
+        self.wait_s = wait_s
+        self._semaphore = asyncio.Semaphore(count)
+        self.waiting = 0  # requests waiting for a slot now
+        self.busy = 0  # slots in use now
+        self.refused = 0  # requests answered 503 after waiting wait_s
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.wait_s):
+                await self._semaphore.acquire()
+        except TimeoutError:
+            self.refused += 1
+            raise UploadProblem(
+                503,
+                f"the server is busy: no image decoder freed up within {self.wait_s:g} s "
+                f"({self.count} decode at a time); retry in a few seconds",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
+        finally:
+            self.waiting -= 1
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            self._semaphore.release()
 
 
 def validation_detail(exc: RequestValidationError) -> tuple[str, list[ErrorItem]]:

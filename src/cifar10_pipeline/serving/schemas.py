@@ -83,7 +83,33 @@ class ServerInfo(BaseModel):
 class Limits(BaseModel):
     max_upload_bytes: int
     max_files: int
-    max_image_pixels: int
+    max_image_pixels: int = Field(description="Largest width x height of one image (413 above).")
+    max_request_pixels: int = Field(description="Most pixels of all images of one request together.")
+    max_concurrent_decodes: int
+    decode_wait_s: float = Field(description="Longest wait for a decode slot before a 503.")
+    max_pending_requests: int = Field(description="Most /predict requests in flight before a 503.")
+
+
+class Batching(BaseModel):
+    enabled: bool
+    max_batch_size: int = Field(description="Most images in one forward pass.")
+    max_wait_ms: float = Field(description="Longest a forward pass is held back for more requests.")
+
+
+class Load(BaseModel):
+    """What the server is doing now and has done since it started."""
+
+    requests_in_flight: int
+    requests_refused_busy: int = Field(
+        description="Answered 503 since start (too many in flight or no slot)."
+    )
+    decodes_running: int
+    decodes_waiting: int
+    batches: int = Field(description="Forward passes run since start.")
+    batched_requests: int
+    batched_images: int
+    largest_batch: int
+    max_hold_ms: float = Field(description="Longest a forward pass was held back for more requests.")
 
 
 class HealthResponse(BaseModel):
@@ -91,6 +117,8 @@ class HealthResponse(BaseModel):
     model: ModelInfo
     server: ServerInfo
     limits: Limits
+    batching: Batching
+    load: Load
 
 
 # The error answers of POST /predict, for the OpenAPI document.
@@ -101,5 +129,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "Request body, file count or image dimensions above the server's limits",
         415: "Not multipart/form-data, or a part that is not an image",
         422: f"The '{FILES_FIELD}' field is missing or a parameter is invalid",
+        503: "The server is busy (too many requests in flight, or no decode slot in time); see Retry-After",
     }.items()
 }

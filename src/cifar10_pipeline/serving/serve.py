@@ -6,8 +6,11 @@ startup, from a directory written by ``save_pretrained`` or from an MLflow regis
 (``models:/cifar10-classifier@champion``). Every upload goes through the same ``image_to_array`` ->
 ``predict_logits`` path as evaluation and the CLI, so served probabilities are the measured ones.
 
-Untrusted input is checked before it costs memory or CPU (``guards.py``); each problem is answered with a JSON
-``ErrorResponse`` (``schemas.py``) that says how to fix it, and the server keeps serving.
+Untrusted input is checked before it costs memory or CPU, and the work it may cost is bounded per image, per
+request and across requests (``guards.py``); each problem is answered with a JSON ``ErrorResponse``
+(``schemas.py``) that says how to fix it, and the server keeps serving. Decoding runs in worker threads and
+the model in its own thread behind a micro-batching queue (``batching.py``), so the event loop, and
+``/health``, stay responsive under load.
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ import hashlib
 import logging
 import shutil
 import tempfile
-import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,34 +34,45 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cifar10_pipeline import IMAGE_SHAPE, NUM_CLASSES, __version__
+from cifar10_pipeline.serving.batching import MicroBatcher
 from cifar10_pipeline.serving.guards import (
+    TICKET_KEY,
+    DecodeSlots,
+    Traffic,
+    Upload,
     UploadGuard,
     UploadProblem,
+    check_pixel_limit,
     decode_all,
     error_response,
-    image_pixel_limit,
+    inspect_all,
     validation_detail,
 )
 from cifar10_pipeline.serving.schemas import (
     ERROR_RESPONSES,
     FILES_FIELD,
     PREDICT_PATH,
+    Batching,
     HealthResponse,
     Label,
     LabelProbability,
     LabelsResponse,
     Limits,
+    Load,
     ModelInfo,
     Prediction,
     PredictResponse,
     ServerInfo,
     WeightsFile,
 )
-from cifar10_pipeline.serving.settings import ServeSettings, parse_settings
+from cifar10_pipeline.serving.settings import ServeSettings, SettingsInputError, build_parser, parse_settings
 
 logger = logging.getLogger("cifar10_pipeline.serving.serve")
 
 REGISTRY_PREFIX = "models:/"
+# A request declaring at most this many pixels (64 CIFAR-sized images) is decoded without waiting for a
+# decode slot: it costs less than the slot's bookkeeping and one more thread hop.
+SMALL_REQUEST_PIXELS = 64 * 32 * 32
 PROG = "python -m cifar10_pipeline.serving.serve"
 
 
@@ -75,12 +88,15 @@ class Runtime:
     info: ModelInfo
     server: ServerInfo
     limits: Limits
-    # One forward pass at a time: torch already spreads one batch over all cores, so concurrent passes
-    # would only contend for them.
-    lock: threading.Lock = field(default_factory=threading.Lock)
     scratch: Path | None = None  # where a registry model was downloaded; removed at shutdown
+    # Set when the app starts: the model's own thread behind a micro-batching queue (one forward pass at a
+    # time: torch already spreads one batch over all cores), and the decode slots.
+    batcher: MicroBatcher | None = field(default=None, repr=False)
+    decode_slots: DecodeSlots | None = field(default=None, repr=False)
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
@@ -137,6 +153,10 @@ def load_runtime(settings: ServeSettings) -> Runtime:
     from cifar10_pipeline.modeling.inference import predict_logits
     from cifar10_pipeline.modeling.model import load_model
 
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     scratch: Path | None = None
     version: str | None = None
     if settings.model.startswith(REGISTRY_PREFIX):
@@ -172,7 +192,11 @@ def load_runtime(settings: ServeSettings) -> Runtime:
     limits = Limits(
         max_upload_bytes=settings.max_upload_bytes,
         max_files=settings.max_files,
-        max_image_pixels=image_pixel_limit(settings.max_image_pixels),
+        max_image_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels,
+        max_concurrent_decodes=settings.max_concurrent_decodes,
+        decode_wait_s=settings.decode_wait_s,
+        max_pending_requests=settings.max_pending_requests,
     )
     # One forward pass now, so the first user does not wait for torch's one-off kernel setup.
     predict_logits(model, np.zeros((1, *IMAGE_SHAPE), dtype=np.uint8))
@@ -187,23 +211,46 @@ def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def _infer(runtime: Runtime, images: np.ndarray) -> np.ndarray:
+def probabilities_of(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 (N, 32, 32, 3) -> calibrated probabilities (N, C), by the evaluation path."""
     from cifar10_pipeline.modeling.inference import predict_logits
 
-    with runtime.lock:
-        return predict_logits(runtime.model, images).softmax(1).numpy()
+    def infer(images: np.ndarray) -> np.ndarray:
+        return predict_logits(model, images, batch_size=max(1, len(images))).softmax(1).numpy()
+
+    return infer
+
+
+def inspect_and_decode_small(uploads: list[Upload], limits: Limits) -> np.ndarray | None:
+    """Check every upload from its header; decode the request at once if it is small (at most
+    ``SMALL_REQUEST_PIXELS``: a few milliseconds of work), else return None (it needs a decode slot)."""
+    pixels = inspect_all(uploads, limits.max_image_pixels, limits.max_request_pixels)
+    return decode_all(uploads, limits.max_image_pixels) if pixels <= SMALL_REQUEST_PIXELS else None
 
 
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
-    """Build the web app; the model is loaded when the app starts (lifespan), not here."""
+    """Build the web app; the model is loaded when the app starts (lifespan), not here.
+
+    Raises SettingsInputError for settings that cannot work together (naming the flag and variable).
+    """
     settings = settings or ServeSettings()
+    check_pixel_limit(settings.max_image_pixels)
     index_html = (
         resources.files("cifar10_pipeline.serving").joinpath("static/index.html").read_text(encoding="utf-8")
     )
+    traffic = Traffic(settings.max_pending_requests)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await run_in_threadpool(load_runtime, settings)
+        runtime.decode_slots = DecodeSlots(settings.max_concurrent_decodes, settings.decode_wait_s)
+        runtime.batcher = MicroBatcher(
+            probabilities_of(runtime.model),
+            traffic,
+            max_batch=settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_ms / 1000,
+            enabled=settings.batching,
+        )
         app.state.runtime = runtime
         try:
             yield
@@ -218,11 +265,11 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         f"`{FILES_FIELD}`; any size or format Pillow reads. They are scaled to 32x32 exactly as in training.",
         lifespan=lifespan,
     )
-    app.add_middleware(UploadGuard, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(UploadGuard, max_bytes=settings.max_upload_bytes, traffic=traffic)
 
     @app.exception_handler(UploadProblem)
     async def _upload_problem(request: Request, exc: UploadProblem) -> JSONResponse:
-        return error_response(exc.status_code, exc.detail, exc.errors)
+        return error_response(exc.status_code, exc.detail, exc.errors, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_problem(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -265,15 +312,23 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             list[UploadFile],
             File(description="One or more images (repeat the field); any size, any format Pillow reads."),
         ],
+        request: Request,
         runtime: Annotated[Runtime, Depends(get_runtime)],
         top_k: Annotated[
             int, Query(ge=1, le=NUM_CLASSES, description="How many classes to list per image in top_k.")
         ] = settings.default_top_k,
     ) -> PredictResponse:
+        assert runtime.batcher is not None and runtime.decode_slots is not None  # set at startup
+        limits = runtime.limits
         uploads = [(upload.filename, upload.content_type, await upload.read()) for upload in files]
-        # Decoding and the forward pass are CPU-bound: off the event loop, so other requests keep flowing.
-        images = await run_in_threadpool(decode_all, uploads, runtime.limits.max_image_pixels)
-        probabilities = await run_in_threadpool(_infer, runtime, images)
+        # Everything CPU-bound runs off the event loop, so /health and other requests keep flowing: first
+        # the header checks (cheap, no decoding) and, for a request as small as CIFAR images, the decode in
+        # the same worker thread; a larger request then decodes in a bounded slot; then the model's thread.
+        images = await run_in_threadpool(inspect_and_decode_small, uploads, limits)
+        if images is None:
+            async with runtime.decode_slots.slot():
+                images = await run_in_threadpool(decode_all, uploads, limits.max_image_pixels)
+        probabilities = await runtime.batcher.predict(images, request.scope.get("state", {}).get(TICKET_KEY))
         predictions = []
         for (filename, _, _), row in zip(uploads, probabilities, strict=True):
             order = np.argsort(-row, kind="stable")
@@ -299,7 +354,30 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         "/health", response_model=HealthResponse, summary="Liveness and what is being served", tags=["ops"]
     )
     async def health(runtime: Annotated[Runtime, Depends(get_runtime)]) -> HealthResponse:
-        return HealthResponse(status="ok", model=runtime.info, server=runtime.server, limits=runtime.limits)
+        assert runtime.batcher is not None and runtime.decode_slots is not None  # set at startup
+        stats, slots = runtime.batcher.stats, runtime.decode_slots
+        return HealthResponse(
+            status="ok",
+            model=runtime.info,
+            server=runtime.server,
+            limits=runtime.limits,
+            batching=Batching(
+                enabled=settings.batching,
+                max_batch_size=settings.batch_max_size,
+                max_wait_ms=settings.batch_max_wait_ms,
+            ),
+            load=Load(
+                requests_in_flight=traffic.in_flight,
+                requests_refused_busy=traffic.refused + slots.refused,
+                decodes_running=slots.busy,
+                decodes_waiting=slots.waiting,
+                batches=stats.batches,
+                batched_requests=stats.requests,
+                batched_images=stats.images,
+                largest_batch=stats.largest_batch,
+                max_hold_ms=round(1000 * stats.max_hold_s, 3),
+            ),
+        )
 
     return app
 
@@ -308,13 +386,19 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
 
 def run(settings: ServeSettings) -> None:
+    """Serve with uvicorn; raises SettingsInputError, before serving, for settings that cannot work."""
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(parse_settings(argv, prog=PROG))
+    settings = parse_settings(argv, prog=PROG)
+    try:
+        run(settings)
+    except SettingsInputError as exc:
+        build_parser(PROG).error(str(exc))
 
 
 if __name__ == "__main__":

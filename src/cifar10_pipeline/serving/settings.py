@@ -49,11 +49,54 @@ class ServeSettings(BaseSettings):
         default=20 * 1024 * 1024, gt=0, description="Largest request body (413 above)."
     )
     max_files: int = Field(default=64, gt=0, description="Most images in one request (413 above).")
-    max_image_pixels: int | None = Field(
+    max_image_pixels: int = Field(
+        default=2048 * 2048,
+        gt=0,
+        description="Largest width x height one image may declare, read from its header before decoding "
+        "(413 above; the decompression-bomb guard, reported by /health). The model sees 32x32: the default "
+        "(2048x2048) bounds one decode to about 0.1-0.5 s and 70 MB; at most the package's decode ceiling "
+        "(modeling.inference.MAX_IMAGE_PIXELS).",
+    )
+    max_request_pixels: int = Field(
+        default=4 * 2048 * 2048,
+        gt=0,
+        description="Most pixels all images of one request may declare together (413 above), checked "
+        "before any is decoded.",
+    )
+    max_concurrent_decodes: int = Field(
+        default=2, gt=0, description="Requests decoding images at once (others wait for a slot)."
+    )
+    decode_wait_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest a request waits for a decode slot before it is answered 503 with Retry-After.",
+    )
+    max_pending_requests: int = Field(
+        default=64,
+        gt=0,
+        description="Most /predict requests in flight; above it a request is answered 503 with Retry-After "
+        "before its body is read (this bounds the memory held by request bodies).",
+    )
+    batching: bool = Field(
+        default=True,
+        description="Classify concurrent requests together, in one forward pass (micro-batching); false: "
+        "one request per forward pass.",
+    )
+    batch_max_size: int = Field(
+        default=32,
+        gt=0,
+        description="Most images merged into one forward pass (a larger request runs alone).",
+    )
+    batch_max_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="Longest a forward pass is held back for more requests to join it, in milliseconds; "
+        "only while other requests are on their way, so a lone request never waits.",
+    )
+    torch_threads: int | None = Field(
         default=None,
         gt=0,
-        description="Largest width x height an image may declare; checked before decoding (413 above). "
-        "By default the limit every image decode in the package obeys (modeling.inference.MAX_IMAGE_PIXELS).",
+        description="Threads torch uses for a forward pass; by default torch's own choice (one per core).",
     )
     default_top_k: int = Field(
         default=3, ge=1, le=NUM_CLASSES, description="Classes listed per image when a request gives no top_k."
