@@ -22,6 +22,7 @@ from typing import Any
 import jinja2
 import yaml
 
+from cifar10_pipeline.core.data import atomic_output
 from cifar10_pipeline.core.paths import METRICS_DIR, PARAMS_FILE
 from cifar10_pipeline.reporting.templating import template_environment
 
@@ -70,6 +71,12 @@ def load_metrics(metrics_dir: Path = METRICS_DIR, params_file: Path = PARAMS_FIL
     return context
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` all at once: a killed render leaves the old document, not half of one."""
+    with atomic_output(path) as staged:
+        staged.write_text(text)
+
+
 def render_template(name: str, **context: Any) -> str:
     return _environment().get_template(name).render(**context)
 
@@ -106,13 +113,13 @@ def render_all(root: Path = Path("."), write: bool = True) -> list[Stale]:
         rendered, changed = render_document(text, context)
         stale += [Stale(document, name) for name in changed]
         if write and changed:
-            path.write_text(rendered)
+            write_text_atomic(path, rendered)
     report = render_template("benchmark_report.md.j2", results=context["benchmark"])
     path = root / BENCHMARK_REPORT
     if not path.is_file() or path.read_text() != report:
         stale.append(Stale(BENCHMARK_REPORT, "(whole file)"))
         if write:
-            path.write_text(report)
+            write_text_atomic(path, report)
     return stale
 
 
