@@ -72,7 +72,7 @@ def load_metrics(metrics_dir: Path = METRICS_DIR, params_file: Path = PARAMS_FIL
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` all at once: a killed render leaves the old document, not half of one."""
+    """Replace ``path`` with ``text`` at once: a killed render leaves the old document, not half of one."""
     with atomic_output(path) as staged:
         staged.write_text(text)
 
