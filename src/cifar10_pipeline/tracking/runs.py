@@ -40,6 +40,10 @@ PARENT_ROLE = "pipeline"
 KEY_TAG = "pipeline.key"
 ROLE_TAG = "pipeline.role"
 OFFLINE_TAG = "pipeline.offline_for"  # runs logged to the local store while this server did not answer
+# Who runs a stage's run: a run still RUNNING whose process is gone (SIGKILL, a power cut) is closed KILLED
+# by the next stage that opens a run on the same machine.
+HOST_TAG = "pipeline.host"
+PID_TAG = "pipeline.pid"
 DEFAULT_STORE = Path("mlflow.db")
 ARTIFACT_ROOT = Path("mlartifacts")
 
@@ -293,12 +297,37 @@ def _terminate(client: Any, run_ids: Sequence[str], status: str, error: BaseExce
             logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
 
 
+def _close_dead_runs(client: Any, experiment_id: str) -> list[str]:
+    """Mark KILLED the stage runs of this machine still RUNNING whose process no longer exists: a SIGKILL
+    cannot be caught, so the killed stage could not close its own run. Returns their ids."""
+    import psutil
+
+    host = socket.gethostname()
+    stale = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in stale:
+        pid = int(run.data.tags.get(PID_TAG, "0") or 0)
+        if pid and pid != os.getpid() and not psutil.pid_exists(pid):
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        logging.getLogger(__name__).warning(
+            "closed %d MLflow run(s) left RUNNING by a killed stage as KILLED: %s", len(closed), closed
+        )
+    return closed
+
+
 def _open_stage_run(
     client: Any, stage: str, params: Params, default_store: bool, offline_for: str | None = None
 ) -> StageRun:
     """Create (or find) the parent, create the child and log the params; a failure on the way closes the
     runs already created (FAILED, or KILLED when interrupted) instead of leaving them RUNNING."""
     experiment_id = _experiment_id(client, params.mlflow.experiment, default_store)
+    _close_dead_runs(client, experiment_id)
     key = pipeline_key()
     parent_id = _parent_run_id(client, experiment_id, key, params, offline_for)
     opened = [parent_id]
@@ -309,6 +338,8 @@ def _open_stage_run(
             ROLE_TAG: "stage",
             "stage": stage,
             "mlflow.source.git.commit": git_commit(),
+            HOST_TAG: socket.gethostname(),
+            PID_TAG: str(os.getpid()),
         }
         if offline_for:
             tags[OFFLINE_TAG] = offline_for
