@@ -195,8 +195,8 @@ def env_for(clone: Path, **extra: str) -> dict[str, str]:
         MPLBACKEND="Agg",
         DVC_NO_ANALYTICS="1",
         HF_HUB_OFFLINE="1",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
@@ -421,9 +421,9 @@ def small_project(root: Path, **sections: dict) -> Path:
 
 
 def stage_env(root: Path, **extra: str) -> dict[str, str]:
+    """The working tree's code, the scratch project's own MLflow store and temp folder."""
     env = env_for(PROJECT_ROOT, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", TMPDIR=str(root))
-    env.update(extra)
-    return env
+    return env | extra
 
 
 def run_python(code: str, root: Path, env: dict[str, str], *args: str, timeout: float = 300):
