@@ -1,11 +1,14 @@
 """Figures in the docs come from ``metrics/``: marked blocks that this module renders, never typed by hand.
 
-    python -m cifar10_pipeline.reporting.docs          # re-render every block and reports/benchmark.md
+    python -m cifar10_pipeline.reporting.docs          # re-render every block and the reports below
     python -m cifar10_pipeline.reporting.docs --check  # exit 1, naming each stale block
 
 A block is the text between ``<!-- generated:NAME ... -->`` and ``<!-- /generated:NAME -->`` in a
 document listed in ``DOCUMENTS``; it is rendered from ``templates/NAME.md.j2`` with every file in
 ``metrics/`` as context (``tests/unit/test_docs.py`` fails when a committed block differs from its rendering).
+Whole reports rendered the same way: reports/benchmark.md from metrics/benchmark.json, and
+reports/reliability.md from metrics/reliability_suite.json (written by the test suite run with
+``--reliability-report``, see tests/reliability.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from cifar10_pipeline.reporting.templating import template_environment
 
 DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"))
 BENCHMARK_REPORT = Path("reports/benchmark.md")
+RELIABILITY_RECORD = Path("reliability_suite.json")  # in metrics/
+RELIABILITY_REPORT = Path("reports/reliability.md")
 PINNED_TORCH = "2.13.0"  # pyproject.toml's pin: figures from another torch say so
 BLOCK = re.compile(
     r"(?P<open><!-- generated:(?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)"
@@ -114,13 +119,21 @@ def render_all(root: Path = Path("."), write: bool = True) -> list[Stale]:
         stale += [Stale(document, name) for name in changed]
         if write and changed:
             write_text_atomic(path, rendered)
-    report = render_template("benchmark_report.md.j2", results=context["benchmark"])
-    path = root / BENCHMARK_REPORT
-    if not path.is_file() or path.read_text() != report:
-        stale.append(Stale(BENCHMARK_REPORT, "(whole file)"))
-        if write:
-            write_text_atomic(path, report)
+    reports = {BENCHMARK_REPORT: render_template("benchmark_report.md.j2", results=context["benchmark"])}
+    if (root / METRICS_DIR / RELIABILITY_RECORD).is_file():
+        reports[RELIABILITY_REPORT] = render_reliability(context["reliability_suite"])
+    for relative, report in reports.items():
+        path = root / relative
+        if not path.is_file() or path.read_text() != report:
+            stale.append(Stale(relative, "(whole file)"))
+            if write:
+                write_text_atomic(path, report)
     return stale
+
+
+def render_reliability(suite: dict[str, Any]) -> str:
+    """reports/reliability.md from the reliability suite's record (metrics/reliability_suite.json)."""
+    return render_template("reliability.md.j2", suite=suite)
 
 
 def main(argv: list[str] | None = None) -> None:
