@@ -141,7 +141,18 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--check", action="store_true", help="only report stale blocks (exit 1 if any)")
+    parser.add_argument(
+        "--reliability",
+        nargs=2,
+        metavar=("RECORD", "REPORT"),
+        help="only render REPORT from the reliability record RECORD (CI's own run, kept out of metrics/)",
+    )
     args = parser.parse_args(argv)
+    if args.reliability:
+        record, report = map(Path, args.reliability)
+        write_text_atomic(report, render_reliability(json.loads(record.read_text())))
+        print(f"{report}: rendered from {record}")
+        return
     stale = render_all(write=not args.check)
     for item in stale:
         verb = "is stale" if args.check else "re-rendered"
