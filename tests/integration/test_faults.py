@@ -743,3 +743,22 @@ def test_disk_full_while_writing_the_model(tmp_path: Path) -> None:
         leftovers = sorted(p.relative_to(small).as_posix() for p in small.rglob("*") if p.is_file())
         assert leftovers == [], leftovers
         assert sorted(p.name for p in (small / "models").iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.reliability(
+    "SIGKILL of the train stage mid-training (its MLflow run cannot close itself), then the stage again",
+    "the next run marks the dead run KILLED; none is left RUNNING; the second run finishes",
+)
+def test_the_run_of_a_sigkilled_stage_is_closed_by_the_next_run(tmp_path: Path) -> None:
+    root = small_project(tmp_path / "project")
+    done = run_python(SIGNAL_STAGE, root, stage_env(root), "SIGKILL")
+    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
+    killed = [r for r in train_runs(root) if r.data.tags.get("stage") == "train"]
+    assert [r.info.status for r in killed] == ["RUNNING"]  # what SIGKILL leaves
+    assert not (root / "models").exists()  # nothing written yet, nothing half-written
+    done = run_python(UNREACHABLE, root, stage_env(root))
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = {r.info.run_id: r.info.status for r in train_runs(root) if r.data.tags.get("stage") == "train"}
+    assert status.pop(killed[0].info.run_id) == "KILLED"
+    assert list(status.values()) == ["FINISHED"]
