@@ -725,7 +725,7 @@ DISK_FULL = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.reliability(
     "disk full while the train stage writes its model (a 3 MB file system)",
-    "a clear error (No space left on device); no half output, no staged scratch left",
+    "an error naming the output, the device's free space and the fix; no half output, no scratch left",
 )
 def test_disk_full_while_writing_the_model(tmp_path: Path) -> None:
     with small_filesystem(tmp_path / "small") as small:
@@ -742,7 +742,9 @@ def test_disk_full_while_writing_the_model(tmp_path: Path) -> None:
         done = run_python(DISK_FULL, root, stage_env(root))
         output = done.stdout + done.stderr
         assert done.returncode != 0, output[-3000:]
-        assert "No space left on device" in output, output[-3000:]
+        expected = "DiskFullError: no space left on the device that holds models while writing models/cifar10"
+        assert expected in output, output[-3000:]
+        assert "No space left on device" in output and "Free some space there" in output, output[-3000:]
         leftovers = sorted(p.relative_to(small).as_posix() for p in small.rglob("*") if p.is_file())
         assert leftovers == [], leftovers
         assert sorted(p.name for p in (small / "models").iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import io
@@ -74,6 +75,24 @@ def verify_checksums(directory: Path) -> dict[str, str]:
     return expected
 
 
+class DiskFullError(DataError):
+    """An output could not be written: its file system is full (nothing half-written is left)."""
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, also where a library reports it only in its message (safetensors' Rust writer does)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 1e6:.1f} MB free"
+    except OSError:
+        return "free space unknown"
+
+
 SCRATCH_SUFFIX = ".partial"  # the scratch folder of an output being written: `.<name>.<random>.partial`
 
 
@@ -130,6 +149,14 @@ def atomic_output(target: Path) -> Iterator[Path]:
             target.unlink()  # a folder cannot replace a file or a link in one rename
         os.replace(staged, target)  # atomic for a file over a file, and for a folder into a free name
         _fsync(target.parent)  # the rename itself
+    except Exception as exc:
+        if _is_disk_full(exc):
+            raise DiskFullError(
+                f"no space left on the device that holds {target.parent} while writing {target} "
+                f"({_free_space(target.parent)}): {exc}. Free some space there (or move the project to a "
+                "larger disk) and run the stage again; nothing half-written was left."
+            ) from exc
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
