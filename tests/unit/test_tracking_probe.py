@@ -40,11 +40,13 @@ def test_the_stage_lock_refuses_a_second_holder(tmp_path: Path) -> None:
     lock.parent.parent.mkdir()
     with stage_lock("train", lock):
         assert "stage train (pid" in lock.read_text()
-        with pytest.raises(
-            StageLocked, match=r"evaluate: stage train \(pid \d+\) is running in this checkout"
+        with (
+            pytest.raises(
+                StageLocked, match=r"evaluate: stage train \(pid \d+\) is running in this checkout"
+            ),
+            stage_lock("evaluate", lock),
         ):
-            with stage_lock("evaluate", lock):
-                pass
+            pass
     with stage_lock("evaluate", lock):  # released on exit
         pass
 
