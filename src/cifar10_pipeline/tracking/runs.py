@@ -41,7 +41,7 @@ KEY_TAG = "pipeline.key"
 ROLE_TAG = "pipeline.role"
 OFFLINE_TAG = "pipeline.offline_for"  # runs logged to the local store while this server did not answer
 # Who runs a stage's run: a run still RUNNING whose process is gone (SIGKILL, a power cut) is closed KILLED
-# by the next stage that opens a run on the same machine.
+# by the next stage that opens a run in the same process space (machine, boot and PID namespace).
 HOST_TAG = "pipeline.host"
 PID_TAG = "pipeline.pid"
 DEFAULT_STORE = Path("mlflow.db")
@@ -297,12 +297,22 @@ def _terminate(client: Any, run_ids: Sequence[str], status: str, error: BaseExce
             logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
 
 
+def process_space() -> str:
+    """Where this process's id means something: the host name, the kernel's boot id and the PID
+    namespace, so that two containers (or two boots) of one machine are never mistaken for each other."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return "/".join(parts)
+
+
 def _close_dead_runs(client: Any, experiment_id: str) -> list[str]:
     """Mark KILLED the stage runs of this machine still RUNNING whose process no longer exists: a SIGKILL
     cannot be caught, so the killed stage could not close its own run. Returns their ids."""
     import psutil
 
-    host = socket.gethostname()
+    host = process_space()
     stale = client.search_runs(
         [experiment_id],
         filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
@@ -338,7 +348,7 @@ def _open_stage_run(
             ROLE_TAG: "stage",
             "stage": stage,
             "mlflow.source.git.commit": git_commit(),
-            HOST_TAG: socket.gethostname(),
+            HOST_TAG: process_space(),
             PID_TAG: str(os.getpid()),
         }
         if offline_for:
