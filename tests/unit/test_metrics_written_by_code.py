@@ -22,6 +22,8 @@ PACKAGE = PROJECT_ROOT / "src" / "cifar10_pipeline"
 COMMAND_WRITERS = {
     "metrics/serving.json": [PROJECT_ROOT / "benchmarks" / "serving.py"],
     "metrics/ci_quick_baseline.json": [PROJECT_ROOT / "scripts" / "ci_gates.py"],
+    # `python -m pytest -m reliability --reliability-report`: the pytest plugin in tests/reliability.py
+    "metrics/reliability_suite.json": [PROJECT_ROOT / "tests" / "reliability.py"],
 }
 # Validated against the writer's own pydantic models (extra="forbid"), which is stricter than a key scan.
 SCHEMA_READERS = {"metrics/benchmark.json": read_results}
