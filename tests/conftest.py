@@ -14,6 +14,8 @@ from cifar10_pipeline.core.data import ArraySplit, write_checksums, write_parque
 from cifar10_pipeline.core.params import load_params
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# --reliability-report: the results of the tests marked reliability(case, outcome), for reports/reliability.md
+pytest_plugins = ("tests.reliability",)
 
 
 def mirror_dir() -> Path | None:

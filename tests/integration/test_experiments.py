@@ -102,6 +102,7 @@ CHANGED: dict[str, str] = {
     "train.filter_optimizer": "muon",
     "train.muon_lr": "0.3",
     "train.muon_momentum": "0.7",
+    "tracking.required": "false",
 }
 # Second choices, for profile overrides that already hold the CHANGED value.
 ALTERNATIVE: dict[str, str] = {

@@ -26,6 +26,8 @@ COMMAND_WRITERS = {
     ]
     + [PACKAGE / "serving" / "schemas.py"],  # /health's limits and load, copied in
     "metrics/ci_quick_baseline.json": [PROJECT_ROOT / "scripts" / "ci_gates.py"],
+    # `python -m pytest -m reliability --reliability-report`: the pytest plugin in tests/reliability.py
+    "metrics/reliability_suite.json": [PROJECT_ROOT / "tests" / "reliability.py"],
 }
 # Validated against the writer's own pydantic models (extra="forbid"), which is stricter than a key scan.
 SCHEMA_READERS = {"metrics/benchmark.json": read_results}

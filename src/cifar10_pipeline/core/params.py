@@ -198,6 +198,12 @@ class MlflowParams(_Section):
     registered_model: str = Field(min_length=1)
 
 
+class TrackingParams(_Section):
+    # true: a stage whose MLflow server (MLFLOW_TRACKING_URI) does not answer stops before any compute;
+    # false: it logs to the local store instead and says how to copy the runs to the server later.
+    required: bool = Field(strict=True)
+
+
 class Params(_Section):
     profile: str
     download: DownloadParams
@@ -207,6 +213,7 @@ class Params(_Section):
     evaluate: EvaluateParams
     emissions: EmissionsParams
     mlflow: MlflowParams
+    tracking: TrackingParams
 
     model_config = ConfigDict(**_STRICT, populate_by_name=True)
 
@@ -356,7 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"{PARAMS_FILE} matches {CONF_DIR}/")
         return 0
-    PARAMS_FILE.write_text(text)
+    from cifar10_pipeline.core.data import atomic_output
+
+    with atomic_output(PARAMS_FILE) as staged:  # a killed rewrite leaves the old params.yaml whole
+        staged.write_text(text)
     print(f"wrote {PARAMS_FILE} from {CONF_DIR}/ with {args.overrides or 'no overrides'}")
     return 0
 

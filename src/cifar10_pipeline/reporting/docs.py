@@ -1,11 +1,14 @@
 """Figures in the docs come from ``metrics/``: marked blocks that this module renders, never typed by hand.
 
-    python -m cifar10_pipeline.reporting.docs          # re-render every block and reports/benchmark.md
+    python -m cifar10_pipeline.reporting.docs          # re-render every block and the reports below
     python -m cifar10_pipeline.reporting.docs --check  # exit 1, naming each stale block
 
 A block is the text between ``<!-- generated:NAME ... -->`` and ``<!-- /generated:NAME -->`` in a
 document listed in ``DOCUMENTS``; it is rendered from ``templates/NAME.md.j2`` with every file in
 ``metrics/`` as context (``tests/unit/test_docs.py`` fails when a committed block differs from its rendering).
+Whole reports rendered the same way: reports/benchmark.md from metrics/benchmark.json, and
+reports/reliability.md from metrics/reliability_suite.json (written by the test suite run with
+``--reliability-report``, see tests/reliability.py).
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from typing import Any
 import jinja2
 import yaml
 
+from cifar10_pipeline.core.data import atomic_output
 from cifar10_pipeline.core.paths import METRICS_DIR, PARAMS_FILE
 from cifar10_pipeline.reporting.benchmark_records import Entry, read_results
 from cifar10_pipeline.reporting.templating import template_environment
 
 DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"), Path("docs/team.md"))
 BENCHMARK_REPORT = Path("reports/benchmark.md")
+RELIABILITY_RECORD = Path("reliability_suite.json")  # in metrics/
+RELIABILITY_REPORT = Path("reports/reliability.md")
 PINNED_TORCH = "2.13.0"  # pyproject.toml's pin: figures from another torch say so
 BLOCK = re.compile(
     r"(?P<open><!-- generated:(?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)"
@@ -67,6 +73,12 @@ def load_metrics(metrics_dir: Path = METRICS_DIR, params_file: Path = PARAMS_FIL
                 context[name] = list(csv.DictReader(handle))
     context["benchmark"] = read_results(Path(metrics_dir) / "benchmark.json")
     return context
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` at once: a killed render leaves the old document, not half of one."""
+    with atomic_output(path) as staged:
+        staged.write_text(text)
 
 
 def render_template(name: str, **context: Any) -> str:
@@ -110,14 +122,22 @@ def render_all(root: Path = Path("."), write: bool = True) -> list[Stale]:
         rendered, changed = render_document(text, context)
         stale += [Stale(document, name) for name in changed]
         if write and changed:
-            path.write_text(rendered)
-    report = render_benchmark_report(context["benchmark"])
-    path = root / BENCHMARK_REPORT
-    if not path.is_file() or path.read_text() != report:
-        stale.append(Stale(BENCHMARK_REPORT, "(whole file)"))
-        if write:
-            path.write_text(report)
+            write_text_atomic(path, rendered)
+    reports = {BENCHMARK_REPORT: render_benchmark_report(context["benchmark"])}
+    if (root / METRICS_DIR / RELIABILITY_RECORD).is_file():
+        reports[RELIABILITY_REPORT] = render_reliability(context["reliability_suite"])
+    for relative, report in reports.items():
+        path = root / relative
+        if not path.is_file() or path.read_text() != report:
+            stale.append(Stale(relative, "(whole file)"))
+            if write:
+                write_text_atomic(path, report)
     return stale
+
+
+def render_reliability(suite: dict[str, Any]) -> str:
+    """reports/reliability.md from the reliability suite's record (metrics/reliability_suite.json)."""
+    return render_template("reliability.md.j2", suite=suite)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,7 +145,18 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--check", action="store_true", help="only report stale blocks (exit 1 if any)")
+    parser.add_argument(
+        "--reliability",
+        nargs=2,
+        metavar=("RECORD", "REPORT"),
+        help="only render REPORT from the reliability record RECORD (CI's own run, kept out of metrics/)",
+    )
     args = parser.parse_args(argv)
+    if args.reliability:
+        record, report = map(Path, args.reliability)
+        write_text_atomic(report, render_reliability(json.loads(record.read_text())))
+        print(f"{report}: rendered from {record}")
+        return
     stale = render_all(write=not args.check)
     for item in stale:
         verb = "is stale" if args.check else "re-rendered"

@@ -24,6 +24,12 @@ def measure(stage: str, country_iso_code: str, out_file: Path) -> Iterator[None]
     """Track energy and CO2eq of the block with codecarbon's OfflineEmissionsTracker (no network needed).
 
     The JSON is written only when the block succeeds, so a failed stage leaves no emissions record behind.
+
+    ``allow_multiple_runs=True`` explicitly (codecarbon's default, which a user's .codecarbon.config or
+    CODECARBON_ALLOW_MULTIPLE_RUNS can turn off): without it codecarbon takes a lock file in the temp folder
+    that a SIGKILLed run leaves behind, and every later run then measures nothing and writes no record; it
+    would also replace the stage harness's SIGTERM and Ctrl-C handlers with its own, so an interrupted
+    stage's run would be marked FAILED instead of KILLED.
     """
     from codecarbon import OfflineEmissionsTracker
 
@@ -34,6 +40,7 @@ def measure(stage: str, country_iso_code: str, out_file: Path) -> Iterator[None]
         save_to_file=False,
         log_level="error",
         measure_power_secs=5,
+        allow_multiple_runs=True,
     )
     tracker.start()
     try:

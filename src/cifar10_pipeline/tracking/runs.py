@@ -5,11 +5,16 @@ it. The parent is named after the DVC experiment when there is one (``DVC_EXP_NA
 ``repro-<commit>-<params hash>``, and carries the effective params and the headline metrics, so the MLflow
 compare view lines experiments up side by side.
 
-``stage_run`` is the harness every stage runs in: it opens the stage's run, closes it FINISHED, FAILED or
-KILLED (never left RUNNING) and deletes the stage's outputs when the stage fails.
+``stage_run`` is the harness every stage runs in: it takes the checkout's stage lock (one stage at a time,
+also for stages started with ``python -m``), checks that the tracking server answers before any compute,
+opens the stage's run, closes it FINISHED, FAILED or KILLED (never left RUNNING) and deletes the stage's
+outputs when the stage fails.
 
 Default store: ``sqlite:///mlflow.db`` in the project root (git-ignored), artifacts in ``mlartifacts/``.
-``MLFLOW_TRACKING_URI`` overrides it.
+``MLFLOW_TRACKING_URI`` overrides it. A server there that does not answer stops the stage with a message
+naming the URI, unless params.yaml says ``tracking.required: false``: then the stage logs to the default
+store, tags its runs ``pipeline.offline_for`` and says how to copy them to the server later
+(``python -m cifar10_pipeline.tracking.offline --to URI``).
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cifar10_pipeline.core.data import remove_outputs
 from cifar10_pipeline.core.params import Params
@@ -32,6 +39,11 @@ from cifar10_pipeline.core.paths import PARAMS_FILE, RAW_DIR
 PARENT_ROLE = "pipeline"
 KEY_TAG = "pipeline.key"
 ROLE_TAG = "pipeline.role"
+OFFLINE_TAG = "pipeline.offline_for"  # runs logged to the local store while this server did not answer
+# Who runs a stage's run: a run still RUNNING whose process is gone (SIGKILL, a power cut) is closed KILLED
+# by the next stage that opens a run in the same process space (machine, boot and PID namespace).
+HOST_TAG = "pipeline.host"
+PID_TAG = "pipeline.pid"
 DEFAULT_STORE = Path("mlflow.db")
 ARTIFACT_ROOT = Path("mlartifacts")
 
@@ -42,8 +54,98 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
+def local_store_uri() -> str:
+    return f"sqlite:///{project_root() / DEFAULT_STORE}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_STORE}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def unreachable_reason(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the tracking server at ``uri`` cannot be reached (refused, timed out, unknown host), or None when
+    something listens there or the URI is a local store (sqlite:, file:, a path). One TCP connection, no
+    retries: MLflow's own client retries an unreachable server for minutes before it gives up."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        return f"the URI is malformed ({exc})"
+    try:
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout:.0f} s"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+class TrackingUnreachable(SystemExit):
+    """The MLflow tracking server does not answer and params.yaml's ``tracking.required`` is true."""
+
+
+def _unreachable_message(stage: str, uri: str, reason: str) -> str:
+    return (
+        f"{stage}: the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer: {reason}.\n"
+        "Nothing was computed. Start the server (the team server: python -m "
+        "cifar10_pipeline.tracking.team_server start), point MLFLOW_TRACKING_URI at one that runs, or unset "
+        "it to track in the local store (sqlite:///mlflow.db); or run without the server with "
+        "`-S tracking.required=false` (dvc exp run) or tracking.required: false in conf/config.yaml, "
+        "and copy the runs to it later with python -m cifar10_pipeline.tracking.offline --to URI."
+    )
+
+
+def offline_hint(uri: str) -> str:
+    return f"python -m cifar10_pipeline.tracking.offline --to {uri}"
+
+
+STAGE_LOCK = Path(".dvc") / "tmp" / "cifar10-stage.lock"
+
+
+class StageLocked(SystemExit):
+    """Another stage holds this checkout's stage lock."""
+
+
+@contextlib.contextmanager
+def stage_lock(stage: str, lock_file: Path = STAGE_LOCK) -> Iterator[None]:
+    """Hold the checkout's stage lock for the block, or stop at once if another stage holds it.
+
+    ``dvc repro`` holds DVC's own lock, so two of them never run at once; a stage started with
+    ``python -m`` does not take DVC's lock, and two stages writing the same outputs (or one deleting the
+    other's outputs when it fails) would corrupt them. The lock is an flock on ``.dvc/tmp/`` (git-ignored),
+    which the kernel releases when its holder dies, even by SIGKILL, so no stale lock can block a later
+    run. Outside a DVC project (no ``.dvc/`` in the working directory) there is nothing to lock."""
+    import fcntl
+
+    lock_file = Path(lock_file)
+    if not lock_file.parent.parent.is_dir():
+        yield
+        return
+    lock_file.parent.mkdir(exist_ok=True)
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another stage"
+            raise StageLocked(
+                f"{stage}: {holder} is running in this checkout ({lock_file.resolve()} is locked). "
+                "Wait for it to finish: stages of one checkout write the same outputs, so they run one "
+                "at a time. (A second `dvc repro` is refused by DVC's own lock.)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"stage {stage} (pid {os.getpid()})\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -124,7 +226,9 @@ def _experiment_id(client: Any, name: str, default_store: bool) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def _parent_run_id(client: Any, experiment_id: str, key: str, params: Params) -> str:
+def _parent_run_id(
+    client: Any, experiment_id: str, key: str, params: Params, offline_for: str | None = None
+) -> str:
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{KEY_TAG}` = '{key}' and tags.`{ROLE_TAG}` = '{PARENT_ROLE}'",
@@ -143,6 +247,8 @@ def _parent_run_id(client: Any, experiment_id: str, key: str, params: Params) ->
         tags["data.sha256sums"] = hashlib.sha256((RAW_DIR / "SHA256SUMS").read_bytes()).hexdigest()[:16]
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    if offline_for:
+        tags[OFFLINE_TAG] = offline_for
     run = client.create_run(experiment_id, run_name=key, tags=tags)
     return run.info.run_id
 
@@ -191,12 +297,49 @@ def _terminate(client: Any, run_ids: Sequence[str], status: str, error: BaseExce
             logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
 
 
-def _open_stage_run(client: Any, stage: str, params: Params, default_store: bool) -> StageRun:
+def process_space() -> str:
+    """Where this process's id means something: the host name, the kernel's boot id and the PID
+    namespace, so that two containers (or two boots) of one machine are never mistaken for each other."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return "/".join(parts)
+
+
+def _close_dead_runs(client: Any, experiment_id: str) -> list[str]:
+    """Mark KILLED the stage runs of this machine still RUNNING whose process no longer exists: a SIGKILL
+    cannot be caught, so the killed stage could not close its own run. Returns their ids."""
+    import psutil
+
+    host = process_space()
+    stale = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in stale:
+        pid = int(run.data.tags.get(PID_TAG, "0") or 0)
+        if pid and pid != os.getpid() and not psutil.pid_exists(pid):
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        logging.getLogger(__name__).warning(
+            "closed %d MLflow run(s) left RUNNING by a killed stage as KILLED: %s", len(closed), closed
+        )
+    return closed
+
+
+def _open_stage_run(
+    client: Any, stage: str, params: Params, default_store: bool, offline_for: str | None = None
+) -> StageRun:
     """Create (or find) the parent, create the child and log the params; a failure on the way closes the
     runs already created (FAILED, or KILLED when interrupted) instead of leaving them RUNNING."""
     experiment_id = _experiment_id(client, params.mlflow.experiment, default_store)
+    _close_dead_runs(client, experiment_id)
     key = pipeline_key()
-    parent_id = _parent_run_id(client, experiment_id, key, params)
+    parent_id = _parent_run_id(client, experiment_id, key, params, offline_for)
     opened = [parent_id]
     try:
         tags = {
@@ -205,7 +348,11 @@ def _open_stage_run(client: Any, stage: str, params: Params, default_store: bool
             ROLE_TAG: "stage",
             "stage": stage,
             "mlflow.source.git.commit": git_commit(),
+            HOST_TAG: process_space(),
+            PID_TAG: str(os.getpid()),
         }
+        if offline_for:
+            tags[OFFLINE_TAG] = offline_for
         child = client.create_run(experiment_id, run_name=stage, tags=tags)
         opened.insert(0, child.info.run_id)
         run = StageRun(client, child.info.run_id, parent_id, experiment_id)
@@ -220,25 +367,37 @@ def _open_stage_run(client: Any, stage: str, params: Params, default_store: bool
 def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Iterator[StageRun]:
     """Run the block as ``stage``: the one harness every stage's main() opens before its work.
 
-    It opens the stage's child run under this pipeline run's parent and logs the effective params to both;
-    the block logs metrics, tags and artifacts through the yielded run. When the block ends, both runs are
-    closed FINISHED; on an exception FAILED, on Ctrl-C or SIGTERM KILLED, and ``outputs`` (the stage's
-    dvc.yaml outs) are deleted first, so a failed stage leaves nothing DVC or a reader could take for its
-    result. Deleting on failure cannot change a successful result, which is why this module stays out of
-    the stages' dvc.yaml deps; the outputs themselves are written by the stage (core.data's atomic helpers).
+    It takes the checkout's stage lock (``stage_lock``) and checks that the tracking server answers
+    (``tracking.required``, see the module's docstring), both before any compute; then it opens the stage's
+    child run under this pipeline run's parent and logs the effective params to both; the block logs
+    metrics, tags and artifacts through the yielded run. When the block ends, both runs are closed
+    FINISHED; on an exception FAILED, on Ctrl-C or SIGTERM KILLED, and ``outputs`` (the stage's dvc.yaml
+    outs) are deleted first, so a failed stage leaves nothing DVC or a reader could take for its result.
+    Deleting on failure cannot change a successful result, which is why this module stays out of the
+    stages' dvc.yaml deps; the outputs themselves are written by the stage (core.data's atomic helpers).
     """
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    with _sigterm_raises():
+    with stage_lock(stage), _sigterm_raises():
         import mlflow
         from mlflow.tracking import MlflowClient
 
         # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI for child processes.
         default_store = "MLFLOW_TRACKING_URI" not in os.environ
-        mlflow.set_tracking_uri(tracking_uri())
+        uri, offline_for = tracking_uri(), None
+        reason = unreachable_reason(uri)
+        if reason is not None:
+            if params.tracking.required:
+                raise TrackingUnreachable(_unreachable_message(stage, uri, reason))
+            uri, offline_for, default_store = local_store_uri(), uri, True
+            print(
+                f"{stage}: the MLflow tracking server at {offline_for} (MLFLOW_TRACKING_URI) does not answer "
+                f"({reason}); tracking.required is false, so this stage logs to the local store {uri}."
+            )
+        mlflow.set_tracking_uri(uri)
         client = MlflowClient()
         run: StageRun | None = None
         try:
-            run = _open_stage_run(client, stage, params, default_store)
+            run = _open_stage_run(client, stage, params, default_store, offline_for)
             yield run
         except BaseException as exc:
             remove_outputs(*outputs)
@@ -247,3 +406,8 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
             raise
         # The parent ends with its latest stage (a later stage of the same pipeline run re-closes it).
         _terminate(client, (run.run_id, run.parent_id), "FINISHED", None)
+        if offline_for is not None:
+            print(
+                f"{stage}: logged to the local store {uri}, not to {offline_for}. Once that server answers, "
+                f"copy the runs to it with: {offline_hint(offline_for)}"
+            )

@@ -1,0 +1,153 @@
+"""pytest plugin: the reliability suite's results, for reports/reliability.md.
+
+Every test marked ``@pytest.mark.reliability(case, outcome)`` is one fault or hostile input tried (``case``)
+and the promise it checks (``outcome``). With ``--reliability-report`` the session writes, at its end,
+``metrics/reliability_suite.json`` (or the path given): the date, the machine, the command line, the counts
+and each case with its result (passed, failed or skipped), from which ``python -m
+cifar10_pipeline.reporting.docs`` renders reports/reliability.md. Without the option nothing is written,
+so an ordinary or partial run never overwrites the record; a run that deselects some marked tests (``-k``)
+says so in the record (``deselected``), and the report says it was a sample.
+
+    python -m pytest -m reliability --reliability-report      # every case, the record CI keeps
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RECORD = PROJECT_ROOT / "metrics" / "reliability_suite.json"
+MARKER = "reliability"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-report",
+        nargs="?",
+        const=str(DEFAULT_RECORD),
+        default=None,
+        metavar="PATH",
+        help="write the reliability cases' results to PATH (default metrics/reliability_suite.json)",
+    )
+
+
+def marker_case(item: pytest.Item) -> tuple[str, str] | None:
+    """The (case, outcome) of a marked test; a marker without both is a usage error."""
+    marker = item.get_closest_marker(MARKER)
+    if marker is None:
+        return None
+    args = list(marker.args) + [marker.kwargs[k] for k in ("case", "outcome") if k in marker.kwargs]
+    if len(args) != 2 or not all(isinstance(a, str) and a.strip() for a in args):
+        raise pytest.UsageError(
+            f"{item.nodeid}: @pytest.mark.reliability takes two non-empty strings (case, outcome), "
+            f"got {args!r}"
+        )
+    return args[0], args[1]
+
+
+@dataclass
+class Case:
+    test: str
+    case: str
+    outcome: str
+    result: str = "not run"
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class Collector:
+    path: Path
+    cases: dict[str, Case] = field(default_factory=dict)
+    deselected: list[str] = field(default_factory=list)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        for item in items:
+            found = marker_case(item)
+            if found is not None:
+                self.cases[item.nodeid] = Case(item.nodeid, *found)
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.deselected += [item.nodeid for item in items if item.get_closest_marker(MARKER)]
+        for item in items:
+            self.cases.pop(item.nodeid, None)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        case = self.cases.get(report.nodeid)
+        if case is None:
+            return
+        case.seconds += report.duration
+        if report.failed:
+            case.result = "failed"
+            case.detail = case.detail or _first_line(report.longreprtext)
+        elif report.skipped and case.result != "failed":
+            case.result = "skipped"
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            case.detail = reason.removeprefix("Skipped: ")
+        elif report.when == "call" and report.passed and case.result == "not run":
+            case.result = "passed"
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        from cifar10_pipeline.core.data import write_json_atomic
+
+        cases = list(self.cases.values())
+        record = {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "command": "python -m pytest " + " ".join(session.config.invocation_params.args),
+            "counts": {
+                result: sum(c.result == result for c in cases)
+                for result in ("passed", "failed", "skipped", "not run")
+            },
+            "deselected": len(self.deselected),
+            "seconds": round(sum(c.seconds for c in cases), 1),
+            "cases": [
+                {
+                    "test": c.test,
+                    "case": c.case,
+                    "outcome": c.outcome,
+                    "result": c.result,
+                    "seconds": round(c.seconds, 2),
+                    "detail": c.detail,
+                }
+                for c in cases
+            ],
+        }
+        write_json_atomic(self.path, record)
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("E ")]
+    return (lines[0][2:].strip() if lines else text.strip().splitlines()[-1] if text.strip() else "")[:200]
+
+
+def machine() -> dict[str, Any]:
+    from cifar10_pipeline.training.loop import cpu_model_name
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    return {
+        "cpu": cpu_model_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "torch": torch_version,
+    }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("--reliability-report")
+    if path is not None and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(Collector(Path(path)), "reliability-collector")
