@@ -28,6 +28,9 @@ COMMAND_WRITERS = {
     "metrics/ci_quick_baseline.json": [PROJECT_ROOT / "scripts" / "ci_gates.py"],
     # `python -m pytest -m reliability --reliability-report`: the pytest plugin in tests/reliability.py
     "metrics/reliability_suite.json": [PROJECT_ROOT / "tests" / "reliability.py"],
+    # scripts/torchrun_record.py from the device job's folder: train.json and eval.json of each run inside
+    "metrics/torchrun/runs.json": [PROJECT_ROOT / "scripts" / "torchrun_record.py"]
+    + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate")],
 }
 # Validated against the writer's own pydantic models (extra="forbid"), which is stricter than a key scan.
 SCHEMA_READERS = {"metrics/benchmark.json": read_results}
