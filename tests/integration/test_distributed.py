@@ -16,7 +16,7 @@ import pytest
 from cifar10_pipeline.core.paths import MODEL_DIR, STAGE_EMISSIONS_DIR, TRAIN_CHECKPOINT_DIR, TRAIN_METRICS
 from cifar10_pipeline.modeling.model import load_model
 
-from ..helpers import write_params
+from ..helpers import save_tiny_vit_checkpoint, write_params
 from .test_train_stage import TINY_TRAIN, stage_runs, write_processed
 
 pytestmark = pytest.mark.slow
@@ -96,13 +96,7 @@ def test_a_killed_run_resumes_to_the_same_model(project: Path, tmp_path: Path) -
 def test_a_hub_checkpoint_fine_tunes_on_two_processes(project: Path, tmp_path: Path) -> None:
     """The transformers path (AdamW on the mean loss) under DDP: a tiny ViT checkpoint stands in for
     google/vit-base-patch16-224-in21k, whose weights cannot be downloaded here."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    checkpoint = tmp_path / "tiny-vit"
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32, num_labels=10)  # fmt: skip
-    ViTForImageClassification(config).save_pretrained(checkpoint)
-    ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(checkpoint)
+    checkpoint = save_tiny_vit_checkpoint(tmp_path / "tiny-vit")  # 5 labels of its own: re-headed to 10
     write_processed(project, train_size=200, val_size=50)  # a validation split: calibrated on rank 0
     hp = {**TINY_TRAIN, "model": str(checkpoint), "finetune_image_size": 32, "nproc": 2, "epochs": 1}
     write_params(project, train=hp)
