@@ -67,6 +67,10 @@ def test_each_seed_is_a_real_run_and_saved_as_it_ends(processed: Path, model: st
     assert len(set(entry.accuracies)) == 2 or entry.accuracies[0] in (0.0, 1.0)  # two real, seeded runs
     # The epochs' loop is part of the timed run, not all of it (evaluation and setup are timed too).
     assert all(0 < loop < total for loop, total in zip(entry.loop_seconds, entry.train_seconds, strict=True))
+    # The reference recipes' clock starts with the data on the device: inside ours, around the loop.
+    spans = zip(entry.loop_seconds, entry.data_on_device_seconds, entry.train_seconds, strict=True)
+    assert all(loop < on_device <= total for loop, on_device, total in spans)
+    assert entry.tta_fraction == 0.25
     assert entry.process_to_first_seed_seconds > entry.train_seconds[0]
     if model == "cifar_vit":
         assert entry.forward_macs_per_image["transformer"] > 0
@@ -126,6 +130,28 @@ def test_reference_recipe_runs_unmodified_on_our_data_and_stops_after_n_runs(tmp
     assert entry.runs == 3 and entry.accuracies == [0.901, 0.902, 0.903]  # the warm-up run is left out
     assert entry.seconds == [1.5] * 3 and entry.train_images == 400 and entry.test_images == 100
     assert entry.recipe == "fake_recipe.py" and len(entry.recipe_sha256) == 64
+
+
+def test_reference_recipe_with_another_compile_mode_runs_a_recorded_copy(tmp_path: Path) -> None:
+    processed = write_processed(tmp_path / "processed", val=0)
+    recipe = tmp_path / "recipe" / "compiled_recipe.py"
+    recipe.parent.mkdir()
+    recipe.write_text("assert dict(mode='max-autotune')\n" + textwrap.dedent(FAKE_RECIPE))
+    original = recipe.read_text()
+    entry = benchmark.run_reference(
+        recipe, 1, "local", processed, timeout=120, origin=ORIGIN, compile_mode="default"
+    )
+    assert entry.modification == (
+        "torch.compile mode 'max-autotune' set to 'default' (1 place), nothing else changed"
+    )
+    assert recipe.read_text() == original and entry.recipe_sha256 == benchmark.file_digest(recipe)
+    plain = benchmark.run_reference(recipe, 1, "local", processed, timeout=120, origin=ORIGIN)
+    assert plain.modification is None
+    recipe.write_text("print('no compile here')\n")
+    with pytest.raises(SystemExit, match="no mode='max-autotune' compile to change"):
+        benchmark.run_reference(
+            recipe, 1, "local", processed, timeout=120, origin=ORIGIN, compile_mode="default"
+        )
 
 
 def test_reference_recipe_that_fails_reports_its_output(tmp_path: Path) -> None:

@@ -147,6 +147,9 @@ class TrainParams(_Section):
     translate: Annotated[int, Field(ge=0, le=8)]
     flip: bool
     tta_level: Annotated[int, Field(ge=0, le=2)]  # 0, 1 or 2 (an int field: strict refuses true)
+    # Selective TTA: the least confident fraction of held-out images sets the confidence below which an
+    # image gets the TTA views (modeling/inference.py, fit_selective_tta); 1: every image gets them.
+    tta_fraction: Annotated[float, Field(gt=0.0, le=1.0)]
     precision: Literal["auto", "bf16", "fp32"]
     # torch.compile: false, or a mode ("default", "reduce-overhead" = with CUDA graphs, "max-autotune").
     compile: Literal[False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]

@@ -2,14 +2,16 @@
 web service, so what is served is exactly what was measured (no train/serve skew).
 
 Every model saved by this project carries in its config the normalisation (``image_mean``/``image_std``), the
-input size (``image_size``), the test-time augmentation level (``tta_level``) it expects and the softmax
-temperature fitted after training (``calibration_temperature``, read and written only through
+input size (``image_size``), the test-time augmentation level (``tta_level``) it expects, the confidence
+below which an image gets those views (``tta_confidence``, fitted after training: :func:`fit_tta_confidence`)
+and the softmax temperature fitted after training (``calibration_temperature``, read and written only through
 :func:`calibration_temperature` and :func:`set_calibration_temperature`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import re
@@ -191,8 +193,9 @@ def _logits(model: PreTrainedModel, x: torch.Tensor) -> torch.Tensor:
 STACK_VIEWS_UP_TO = 64  # images x views
 
 
-def tta_logits(model: PreTrainedModel, x: torch.Tensor, level: int) -> torch.Tensor:
-    """Average logits over views: 0 = the image, 1 = + its mirror, 2 = + both shifted by one pixel."""
+def _views_logits(model: PreTrainedModel, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Every image's logits averaged over the views of ``level``: 0 = the image, 1 = + its mirror, 2 = + both
+    shifted by one pixel (reflect padding), the shifted pair and the plain pair weighted equally."""
     views = [x]
     if level >= 1:
         views.append(x.flip(-1))
@@ -213,6 +216,65 @@ def tta_logits(model: PreTrainedModel, x: torch.Tensor, level: int) -> torch.Ten
         return plain
     shifted_logits = torch.stack([0.5 * (logits[2] + logits[3]), 0.5 * (logits[4] + logits[5])]).mean(0)
     return 0.5 * plain + 0.5 * shifted_logits
+
+
+def plain_confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Each image's top softmax probability (no temperature): what selective TTA compares with a threshold."""
+    return logits.float().softmax(-1).amax(-1)
+
+
+def tta_logits(
+    model: PreTrainedModel, x: torch.Tensor, level: int, below_confidence: float | None = None
+) -> torch.Tensor:
+    """Logits with test-time augmentation at ``level`` (see :func:`_views_logits`).
+
+    ``below_confidence`` makes it selective (as in hiverge's CIFAR-10 speed run): every image goes through
+    the network once, and only those whose top softmax probability is below the threshold get the other
+    views; the rest keep their plain logits. The test is per image, so an image's result does not depend on
+    the batch it came in (one image per web request or 500 in the CLI give the same class). None: every image
+    gets every view.
+    """
+    if level == 0 or below_confidence is None:
+        return _views_logits(model, x, level)
+    if below_confidence >= 1.0:  # softmax can round to exactly 1.0, so >= 1 means "every image"
+        return _views_logits(model, x, level)
+    plain = _logits(model, x)
+    uncertain = (plain_confidence(plain) < below_confidence).nonzero().squeeze(1)
+    if len(uncertain) == 0:
+        return plain
+    out = plain.clone()
+    out[uncertain] = _views_logits(model, x[uncertain], level)
+    return out
+
+
+def tta_confidence(config: PreTrainedConfig | Mapping[str, Any]) -> float | None:
+    """The confidence below which an image gets test-time augmentation (``tta_confidence`` in config.json,
+    written by the train stage); None for models saved without one: every image gets every view."""
+    if isinstance(config, Mapping):
+        value = config.get(TTA_CONFIDENCE)
+    else:
+        value = getattr(config, TTA_CONFIDENCE, None)
+    return None if value is None else float(value)
+
+
+def fit_tta_confidence(plain_logits: torch.Tensor, fraction: float) -> float | None:
+    """The threshold that sends the least confident ``fraction`` of these images (held-out ones: the
+    validation split, or training images where there is none) through test-time augmentation. None for
+    ``fraction`` 1: every image, the whole TTA. Fitted once after training and stored in the config, so the
+    test set never sets it."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train.tta_fraction must be in (0, 1], not {fraction}")
+    if fraction >= 1.0 or len(plain_logits) == 0:
+        return None
+    confidence = plain_confidence(plain_logits).double()
+    return float(torch.quantile(confidence, fraction))
+
+
+def set_tta_confidence(model: PreTrainedModel, threshold: float | None) -> None:
+    """Store the selective-TTA threshold in ``model.config`` (None: every image gets every view)."""
+    if threshold is not None and not (math.isfinite(threshold) and 0.0 < threshold <= 1.0):
+        raise ValueError(f"a confidence threshold must be in (0, 1], got {threshold}")
+    setattr(model.config, TTA_CONFIDENCE, None if threshold is None else float(threshold))
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -240,6 +302,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 # transformers 5 refuses to save a config holding a generation parameter of that name unless its class
 # declares the field, so a fine-tuned Hub architecture (ViTConfig, ...) could not be saved with it.
 CALIBRATION_TEMPERATURE = "calibration_temperature"
+TTA_CONFIDENCE = "tta_confidence"  # config.json key of selective TTA's threshold (tta_logits)
+# Training images selective TTA's threshold is fitted on where there is no validation split (gpu profiles).
+TTA_FIT_TRAIN_IMAGES = 5000
 
 
 def calibration_temperature(config: PreTrainedConfig | Mapping[str, Any]) -> float:
@@ -300,8 +365,10 @@ def predict_logits(
     precision: str = "auto",
     progress: bool = False,
     calibrated: bool = True,
+    selective: bool = True,
 ) -> torch.Tensor:
-    """Logits (N, num_labels) on the CPU for uint8 (N, 32, 32, 3) images, with the model's own TTA level.
+    """Logits (N, num_labels) on the CPU for uint8 (N, 32, 32, 3) images, with the model's own TTA level,
+    given only to images below the model's ``tta_confidence`` (``selective``; False: to every image).
 
     ``calibrated`` divides by the temperature fitted after training (:func:`calibration_temperature`, 1 if
     none), so softmax gives calibrated probabilities; predictions are the same either way.
@@ -309,6 +376,7 @@ def predict_logits(
     device = next(model.parameters()).device
     level = model.config.tta_level if tta_level is None else tta_level
     temperature = calibration_temperature(model.config) if calibrated else 1.0
+    threshold = tta_confidence(model.config) if selective else None
     images = torch.as_tensor(images)
     if images.ndim != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE or images.dtype != torch.uint8:
         raise ImageInputError(
@@ -324,6 +392,58 @@ def predict_logits(
             images[part].to(device, non_blocking=True), model.config.image_mean, model.config.image_std
         )
         with autocast(device, precision):
-            out.append(tta_logits(model, x, level).cpu() / temperature)
+            out.append(tta_logits(model, x, level, threshold).cpu() / temperature)
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.config.num_labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectiveTTA:
+    """What :func:`fit_selective_tta` chose and measured on the held-out images it was given."""
+
+    threshold: float | None  # None: every image gets every view
+    fraction: float  # of the held-out images below the threshold
+    accuracy_plain: float | None  # one view, no TTA (None: no labels given)
+    accuracy_selective: float | None  # the threshold applied
+    accuracy_full: float | None  # every view for every image
+    selective_logits: torch.Tensor | None  # uncalibrated, on the CPU: what a temperature is fitted on
+
+
+def fit_selective_tta(
+    model: PreTrainedModel,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    fraction: float,
+    precision: str = "auto",
+) -> SelectiveTTA:
+    """Fit and store (``model.config.tta_confidence``) the threshold that gives the least confident
+    ``fraction`` of these held-out images the model's test-time augmentation, and measure what it costs.
+
+    With ``labels``, two passes: one plain view and the whole TTA, both of every image; the selective logits
+    are composed from them (the same numbers ``tta_logits`` then computes, up to float rounding). Without,
+    the plain pass alone (the threshold, nothing measured).
+    """
+    set_tta_confidence(model, None)
+    plain = predict_logits(model, images, tta_level=0, precision=precision, calibrated=False)
+    threshold = fit_tta_confidence(plain, fraction) if model.config.tta_level else None
+    uncertain = plain_confidence(plain) < (threshold if threshold is not None else math.inf)
+    set_tta_confidence(model, threshold)
+    if labels is None:  # nothing to measure: the threshold is all the caller wants
+        return SelectiveTTA(threshold, float(uncertain.double().mean()), None, None, None, None)
+    full = plain
+    if model.config.tta_level:
+        full = predict_logits(model, images, precision=precision, calibrated=False, selective=False)
+    selective = torch.where(uncertain[:, None], full, plain)
+    labels_t = torch.as_tensor(labels).cpu()
+
+    def accuracy(logits: torch.Tensor) -> float:
+        return float((logits.argmax(1) == labels_t).double().mean())
+
+    return SelectiveTTA(
+        threshold=threshold,
+        fraction=float(uncertain.double().mean()),
+        accuracy_plain=accuracy(plain),
+        accuracy_selective=accuracy(selective),
+        accuracy_full=accuracy(full),
+        selective_logits=selective,
+    )

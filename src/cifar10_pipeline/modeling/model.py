@@ -167,9 +167,10 @@ def calibrated_logits(model: PreTrainedModel, pixel_values: torch.Tensor) -> tor
     call ``forward`` without it and get the raw logits.
     """
     # inference.py calls forward: import late
-    from cifar10_pipeline.modeling.inference import calibration_temperature, tta_logits
+    from cifar10_pipeline.modeling.inference import calibration_temperature, tta_confidence, tta_logits
 
-    return tta_logits(model, pixel_values, model.config.tta_level) / calibration_temperature(model.config)
+    logits = tta_logits(model, pixel_values, model.config.tta_level, tta_confidence(model.config))
+    return logits / calibration_temperature(model.config)
 
 
 def wants_calibrated(calibrated: torch.Tensor | bool | None) -> bool:

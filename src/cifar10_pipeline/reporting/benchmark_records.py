@@ -47,6 +47,7 @@ class TrainingEntry(Provenance):
     cuda_graphs: bool
     augmentation: dict[str, int | bool]
     tta_level: int
+    tta_fraction: float = 1.0  # selective TTA: the fraction of training images below its threshold
     train_images: int
     scored_split: Literal["test", "val"]
     scored_images: int
@@ -58,6 +59,10 @@ class TrainingEntry(Provenance):
     train_seconds_median: float
     loop_seconds: list[float]
     loop_seconds_median: float
+    # The reference recipes' definition: from the data already on the device to the end of the final
+    # evaluation (train_seconds also counts copying the training and test images to the device).
+    data_on_device_seconds: list[float] | None = None
+    data_on_device_seconds_median: float | None = None
     warmup_seconds: float
     process_to_first_seed_seconds: float
     data: str
@@ -103,6 +108,7 @@ class ReferenceEntry(Provenance):
     train_images: int
     test_images: int
     data: str
+    modification: str | None = None  # what was changed in a copy of the recipe (None: run as published)
 
 
 class VitThroughputEntry(Provenance):

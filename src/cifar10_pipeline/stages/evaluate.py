@@ -45,7 +45,12 @@ from cifar10_pipeline.evaluation.metrics import (
     corrupt,
     most_confident_mistakes,
 )
-from cifar10_pipeline.modeling.inference import calibration_temperature, predict_logits, resolve_precision
+from cifar10_pipeline.modeling.inference import (
+    calibration_temperature,
+    predict_logits,
+    resolve_precision,
+    tta_confidence,
+)
 from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.tracking import emissions
 from cifar10_pipeline.tracking import model_registry as registry
@@ -177,6 +182,8 @@ def evaluate(
             "device": describe_device(device),
             "precision": resolve_precision(params.precision, device),
             "tta_level": int(model.config.tta_level),
+            # Selective TTA: only images less confident than this get the views (None: every image).
+            "tta_confidence": tta_confidence(model.config),
             "batch_size": params.batch_size,
             "seconds": round(inference_seconds, 3),
             "images_per_second": round(len(test) / inference_seconds, 1),

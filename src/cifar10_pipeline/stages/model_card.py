@@ -343,6 +343,18 @@ def render(params: Params, facts: dict[str, Any]) -> str:
         optimiser_rows=_optimiser_rows(hp),
         precision=precision_row(train["precision"], train["batchnorm_precision"]),
         tta_level=config.get("tta_level", 0),
+        tta_confidence=config.get("tta_confidence"),
+        tta_fitted_on=train.get("tta_fitted_on"),
+        tta_fraction=hp.tta_fraction,
+        tta_validation=[
+            (label, train[key])
+            for label, key in (
+                ("no TTA", "val_accuracy_no_tta"),
+                ("selective", "val_accuracy_selective_tta"),
+                ("every image", "val_accuracy_full_tta"),
+            )
+            if train.get(key) is not None
+        ],
         test_split=(
             "The CIFAR-10 test split"
             if params.preprocess.max_test_images is None

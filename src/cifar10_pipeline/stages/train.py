@@ -38,8 +38,9 @@ from cifar10_pipeline.core.paths import (
 from cifar10_pipeline.evaluation import plots
 from cifar10_pipeline.modeling.architectures import build_model, save_model
 from cifar10_pipeline.modeling.inference import (
+    TTA_FIT_TRAIN_IMAGES,
+    fit_selective_tta,
     fit_temperature,
-    predict_logits,
     resolve_precision,
     set_calibration_temperature,
 )
@@ -63,14 +64,27 @@ if TYPE_CHECKING:
 HISTORY_FIELDS = [f.name for f in dataclasses.fields(EpochRecord)]
 
 
-def calibrate(model: PreTrainedModel, val_split) -> float | None:
-    """Fit the softmax temperature on the validation split and store it in the config (None: no split)."""
-    if not len(val_split):
-        return None
-    logits = predict_logits(model, val_split.images, calibrated=False)
-    temperature = fit_temperature(logits, torch.as_tensor(val_split.labels))
-    set_calibration_temperature(model, temperature)
-    return temperature
+def calibrate(model: PreTrainedModel, hp: TrainParams, train_split, val_split) -> dict[str, Any]:
+    """Fit what inference needs after training, on held-out images, and store it in the config: selective
+    TTA's threshold (on the validation split, else on the first training images), then the softmax
+    temperature on the validation split's selective logits (none without one). Returns what was measured."""
+    held_out = val_split if len(val_split) else train_split.head(TTA_FIT_TRAIN_IMAGES)
+    tta = fit_selective_tta(
+        model, held_out.images, held_out.labels if len(val_split) else None, hp.tta_fraction, hp.precision
+    )
+    temperature = None
+    if len(val_split):
+        temperature = fit_temperature(tta.selective_logits, torch.as_tensor(val_split.labels))
+        set_calibration_temperature(model, temperature)
+    return {
+        "temperature": temperature,
+        "tta_confidence": tta.threshold,
+        "tta_fitted_on": "validation" if len(val_split) else f"first {len(held_out)} training images",
+        "val_tta_fraction": tta.fraction if len(val_split) else None,
+        "val_accuracy_no_tta": tta.accuracy_plain,
+        "val_accuracy_selective_tta": tta.accuracy_selective,
+        "val_accuracy_full_tta": tta.accuracy_full,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +126,7 @@ def train(
     )
     if not ranks.is_main:
         return None
-    temperature = calibrate(model, val_split)
+    fitted = calibrate(model, hp, train_split, val_split)
     last = result.history[-1]
     summary = {
         "model": hp.model,
@@ -129,7 +143,7 @@ def train(
         "train_images": len(train_split),
         "val_accuracy": last.val_accuracy,
         "val_loss": last.val_loss,
-        "temperature": temperature,
+        **fitted,
         "train_loss": last.train_loss,
         "train_seconds": round(result.train_seconds, 2),
         "train_images_per_second": round(result.images_seen / max(result.train_seconds, 1e-9), 1),

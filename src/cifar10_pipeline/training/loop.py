@@ -389,8 +389,10 @@ def evaluate_normalised(
     precision: str,
     batch_size: int = 1000,
     tta_level: int = 0,
+    below_confidence: float | None = None,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy) on already-normalised images held on the device."""
+    """(mean loss, accuracy) on already-normalised images held on the device; ``below_confidence``: selective
+    test-time augmentation (``inference.tta_logits``)."""
     was_training = model.training
     model.eval()
     # Summed on the device and read once at the end: no wait for the GPU between batches.
@@ -399,7 +401,7 @@ def evaluate_normalised(
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], labels[start : start + batch_size]
         with autocast(x.device, precision):
-            logits = tta_logits(model, xb, tta_level)
+            logits = tta_logits(model, xb, tta_level, below_confidence)
         loss_sum += F.cross_entropy(logits, yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
     model.train(was_training)
