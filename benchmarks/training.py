@@ -155,8 +155,8 @@ def run_seed(params: Params, train: ArraySplit, scored: ArraySplit, seed: int, d
     data_on_device = time.perf_counter()
     result = train_classifier(model, on_device, None, hp, device, progress=False)
     # As the train stage does without a validation split: the threshold from the first training images.
-    held_out = on_device.images[:TTA_FIT_TRAIN_IMAGES]
-    fit_selective_tta(model, held_out, None, hp.tta_fraction, hp.precision)
+    if hp.tta_fraction < 1.0 and model.config.tta_level:
+        fit_selective_tta(model, on_device.images[:TTA_FIT_TRAIN_IMAGES], None, hp.tta_fraction, hp.precision)
     # The final evaluation with test-time augmentation counts as training time, as in the published records.
     x = normalize(scored_images, model.config.image_mean, model.config.image_std)
     threshold = tta_confidence(model.config)
@@ -457,16 +457,22 @@ def run_reference(
                 if time.monotonic() > deadline:
                     return
 
+        warmed_up = False
         try:
             for row in parse_recipe_rows(lines()):
-                if row["run"] != "warmup":
-                    rows.append(row)
-                if len(rows) >= runs:
+                if row["run"] == "warmup":
+                    warmed_up = True
+                    continue
+                rows.append(row)
+                # A recipe without a warm-up run compiles in its first run: one more, and that one dropped.
+                if len(rows) >= runs + (0 if warmed_up else 1):
                     break
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
+    if not warmed_up:
+        rows = rows[1:]
     if len(rows) < runs:
         raise SystemExit(
             f"{recipe.name} finished {len(rows)} of {runs} runs (exit {process.returncode}); "
@@ -488,11 +494,36 @@ def run_reference(
         seconds=seconds,
         seconds_median=statistics.median(seconds),
         timing=f"the recipe's own clock, as it prints it ({time_column}): CUDA events around training "
-        "and the final evaluation, data already on the GPU, first (warm-up/compile) run excluded",
+        "and the final evaluation, data already on the GPU, "
+        + (FIRST_RUN_EXCLUDED if warmed_up else FIRST_TIMED_RUN_EXCLUDED),
         train_images=n_train,
         test_images=n_test,
         data=data_source(),
         modification=modification,
+    )
+
+
+FIRST_RUN_EXCLUDED = "first (warm-up/compile) run excluded"
+FIRST_TIMED_RUN_EXCLUDED = "its first run excluded (the recipe has no warm-up run: the first one compiles)"
+
+
+def without_first_run(entry: ReferenceEntry) -> ReferenceEntry:
+    """``entry`` less its first run: for a recipe without a warm-up run measured before the runner dropped
+    that run itself (``merge --drop-first-run``)."""
+    if entry.runs < 2 or FIRST_RUN_EXCLUDED not in entry.timing:
+        raise SystemExit(f"{entry.recipe}: cannot drop the first of {entry.runs} runs ({entry.timing})")
+    accuracies, seconds = entry.accuracies[1:], entry.seconds[1:]
+    mean, std = _spread(accuracies)
+    return entry.model_copy(
+        update={
+            "runs": len(accuracies),
+            "accuracies": accuracies,
+            "accuracy_mean": mean,
+            "accuracy_std": std,
+            "seconds": seconds,
+            "seconds_median": statistics.median(seconds),
+            "timing": entry.timing.replace(FIRST_RUN_EXCLUDED, FIRST_TIMED_RUN_EXCLUDED),
+        }
     )
 
 
@@ -638,6 +669,13 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = verbs.add_parser("merge", help="merge entries written elsewhere into metrics/benchmark.json")
     merge.add_argument("files", type=Path, nargs="+")
+    merge.add_argument(
+        "--drop-first-run",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="drop reference entry KEY's first run (a recipe without a warm-up run compiles in it)",
+    )
     merge.add_argument("--metrics-file", type=Path, default=BENCHMARK_METRICS)
     merge.add_argument("--report", type=Path, default=BENCHMARK_REPORT)
     return parser
@@ -651,6 +689,8 @@ def main(argv: list[str] | None = None) -> None:
         entries: dict[str, Entry] = {}
         for path in args.files:
             entries |= read_results(path)
+        for key in args.drop_first_run:
+            entries[key] = without_first_run(entries[key])
         save(entries, args.metrics_file, report)
         print(f"merged {sorted(entries)} into {args.metrics_file}")
         return

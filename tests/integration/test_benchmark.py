@@ -154,6 +154,22 @@ def test_reference_recipe_with_another_compile_mode_runs_a_recorded_copy(tmp_pat
         )
 
 
+def test_a_recipe_without_a_warm_up_run_has_its_first_run_dropped(tmp_path: Path) -> None:
+    processed = write_processed(tmp_path / "processed", val=0)
+    recipe = tmp_path / "no_warmup.py"
+    recipe.write_text(textwrap.dedent(FAKE_RECIPE).replace('["warmup"] + list(range(1, 200))', "range(200)"))
+    entry = benchmark.run_reference(recipe, 2, "local", processed, timeout=120, origin=ORIGIN)
+    assert entry.accuracies == [0.901, 0.902] and entry.runs == 2  # run 0 (it compiles) is left out
+    assert benchmark.FIRST_TIMED_RUN_EXCLUDED in entry.timing
+    # An entry measured before the runner did this is mended by merge --drop-first-run.
+    timing = entry.timing.replace(benchmark.FIRST_TIMED_RUN_EXCLUDED, benchmark.FIRST_RUN_EXCLUDED)
+    old = entry.model_copy(update={"timing": timing})
+    mended = benchmark.without_first_run(old)
+    assert mended.accuracies == [0.902] and mended.runs == 1 and mended.seconds_median == 1.5
+    with pytest.raises(SystemExit, match="cannot drop"):
+        benchmark.without_first_run(mended)
+
+
 def test_reference_recipe_that_fails_reports_its_output(tmp_path: Path) -> None:
     processed = write_processed(tmp_path / "processed", val=0)
     recipe = tmp_path / "broken.py"
