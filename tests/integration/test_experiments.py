@@ -61,6 +61,7 @@ CHANGED: dict[str, str] = {
     "preprocess.max_test_images": "5000",
     "train.model": "google/vit-base-patch16-224-in21k",
     "train.seed": "3",
+    "train.tta_fraction": "0.5",
     "train.device": "cpu",
     "train.epochs": "2.5",
     "train.batch_size": "512",

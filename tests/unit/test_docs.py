@@ -36,7 +36,8 @@ def test_a_hand_edited_figure_is_caught_and_rendering_restores_it(tmp_path: Path
     original = readme.read_text()
     start = original.index("<!-- generated:readme_results")
     figure = original.index("%", start)  # the first percentage inside the block
-    readme.write_text(original[: figure - 1] + "7" + original[figure:])
+    edited = "1" if original[figure - 1] == "7" else "7"  # a different digit, whatever the figure is
+    readme.write_text(original[: figure - 1] + edited + original[figure:])
     assert [(s.document, s.block) for s in docs.render_all(root, write=False)] == [
         (Path("README.md"), "readme_results")
     ]
