@@ -31,6 +31,11 @@ COMMAND_WRITERS = {
     # scripts/torchrun_record.py from the device job's folder: train.json and eval.json of each run inside
     "metrics/torchrun/runs.json": [PROJECT_ROOT / "scripts" / "torchrun_record.py"]
     + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate")],
+    # scripts/cold_start_record.py from the issue 18 device job's folder (its shell's timings, train.json)
+    "metrics/cold_start.json": [
+        PROJECT_ROOT / "scripts" / "cold_start_record.py",
+        PACKAGE / "stages" / "train.py",
+    ],
 }
 # Validated against the writer's own pydantic models (extra="forbid"), which is stricter than a key scan.
 SCHEMA_READERS = {"metrics/benchmark.json": read_results}
