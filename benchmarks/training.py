@@ -37,6 +37,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -294,6 +295,26 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
+# How `select` picks the winner from the candidates' validation scores (never from test scores).
+SELECTION_RULES = {
+    "best": "highest mean validation accuracy over seeds {seeds} wins",
+    # Breiman's one-standard-error rule: a cheaper candidate is as good as the best one when it is within
+    # the noise of the best one's estimate. For knobs that buy accuracy with time (epochs, batch size).
+    "one-se": (
+        "the fastest candidate (median seconds a seed) whose mean validation accuracy over seeds {seeds} is "
+        "within one standard error (std / sqrt(seeds)) of the highest mean wins"
+    ),
+}
+
+
+def choose_candidate(candidates: list[Candidate], rule: str) -> Candidate:
+    best = max(candidates, key=lambda c: c.val_accuracy_mean)
+    if rule == "best":
+        return best
+    floor = best.val_accuracy_mean - best.val_accuracy_std / math.sqrt(len(best.val_accuracies))
+    return min((c for c in candidates if c.val_accuracy_mean >= floor), key=lambda c: c.train_seconds_median)
+
+
 def select_knobs(
     profile: str,
     grid: dict[str, list[Any]],
@@ -303,8 +324,10 @@ def select_knobs(
     conf_dir: Path = CONF_DIR,
     origin: dict[str, str] | None = None,
     on_candidate: Callable[[SelectionEntry], None] | None = None,
+    rule: str = "best",
 ) -> SelectionEntry:
-    """Train every grid point on the hold-out split's training part, score its validation images only."""
+    """Train every grid point on the hold-out split's training part, score its validation images only, and
+    choose by ``rule`` (SELECTION_RULES)."""
     splits = load_processed(processed_dir)
     train, val = splits["train"], splits["val"]
     if not len(val):
@@ -338,14 +361,14 @@ def select_knobs(
             )
         )
         print(f"{chosen}: validation accuracy {100 * mean:.2f}% ± {100 * std:.2f}", flush=True)
-        best = max(candidates, key=lambda c: c.val_accuracy_mean)
+        best = choose_candidate(candidates, rule)
         entry = SelectionEntry(
             **origin,
             profile=profile,
             protocol=(
                 f"trained on {len(train):,} images of a stratified hold-out split of the training images, "
-                f"scored on its {len(val):,} validation images (never the test set); highest mean "
-                f"validation accuracy over seeds {seed_list[0]}-{seed_list[-1]} wins"
+                f"scored on its {len(val):,} validation images (never the test set); "
+                + SELECTION_RULES[rule].format(seeds=f"{seed_list[0]}-{seed_list[-1]}")
             ),
             grid=grid,
             fixed_overrides=fixed,
@@ -652,6 +675,10 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("--seeds", type=int, default=4, help=f"seeds {SELECTION_SEED_START}..")
     select.add_argument("--key", help="entry name (default: select_<profile>)")
     select.add_argument("-S", "--set", action="append", default=[], help="override held fixed")
+    select.add_argument(
+        "--rule", choices=sorted(SELECTION_RULES), default="best",
+        help="best: highest mean validation accuracy; one-se: the fastest within one standard error of it",
+    )  # fmt: skip
 
     ref = verbs.add_parser("reference", parents=[common], help="run a published recipe on our data")
     ref.add_argument("recipe", type=Path, help="path to the recipe's .py file (its repository stays apart)")
@@ -723,7 +750,7 @@ def main(argv: list[str] | None = None) -> None:
         key = args.key or f"select_{args.profile}"
         entry = select_knobs(
             args.profile, parse_grid(args.grid), args.seeds, args.processed_dir, args.set,
-            origin=origin, on_candidate=keep(key),
+            origin=origin, on_candidate=keep(key), rule=args.rule,
         )  # fmt: skip
         print(f"chosen on validation: {entry.chosen}")
     elif args.verb == "reference":

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from benchmarks import training as benchmark
 from cifar10_pipeline.core.data import ArraySplit, save_split
 from cifar10_pipeline.core.params import ParamsError
+from cifar10_pipeline.reporting.benchmark_records import Candidate
 
 from ..conftest import PROJECT_ROOT, synthetic_images
 
@@ -97,6 +98,25 @@ def test_selection_scores_validation_images_and_never_the_test_set(tmp_path: Pat
     assert entry.seeds == [100, 101]
     best = max(entry.candidates, key=lambda c: c.val_accuracy_mean)
     assert entry.chosen == best.overrides
+
+
+def _candidate(epochs: float, accuracies: list[float], seconds: float) -> Candidate:
+    return Candidate(
+        overrides={"train.epochs": epochs}, val_accuracies=accuracies,
+        val_accuracy_mean=float(np.mean(accuracies)), val_accuracy_std=float(np.std(accuracies, ddof=1)),
+        train_seconds_median=seconds,
+    )  # fmt: skip
+
+
+def test_the_one_se_rule_takes_the_fastest_candidate_within_the_best_ones_noise() -> None:
+    # best: 0.906 ± 0.0016 over 4 seeds, standard error 0.0008: a mean of 0.9055 is in, 0.9045 is out.
+    best = _candidate(8.25, [0.904, 0.906, 0.906, 0.908], 1.3)
+    within = _candidate(7.5, [0.905, 0.9055, 0.9055, 0.906], 1.2)
+    cheapest_outside = _candidate(6.5, [0.9045] * 4, 1.0)
+    candidates = [cheapest_outside, best, within]
+    assert benchmark.choose_candidate(candidates, "best") is best
+    assert benchmark.choose_candidate(candidates, "one-se") is within
+    assert benchmark.choose_candidate([best], "one-se") is best
 
 
 def test_selection_refuses_a_split_without_validation_images(tmp_path: Path) -> None:
