@@ -152,11 +152,10 @@ def test_each_architecture_trains_with_its_own_recipe() -> None:
         assert recipe.name == "adamw" and not recipe.summed_loss and not recipe.lookahead
 
 
-def test_transformers_ignore_the_conv_net_filter_optimizer() -> None:
-    """filter_optimizer: muon is cifar_convnet's default; a ViT trains with AdamW alone whatever it says."""
+def test_muon_outside_the_conv_net_recipe_is_refused_before_building() -> None:
     hp = train_params(model="cifar_vit", filter_optimizer="muon", vit_dim=16, vit_heads=2)
-    optimizers = make_optimizers(build_model(hp), hp)
-    assert [type(o).__name__ for o in optimizers] == ["AdamW"]
+    with pytest.raises(ValueError, match="filter_optimizer: sgd"):
+        build_model(hp)
 
 
 def test_a_model_that_is_not_what_train_model_names_is_refused() -> None:

@@ -176,8 +176,8 @@ class TrainParams(_Section):
                 f"cuda_graphs captures the whole step itself; combine it with compile: false, default or "
                 f"max-autotune-no-cudagraphs, not {self.compile!r} (which makes CUDA graphs of its own)"
             )
-        # filter_optimizer (like lookahead) belongs to cifar_convnet's recipe; transformers train with AdamW
-        # and ignore both (modeling/architectures.py, Recipe).
+        # Whether filter_optimizer: muon fits train.model is the architecture's recipe's business: checked
+        # by modeling/architectures.py when the model is built.
         if self.vit_dim % self.vit_heads:
             raise ValueError(f"vit_dim ({self.vit_dim}) must be a multiple of vit_heads ({self.vit_heads})")
         return self

@@ -39,7 +39,7 @@ class Recipe:
     name: Literal["speed_run", "adamw"]
     summed_loss: bool
     lookahead: bool  # whether train.lookahead applies
-    muon: bool  # whether train.filter_optimizer applies (AdamW recipes ignore it, as they do lookahead)
+    muon: bool  # whether train.filter_optimizer: muon is allowed
 
 
 SPEED_RUN = Recipe("speed_run", summed_loss=True, lookahead=True, muon=True)
@@ -83,6 +83,13 @@ class Architecture:
             raise ValueError(
                 f"train.model is {self.name!r} but the model given is a {model.config.model_type!r}; "
                 "build it with cifar10_pipeline.modeling.architectures.build_model(hp)"
+            )
+
+    def check_params(self, hp: TrainParams) -> None:
+        if hp.filter_optimizer == "muon" and not self.recipe.muon:
+            raise ValueError(
+                f"filter_optimizer: muon is part of the cifar_convnet recipe; {hp.model!r} trains with "
+                f"{self.recipe.name} (set train.filter_optimizer: sgd)"
             )
 
 
@@ -166,6 +173,7 @@ def architecture(name: str) -> Architecture:
 def build_model(hp: TrainParams) -> PreTrainedModel:
     """A fresh built-in network, or a pre-trained checkpoint with a new 10-class head; seeded."""
     spec = architecture(hp.model)
+    spec.check_params(hp)
     torch.manual_seed(hp.seed)
     register_auto_classes()
     return spec.build(hp)

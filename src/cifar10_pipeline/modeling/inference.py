@@ -243,26 +243,8 @@ def tta_logits(
     if len(uncertain) == 0:
         return plain
     out = plain.clone()
-    # On a GPU, cuDNN's autotuner (benchmark=True) searches anew for every input shape it has not seen, and
-    # the uncertain subset's size changes from call to call: padded (with repeats) to a few sizes instead.
-    chosen = padded_to_bucket(uncertain) if x.device.type == "cuda" else uncertain
-    out[uncertain] = _views_logits(model, x[chosen], level)[: len(uncertain)]
+    out[uncertain] = _views_logits(model, x[uncertain], level)
     return out
-
-
-TTA_BUCKET = 256  # selective TTA's subset sizes on a GPU: powers of two up to this, then its multiples
-
-
-def bucket_size(n: int) -> int:
-    """The smallest allowed subset size >= ``n`` (1, 2, 4, ..., 256, 512, 768, ...)."""
-    return 1 << (n - 1).bit_length() if n <= TTA_BUCKET else -(-n // TTA_BUCKET) * TTA_BUCKET
-
-
-def padded_to_bucket(index: torch.Tensor) -> torch.Tensor:
-    """``index`` followed by repeats of its first entry up to :func:`bucket_size`; the extra rows are dropped
-    after the forward pass (in eval mode an image's logits do not depend on the rest of its batch)."""
-    extra = bucket_size(len(index)) - len(index)
-    return torch.cat([index, index[:1].expand(extra)]) if extra else index
 
 
 def tta_confidence(config: PreTrainedConfig | Mapping[str, Any]) -> float | None:

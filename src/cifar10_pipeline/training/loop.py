@@ -237,6 +237,7 @@ def make_optimizers(
     device = next(model.parameters()).device
     spec = architecture(hp.model)
     spec.check_model(model)
+    spec.check_params(hp)
 
     def rate(value: float) -> float | torch.Tensor:
         return torch.tensor(value, device=device) if graph_safe else value
