@@ -361,7 +361,7 @@ def select_knobs(
             )
         )
         print(f"{chosen}: validation accuracy {100 * mean:.2f}% ± {100 * std:.2f}", flush=True)
-        best = choose_candidate(candidates, rule)
+        winner = choose_candidate(candidates, rule)
         entry = SelectionEntry(
             **origin,
             profile=profile,
@@ -376,7 +376,7 @@ def select_knobs(
             train_images=len(train),
             val_images=len(val),
             candidates=candidates,
-            chosen=best.overrides,
+            chosen=winner.overrides,
             data=data_source(),
         )
         if on_candidate is not None:
