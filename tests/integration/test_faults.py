@@ -386,6 +386,9 @@ SIGNAL_STAGE = textwrap.dedent(
     from cifar10_pipeline.stages import train
 
     sig = getattr(signal, sys.argv[1])
+    # As at a terminal, where Ctrl-C raises KeyboardInterrupt: a child of a background job (`cmd &`,
+    # nohup) inherits SIGINT ignored, and Python then installs no handler for it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     original = tqdm.std.tqdm.update
 
     def update(self, n=1):
