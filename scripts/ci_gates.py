@@ -344,18 +344,18 @@ def read_json(path: Path) -> dict[str, Any]:
 def expected_quick(raw_params: dict[str, Any]) -> dict[str, Any]:
     """Image counts and epochs that params (the quick run's params.yaml) ask for, validated by the project's
     own params loader."""
-    from cifar10_pipeline import SPLIT_SIZES
     from cifar10_pipeline.core.params import validate_params
 
     params = validate_params(raw_params)
     pre = params.preprocess
+    raw = params.validate_.split_sizes()
     # Same rule as the preprocess stage (a cap, or the whole split when null), from the params alone.
-    kept_train = min(pre.max_train_images or SPLIT_SIZES["train"], SPLIT_SIZES["train"])
+    kept_train = min(pre.max_train_images or raw["train"], raw["train"])
     return {
         "images": {
             "train": kept_train - pre.val_size,
             "val": pre.val_size,
-            "test": min(pre.max_test_images or SPLIT_SIZES["test"], SPLIT_SIZES["test"]),
+            "test": min(pre.max_test_images or raw["test"], raw["test"]),
         },
         "epochs": float(params.train.epochs),
     }

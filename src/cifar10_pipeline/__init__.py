@@ -14,6 +14,5 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (32, 32, 3)
-SPLIT_SIZES = {"train": 50_000, "test": 10_000}
 
 __version__ = "0.1.0"

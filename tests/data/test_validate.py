@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cifar10_pipeline import CLASS_NAMES, NUM_CLASSES, SPLIT_SIZES
+from cifar10_pipeline import CLASS_NAMES, NUM_CLASSES
 from cifar10_pipeline.core.data import ArraySplit, DataError, write_parquet_split
 from cifar10_pipeline.core.params import ValidateParams, load_params
 from cifar10_pipeline.stages.validate import main, validate
@@ -34,6 +34,7 @@ from cifar10_pipeline.validation.expectations import (
 )
 
 from ..conftest import PROJECT_ROOT
+from ..helpers import write_params
 
 SIZES = {"train": 20, "test": 10}
 PARAMS = ValidateParams(
@@ -42,6 +43,8 @@ PARAMS = ValidateParams(
     known_duplicates_train=0,
     known_duplicates_test=0,
     known_train_test_overlap=0,
+    train_images=SIZES["train"],
+    test_images=SIZES["test"],
 )
 LINE = re.compile(r"^validate: (train|test): [^:]+: observed .+, expected .+$")
 PROCESSED_LINE = re.compile(r"^preprocess: processed: [^:]+: observed \d+ of \d+ [a-z/ ]+: .+, expected .+$")
@@ -88,7 +91,8 @@ def outputs(tmp_path: Path) -> tuple[Path, Path]:
 
 def run_validate(raw_dir: Path, tmp_path: Path, sizes: dict[str, int] = SIZES) -> dict:
     docs, metrics = outputs(tmp_path)
-    return validate(PARAMS, raw_dir=raw_dir, docs_dir=docs, metrics_file=metrics, expected_sizes=sizes)
+    params = PARAMS.model_copy(update={"train_images": sizes["train"], "test_images": sizes["test"]})
+    return validate(params, raw_dir=raw_dir, docs_dir=docs, metrics_file=metrics)
 
 
 def png(array: np.ndarray) -> bytes:
@@ -263,13 +267,13 @@ def test_corruption_fails_with_one_line_and_no_outputs(
     assert not docs.exists() and not metrics.exists()
 
 
-def test_full_split_sizes_are_the_default(raw_dir: Path, tmp_path: Path) -> None:
+def test_the_committed_params_expect_the_full_splits(raw_dir: Path, tmp_path: Path) -> None:
     docs, metrics = outputs(tmp_path)
+    committed = load_params(PROJECT_ROOT / "params.yaml").validate_
+    assert committed.split_sizes() == {"train": 50_000, "test": 10_000}  # CIFAR-10's
     with pytest.raises(DataValidationError) as failure:
-        validate(PARAMS, raw_dir=raw_dir, docs_dir=docs, metrics_file=metrics)
-    assert f"validate: train: row count: observed 20 images, expected {SPLIT_SIZES['train']} images" in str(
-        failure.value
-    )
+        validate(committed, raw_dir=raw_dir, docs_dir=docs, metrics_file=metrics)
+    assert "validate: train: row count: observed 20 images, expected 50000 images" in str(failure.value)
     assert not docs.exists() and not metrics.exists()
 
 
@@ -277,14 +281,14 @@ def test_known_duplicates_are_tolerated_but_not_more(raw_dir: Path, tmp_path: Pa
     duplicate_image(raw_dir)
     tolerant = PARAMS.model_copy(update={"known_duplicates_train": 1})
     docs, metrics = outputs(tmp_path)
-    summary = validate(tolerant, raw_dir=raw_dir, docs_dir=docs, metrics_file=metrics, expected_sizes=SIZES)
+    summary = validate(tolerant, raw_dir=raw_dir, docs_dir=docs, metrics_file=metrics)
     assert summary["success"] and summary["train"]["duplicates"] == 1
     path = shard(raw_dir, "train")
     rewrite(path, images={16: image_bytes(path, 6)})  # a second duplicate: one more than known
     with pytest.raises(
         DataValidationError, match=r"duplicate images: observed 2 images: .*expected at most 1"
     ):
-        validate(tolerant, raw_dir=raw_dir, docs_dir=docs, metrics_file=metrics, expected_sizes=SIZES)
+        validate(tolerant, raw_dir=raw_dir, docs_dir=docs, metrics_file=metrics)
     assert not docs.exists() and not metrics.exists()
 
 
@@ -312,17 +316,20 @@ def test_main_exits_nonzero_and_logs_the_failed_run(project: Path, good_shards: 
     assert run.data.metrics["success"] == 0 and run.data.metrics["train.failed"] >= 1
 
 
-def test_main_logs_metrics_and_data_docs(
-    project: Path, good_shards: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_main_logs_metrics_and_data_docs(project: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     raw = project / "data" / "raw"
     raw.mkdir(parents=True)
-    for path in good_shards.iterdir():
-        (raw / path.name).write_bytes(path.read_bytes())
-    for split, size in SIZES.items():  # the stage's default expected sizes, shrunk to the fixture
-        monkeypatch.setitem(SPLIT_SIZES, split, size)
+    sizes = {"train": 200, "test": 100}  # the least a valid params file allows (preprocess keeps 10 a class)
+    for seed, (split, size) in enumerate(sizes.items()):
+        write_parquet_split(shard(raw, split), card_like_images(size, split, seed), np.arange(size) % NUM_CLASSES)
+    # the expected split sizes are params: the fixture's
+    write_params(
+        project,
+        validate={"train_images": sizes["train"], "test_images": sizes["test"]},
+        preprocess={"val_size": 0},
+    )
     main()
     summary = json.loads((project / "metrics" / "validation.json").read_text())
     assert summary["success"] and (project / "reports" / "data_docs" / "index.html").is_file()
@@ -562,7 +569,7 @@ def test_real_mirror_passes(real_mirror: Path, tmp_path: Path) -> None:
     docs, metrics = outputs(tmp_path)
     summary = validate(params, raw_dir=real_mirror, docs_dir=docs, metrics_file=metrics)
     assert summary["success"], summary
-    assert {split: summary[split]["images"] for split in SPLIT_SIZES} == SPLIT_SIZES
+    assert {split: summary[split]["images"] for split in ("train", "test")} == params.split_sizes()
     assert summary["train"]["duplicates"] <= params.known_duplicates_train
     assert summary["test"]["duplicates"] <= params.known_duplicates_test
     assert summary["test"]["train_overlap"] <= params.known_train_test_overlap

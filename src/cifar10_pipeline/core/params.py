@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cifar10_pipeline import NUM_CLASSES, SPLIT_SIZES
+from cifar10_pipeline import NUM_CLASSES
 from cifar10_pipeline.core.errors import PipelineError, add_debug_flag, user_errors
 from cifar10_pipeline.core.paths import CONF_DIR, CONFIG_NAME, PARAMS_FILE
 
@@ -31,9 +31,6 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 # metrics still rest on more than one or two images. Smaller splits are refused with the keys to change.
 MIN_IMAGES_PER_CLASS = 10
 MIN_SPLIT_IMAGES = MIN_IMAGES_PER_CLASS * NUM_CLASSES
-# CIFAR-10's split sizes, which params.yaml is checked against (a copy: tests shrink SPLIT_SIZES for the
-# validate stage's small fixtures, which must not change what a valid params file is).
-CIFAR10_SPLIT_SIZES = dict(SPLIT_SIZES)
 
 
 class ParamsError(PipelineError, ValueError):
@@ -64,6 +61,23 @@ class ValidateParams(_Section):
     known_duplicates_train: Annotated[int, Field(ge=0)]
     known_duplicates_test: Annotated[int, Field(ge=0)]
     known_train_test_overlap: Annotated[int, Field(ge=0)]
+    # The raw splits' exact row counts (CIFAR-10: 50,000 and 10,000), each a multiple of the 10 classes:
+    # validate checks the data against them, so a smaller real mirror (tests, a trial) states its own.
+    train_images: PositiveInt
+    test_images: PositiveInt
+
+    @model_validator(mode="after")
+    def _whole_classes(self) -> ValidateParams:
+        for split, size in self.split_sizes().items():
+            if size % NUM_CLASSES:
+                raise ValueError(
+                    f"validate.{split}_images ({size}) must be a multiple of the {NUM_CLASSES} classes "
+                    "(every class the same number of images)"
+                )
+        return self
+
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": self.train_images, "test": self.test_images}
 
 
 class PreprocessParams(_Section):
@@ -71,14 +85,6 @@ class PreprocessParams(_Section):
     val_size: Annotated[int, Field(ge=0)]
     max_train_images: PositiveInt | None
     max_test_images: PositiveInt | None
-
-    @model_validator(mode="after")
-    def _splits_fit(self) -> PreprocessParams:
-        # Against CIFAR-10's own split sizes; the preprocess stage checks again against the data it reads.
-        problems = split_size_problems(self, CIFAR10_SPLIT_SIZES["train"], CIFAR10_SPLIT_SIZES["test"])
-        if problems:
-            raise ValueError("\n  ".join(problems))
-        return self
 
 
 def planned_split_sizes(
@@ -219,6 +225,15 @@ class Params(_Section):
     tracking: TrackingParams
 
     model_config = ConfigDict(**_STRICT, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _splits_fit(self) -> Params:
+        # Against the raw split sizes validate expects; the preprocess stage checks again against the data.
+        sizes = self.validate_.split_sizes()
+        problems = split_size_problems(self.preprocess, sizes["train"], sizes["test"])
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
 
     def as_flat_dict(self) -> dict[str, Any]:
         """Values as ``section.key`` pairs (for MLflow)."""

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cifar10_pipeline import SPLIT_SIZES
 from cifar10_pipeline.core.data import SPLITS, atomic_output, remove_outputs, write_json_atomic
 from cifar10_pipeline.core.errors import run_cli
 from cifar10_pipeline.core.params import ValidateParams, load_params
@@ -30,11 +29,10 @@ def validate(
     raw_dir: Path = RAW_DIR,
     docs_dir: Path = DATA_DOCS_DIR,
     metrics_file: Path = VALIDATION_METRICS,
-    expected_sizes: Mapping[str, int] = SPLIT_SIZES,
 ) -> dict[str, Any]:
-    """Validate ``raw_dir``; write Data Docs and the metrics file only if every expectation passes.
+    """Validate ``raw_dir`` against ``params`` (its split sizes among them); write Data Docs and the metrics
+    file only if every expectation passes.
 
-    ``expected_sizes`` are the full splits' row counts (tests pass small ones for small fixtures).
     Raises ``DataValidationError`` (one line per failed expectation) and leaves no outputs on failure.
     """
     docs_dir, metrics_file = Path(docs_dir), Path(metrics_file)
@@ -43,7 +41,7 @@ def validate(
     started = time.perf_counter()
     try:
         with atomic_output(docs_dir) as staged_docs:
-            summary = check_raw_splits(Path(raw_dir), params, expected_sizes, docs_dir=staged_docs)
+            summary = check_raw_splits(Path(raw_dir), params, docs_dir=staged_docs)
         write_json_atomic(metrics_file, summary)
     except BaseException:
         remove_outputs(metrics_file, docs_dir)

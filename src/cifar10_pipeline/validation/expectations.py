@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifar10_pipeline import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES, SPLIT_SIZES
+from cifar10_pipeline import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
 from cifar10_pipeline.core.data import (
     SPLITS,
     ArraySplit,
@@ -384,12 +384,9 @@ def _mark_train_overlap(images: pd.DataFrame, train: pd.DataFrame) -> None:
 def raw_split_checks(
     profile: RawSplitProfile, expected_size: int, params: ValidateParams, raw_dir: Path
 ) -> list[TableCheck]:
-    """The suites of one raw split. Exact counts: the raw splits are always the whole of CIFAR-10."""
+    """The suites of one raw split. Exact counts: ``expected_size`` (params.yaml validate.<split>_images, a
+    multiple of the classes, checked on load) and an equal share of it for every class."""
     split = profile.split
-    if expected_size % NUM_CLASSES:
-        raise ValueError(
-            f"expected size {expected_size} of {split} is not a multiple of {NUM_CLASSES} classes"
-        )
     per_class = expected_size // NUM_CLASSES
     known_duplicates = getattr(params, f"known_duplicates_{split}", 0)
 
@@ -426,7 +423,7 @@ def raw_split_checks(
         _expect(
             "ExpectTableRowCountToEqual",
             "row count",
-            f"{expected_size} images (cifar10_pipeline.SPLIT_SIZES); {FETCH_HINT}",
+            f"{expected_size} images (params.yaml validate.{split}_images); {FETCH_HINT}",
             value=expected_size,
             unit="images",
         ),
@@ -580,7 +577,6 @@ def raw_split_checks(
 def check_raw_splits(
     raw_dir: Path,
     params: ValidateParams,
-    expected_sizes: Mapping[str, int] = SPLIT_SIZES,
     docs_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Validate the raw train and test splits; return the summary or raise ``DataValidationError``.
@@ -597,7 +593,7 @@ def check_raw_splits(
     checks = [
         check
         for split in SPLITS
-        for check in raw_split_checks(profiles[split], expected_sizes[split], params, Path(raw_dir))
+        for check in raw_split_checks(profiles[split], params.split_sizes()[split], params, Path(raw_dir))
     ]
     report = run_checks(checks, "validate", docs_dir)
     summary = report.summary()
