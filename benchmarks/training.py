@@ -56,6 +56,7 @@ import yaml
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import ArraySplit, atomic_output, file_digest, load_processed
+from cifar10_pipeline.core.device import cpu_model_name, describe_device, resolve_device, synchronize
 from cifar10_pipeline.core.params import Params, compose, validate_params
 from cifar10_pipeline.core.paths import BENCHMARK_METRICS, CONF_DIR, DATA_SOURCE, PROCESSED_DIR
 from cifar10_pipeline.modeling.architectures import architecture, build_model
@@ -71,14 +72,7 @@ from cifar10_pipeline.reporting.benchmark_records import (
 )
 from cifar10_pipeline.reporting.docs import BENCHMARK_REPORT, render_benchmark_report
 from cifar10_pipeline.tracking.runs import git_commit as head_commit
-from cifar10_pipeline.training.loop import (
-    cpu_model_name,
-    describe_device,
-    evaluate_normalised,
-    resolve_device,
-    synchronize,
-    train_classifier,
-)
+from cifar10_pipeline.training.loop import evaluate_normalised, train_classifier
 
 SELECTION_SEED_START = 100  # selection runs use seeds 100, 101, ...; reported test runs use 0, 1, ...
 

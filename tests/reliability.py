@@ -64,41 +64,61 @@ class Case:
 
 @dataclass
 class Collector:
+    """The cases and their results, on the process that writes the record.
+
+    Without xdist this process collects and runs every test. With xdist (``-n``) the workers collect and
+    run; each sends its cases and deselections at its end (``workeroutput``), and the reports reach this
+    process as they happen: results are therefore kept by node id and matched with the cases at the end."""
+
     path: Path
     cases: dict[str, Case] = field(default_factory=dict)
-    deselected: list[str] = field(default_factory=list)
+    deselected: set[str] = field(default_factory=set)
+    reports: dict[str, list[tuple[str, str, float, str]]] = field(default_factory=dict)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
-        for item in items:
-            found = marker_case(item)
-            if found is not None:
-                self.cases[item.nodeid] = Case(item.nodeid, *found)
+        self.cases.update(collected_cases(items))
 
     def pytest_deselected(self, items: list[pytest.Item]) -> None:
-        self.deselected += [item.nodeid for item in items if item.get_closest_marker(MARKER)]
-        for item in items:
-            self.cases.pop(item.nodeid, None)
+        self.deselected |= {item.nodeid for item in items if item.get_closest_marker(MARKER)}
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:  # xdist: a worker finished
+        found = getattr(node, "workeroutput", {}).get(MARKER, {})
+        for nodeid, (case, outcome) in found.get("cases", {}).items():
+            self.cases.setdefault(nodeid, Case(nodeid, case, outcome))
+        self.deselected |= set(found.get("deselected", ()))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        case = self.cases.get(report.nodeid)
-        if case is None:
-            return
-        case.seconds += report.duration
+        detail = ""
         if report.failed:
-            case.result = "failed"
-            case.detail = case.detail or _first_line(report.longreprtext)
-        elif report.skipped and case.result != "failed":
-            case.result = "skipped"
+            detail = _first_line(report.longreprtext)
+        elif report.skipped:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-            case.detail = reason.removeprefix("Skipped: ")
-        elif report.when == "call" and report.passed and case.result == "not run":
-            case.result = "passed"
+            detail = reason.removeprefix("Skipped: ")
+        self.reports.setdefault(report.nodeid, []).append(
+            (report.when, report.outcome, report.duration, detail)
+        )
+
+    def results(self) -> list[Case]:
+        for nodeid in self.deselected:
+            self.cases.pop(nodeid, None)
+        for nodeid, case in self.cases.items():
+            for when, outcome, duration, detail in self.reports.get(nodeid, []):
+                case.seconds += duration
+                if outcome == "failed":
+                    case.result = "failed"
+                    case.detail = case.detail or detail
+                elif outcome == "skipped" and case.result != "failed":
+                    case.result, case.detail = "skipped", detail
+                elif when == "call" and outcome == "passed" and case.result == "not run":
+                    case.result = "passed"
+        return list(self.cases.values())
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         from cifar10_pipeline.core.data import write_json_atomic
 
-        cases = list(self.cases.values())
+        cases = self.results()
         record = {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(),
@@ -124,13 +144,41 @@ class Collector:
         write_json_atomic(self.path, record)
 
 
+def collected_cases(items: list[pytest.Item]) -> dict[str, Case]:
+    cases = {}
+    for item in items:
+        found = marker_case(item)
+        if found is not None:
+            cases[item.nodeid] = Case(item.nodeid, *found)
+    return cases
+
+
+@dataclass
+class WorkerCases:
+    """On an xdist worker: the cases it collected and deselected, sent to the controller at its end."""
+
+    config: pytest.Config
+    cases: dict[str, tuple[str, str]] = field(default_factory=dict)
+    deselected: list[str] = field(default_factory=list)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        self.cases.update({k: (c.case, c.outcome) for k, c in collected_cases(items).items()})
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.deselected += [item.nodeid for item in items if item.get_closest_marker(MARKER)]
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.config.workeroutput[MARKER] = {"cases": self.cases, "deselected": self.deselected}  # type: ignore[attr-defined]
+
+
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip().startswith("E ")]
     return (lines[0][2:].strip() if lines else text.strip().splitlines()[-1] if text.strip() else "")[:200]
 
 
 def machine() -> dict[str, Any]:
-    from cifar10_pipeline.training.loop import cpu_model_name
+    from cifar10_pipeline.core.device import cpu_model_name
 
     try:
         import torch
@@ -149,5 +197,9 @@ def machine() -> dict[str, Any]:
 
 def pytest_configure(config: pytest.Config) -> None:
     path = config.getoption("--reliability-report")
-    if path is not None and not hasattr(config, "workerinput"):
+    if path is None:
+        return
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller writes the record
+        config.pluginmanager.register(WorkerCases(config), "reliability-worker")
+    else:
         config.pluginmanager.register(Collector(Path(path)), "reliability-collector")

@@ -323,7 +323,9 @@ def test_main_logs_metrics_and_data_docs(project: Path) -> None:
     raw.mkdir(parents=True)
     sizes = {"train": 200, "test": 100}  # the least a valid params file allows (preprocess keeps 10 a class)
     for seed, (split, size) in enumerate(sizes.items()):
-        write_parquet_split(shard(raw, split), card_like_images(size, split, seed), np.arange(size) % NUM_CLASSES)
+        write_parquet_split(
+            shard(raw, split), card_like_images(size, split, seed), np.arange(size) % NUM_CLASSES
+        )
     # the expected split sizes are params: the fixture's
     write_params(
         project,

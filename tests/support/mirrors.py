@@ -22,7 +22,7 @@ from cifar10_pipeline import NUM_CLASSES
 from cifar10_pipeline.core.data import split_files, write_checksums
 
 # Per class: 2,000 train and 500 test images in all. Enough for validate's pixel statistics to stay within
-# the data card's tolerance (validate.channel_stat_tolerance) and for the tiny runs' caps (400 train, 100 test).
+# the data card's tolerance (validate.channel_stat_tolerance) and for the tiny runs' caps (400 and 100).
 TRAIN_PER_CLASS = 200
 TEST_PER_CLASS = 50
 SMALL_MIRROR_SIZES = {"train": TRAIN_PER_CLASS * NUM_CLASSES, "test": TEST_PER_CLASS * NUM_CLASSES}

@@ -23,6 +23,7 @@ from sklearn.metrics import confusion_matrix
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import ArraySplit, atomic_output, load_split, write_json_atomic
+from cifar10_pipeline.core.device import describe_device, resolve_device, synchronize
 from cifar10_pipeline.core.errors import run_cli
 from cifar10_pipeline.core.params import EvaluateParams, load_params
 from cifar10_pipeline.core.paths import (
@@ -55,7 +56,6 @@ from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.tracking import emissions
 from cifar10_pipeline.tracking import model_registry as registry
 from cifar10_pipeline.tracking.runs import stage_run
-from cifar10_pipeline.training.loop import describe_device, resolve_device, synchronize
 
 if TYPE_CHECKING:
     from cifar10_pipeline.tracking.runs import StageRun
@@ -150,7 +150,7 @@ def evaluate(
 ) -> Evaluation:
     """Measure the saved model on the test split; nothing is written (write_outputs does that)."""
     test = load_split(Path(processed_dir) / "test.npz")
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, key="evaluate.device")
     model = load_model(model_dir, device)
     logits, inference_seconds = timed_logits(model, test.images, params.batch_size, device, params.precision)
     probabilities = logits.softmax(1).numpy()

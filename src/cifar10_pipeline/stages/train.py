@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from cifar10_pipeline.core.data import atomic_output, load_split, write_json_atomic
+from cifar10_pipeline.core.device import describe_device, resolve_device
 from cifar10_pipeline.core.errors import run_cli
 from cifar10_pipeline.core.params import TrainParams, load_params
 from cifar10_pipeline.core.paths import (
@@ -50,13 +51,7 @@ from cifar10_pipeline.tracking.runs import stage_run
 from cifar10_pipeline.training import distributed
 from cifar10_pipeline.training.checkpoint import Checkpointer, fingerprint
 from cifar10_pipeline.training.distributed import Ranks
-from cifar10_pipeline.training.loop import (
-    EpochRecord,
-    TrainingResult,
-    describe_device,
-    resolve_device,
-    train_classifier,
-)
+from cifar10_pipeline.training.loop import EpochRecord, TrainingResult, train_classifier
 
 if TYPE_CHECKING:
     from cifar10_pipeline.tracking.runs import StageRun

@@ -22,11 +22,9 @@ Python and kernel-launch overhead, and nothing has to be compiled.
 from __future__ import annotations
 
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from cifar10_pipeline.core.data import ArraySplit
+from cifar10_pipeline.core.device import synchronize
 from cifar10_pipeline.core.params import TrainParams
 from cifar10_pipeline.modeling.architectures import architecture
 from cifar10_pipeline.modeling.inference import autocast, fit_input_size, normalize, tta_logits
@@ -53,38 +52,6 @@ ADAMW_BETAS = (0.9, 0.98)  # transformer recipes (cifar_vit, fine-tuning)
 # Eager steps before capture. One is enough: lazy state (momentum buffers), cuDNN's algorithm choice and any
 # compilation all happen on the first call, so the captured second call is the steady state.
 GRAPH_WARMUP_STEPS = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible; use device: auto or cpu")
-    return torch.device(name)
-
-
-def cpu_model_name() -> str:
-    """The processor's marketing name (e.g. 'AMD EPYC'), read from /proc/cpuinfo where it exists."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    # The vector unit matters as much as the model name: "AMD EPYC" covers AVX2-only and AVX-512 parts.
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu_model_name()} CPU ({capability}), {torch.get_num_threads()} threads"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
