@@ -42,7 +42,9 @@ def test_the_committed_tree_keeps_every_contract() -> None:
         ("reporting/docs.py", "def f():\n    from benchmarks.training import read_results", "script"),
     ],
 )
-def test_an_import_against_a_contract_breaks_it(tmp_path: Path, module: str, line: str, contract: str) -> None:
+def test_an_import_against_a_contract_breaks_it(
+    tmp_path: Path, module: str, line: str, contract: str
+) -> None:
     shutil.copy(PROJECT_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     shutil.copytree(PROJECT_ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("*.egg-info"))
     target = tmp_path / "src" / "cifar10_pipeline" / module
