@@ -73,6 +73,24 @@ def real_mirror() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A folder of this test session that every xdist worker shares (each worker's own base folder is one
+    level below it), for what is prepared once per session under a file lock."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(request.config, "workerinput") else base
+
+
+@pytest.fixture(scope="session")
+def small_mirror(real_mirror: Path, session_dir: Path) -> Path:
+    """2,000 train and 500 test real images in the mirror's format (tests/support/mirrors.py); runs on it
+    set support.mirrors.SMALL_MIRROR_PARAMS."""
+    from .support.mirrors import shared_small_mirror
+
+    with shared_small_mirror(real_mirror, session_dir) as path:
+        return path
+
+
 @dataclass(frozen=True)
 class RealQuickModel:
     """A small conv net trained on real CIFAR-10 images, saved the way the train stage saves a model."""
@@ -121,7 +139,7 @@ def real_quick_model(real_mirror: Path, tmp_path_factory: pytest.TempPathFactory
 
 # Tiers by folder: each test gets the marker of the folder it lives in (tests/unit/... -> unit), so a tier is
 # selectable with -m and the folder alone says which tier a test is in.
-TIERS = ("unit", "data", "model", "integration", "browser")
+TIERS = ("unit", "data", "model", "integration", "browser", "release")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
