@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def test_a_killed_stage_leaves_no_output_that_looks_complete(
 ) -> None:
     baseline = prepared_checkout
     clone = copy_checkout(baseline, tmp_path / "clone")
+    # Without the baseline's run cache, as in a checkout whose stages ran once: the finishing repro runs the
+    # killed stage again (a run-cache restore would run no stage, so nothing would close the killed run).
+    shutil.rmtree(clone / ".dvc" / "cache" / "runs")
     outputs = declared_outputs(clone)
     env = env_for(clone, CIFAR10_TEST_FAULT=f"{kill.stage}:{kill.point}")
     env["PYTHONPATH"] = f"{INJECTION}{os.pathsep}{env['PYTHONPATH']}"
