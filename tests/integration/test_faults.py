@@ -3,7 +3,7 @@ at once, a full disk. Each test is one case of reports/reliability.md (the ``rel
 
 The kill cases run the real pipeline with ``dvc repro`` on a small real mirror (tests/support/mirrors.py).
 One checkout is prepared per session: a clone of the committed project whose tiny run is complete (the
-uninterrupted baseline). Each case copies it, re-runs one stage with ``dvc repro --force --single-item``
+uninterrupted baseline). Each case copies it, deletes one stage's outputs and runs it with ``dvc repro --single-item``
 while tests/fault_injection/sitecustomize.py kills it (or the whole ``dvc repro`` process group) with SIGKILL
 at its point of ``KILLS``, mostly while it writes half of an output, and checks that each output the pipeline
 declares is either absent or complete (equal to the baseline's). A plain ``dvc repro`` then finishes the
@@ -93,13 +93,16 @@ def test_a_killed_stage_leaves_no_output_that_looks_complete(
 ) -> None:
     baseline = prepared_checkout
     clone = copy_checkout(baseline, tmp_path / "clone")
-    # Without the baseline's run cache, as in a checkout whose stages ran once: the finishing repro runs the
-    # killed stage again (a run-cache restore would run no stage, so nothing would close the killed run).
+    # The killed stage's outputs deleted and the baseline's run cache dropped: DVC must run the stage (not
+    # restore it), and the kill then meets a stage that has not finished in this checkout, as in the chain.
+    # (A stage killed after an earlier run of it completed keeps that run's outputs, whole: DVC then sees
+    # nothing to do, and nothing closes the killed MLflow run until that stage runs again.)
+    delete_outputs(clone, declared_outputs(clone, kill.stage))
     shutil.rmtree(clone / ".dvc" / "cache" / "runs")
     outputs = declared_outputs(clone)
     env = env_for(clone, CIFAR10_TEST_FAULT=f"{kill.stage}:{kill.point}")
     env["PYTHONPATH"] = f"{INJECTION}{os.pathsep}{env['PYTHONPATH']}"
-    killed = dvc_repro(clone, env, "--force", "--single-item", kill.stage)
+    killed = dvc_repro(clone, env, "--single-item", kill.stage)
     assert f"Running stage '{kill.stage}'" in killed.stdout, killed.stdout[-3000:]
     assert killed.returncode == (-signal.SIGKILL if kill.group else 255), killed.stdout[-3000:]
     assert differences(baseline, clone, outputs) == [], killed.stdout[-2500:]

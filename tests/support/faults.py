@@ -110,11 +110,13 @@ MEASURED = {
 }
 
 
-def declared_outputs(root: Path) -> list[str]:
-    """Every out, metric and plot file or folder dvc.yaml declares."""
+def declared_outputs(root: Path, stage_name: str | None = None) -> list[str]:
+    """Every out, metric and plot file or folder dvc.yaml declares (of one stage, when named)."""
     spec = yaml.safe_load((root / "dvc.yaml").read_text())
     paths = []
-    for stage in spec["stages"].values():
+    for name, stage in spec["stages"].items():
+        if stage_name not in (None, name):
+            continue
         for section in ("outs", "metrics", "plots"):
             for entry in stage.get(section, []):
                 paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
