@@ -3,7 +3,7 @@ at once, a full disk. Each test is one case of reports/reliability.md (the ``rel
 
 The kill cases run the real pipeline with ``dvc repro`` on a small real mirror (tests/support/mirrors.py).
 One checkout is prepared per session: a clone of the committed project whose tiny run is complete (the
-uninterrupted baseline). Each case copies it, deletes one stage's outputs and runs it with ``dvc repro --single-item``
+uninterrupted baseline). Each case copies it, deletes one stage's outputs and lock entry and runs it with ``dvc repro --single-item``
 while tests/fault_injection/sitecustomize.py kills it (or the whole ``dvc repro`` process group) with SIGKILL
 at its point of ``KILLS``, mostly while it writes half of an output, and checks that each output the pipeline
 declares is either absent or complete (equal to the baseline's). A plain ``dvc repro`` then finishes the
@@ -93,11 +93,14 @@ def test_a_killed_stage_leaves_no_output_that_looks_complete(
 ) -> None:
     baseline = prepared_checkout
     clone = copy_checkout(baseline, tmp_path / "clone")
-    # The killed stage's outputs deleted and the baseline's run cache dropped: DVC must run the stage (not
-    # restore it), and the kill then meets a stage that has not finished in this checkout, as in the chain.
+    # The killed stage's outputs, its dvc.lock entry and the baseline's run cache dropped: DVC must run the
+    # stage (not restore it), and the kill then meets a stage that has not finished in this checkout, as in the chain.
     # (A stage killed after an earlier run of it completed keeps that run's outputs, whole: DVC then sees
     # nothing to do, and nothing closes the killed MLflow run until that stage runs again.)
     delete_outputs(clone, declared_outputs(clone, kill.stage))
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    del lock["stages"][kill.stage]
+    (clone / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
     shutil.rmtree(clone / ".dvc" / "cache" / "runs")
     outputs = declared_outputs(clone)
     env = env_for(clone, CIFAR10_TEST_FAULT=f"{kill.stage}:{kill.point}")
