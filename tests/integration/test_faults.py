@@ -3,9 +3,9 @@ at once, a full disk. Each test is one case of reports/reliability.md (the ``rel
 
 The kill cases run the real pipeline with ``dvc repro`` on a small real mirror (tests/support/mirrors.py).
 One checkout is prepared per session: a clone of the committed project whose tiny run is complete (the
-uninterrupted baseline). Each case copies it, deletes one stage's outputs and lock entry and runs it with ``dvc repro --single-item``
-while tests/fault_injection/sitecustomize.py kills it (or the whole ``dvc repro`` process group) with SIGKILL
-at its point of ``KILLS``, mostly while it writes half of an output, and checks that each output the pipeline
+uninterrupted baseline). Each case copies it, deletes one stage's outputs and lock entry, runs it with
+``dvc repro --single-item`` while tests/fault_injection/sitecustomize.py kills it (or the whole ``dvc repro``
+process group) with SIGKILL at its point of ``KILLS``, mostly while it writes half of an output, and checks that each output the pipeline
 declares is either absent or complete (equal to the baseline's). A plain ``dvc repro`` then finishes the
 pipeline: every output equals the baseline's, byte for byte except the measured ones (``MEASURED``: timings,
 energy, Great Expectations' run timestamps), ``dvc status`` is clean and no MLflow run is left RUNNING.
@@ -94,7 +94,8 @@ def test_a_killed_stage_leaves_no_output_that_looks_complete(
     baseline = prepared_checkout
     clone = copy_checkout(baseline, tmp_path / "clone")
     # The killed stage's outputs, its dvc.lock entry and the baseline's run cache dropped: DVC must run the
-    # stage (not restore it), and the kill then meets a stage that has not finished in this checkout, as in the chain.
+    # stage (not restore it), and the kill meets a stage that has not finished in this checkout, as in the
+    # chain.
     # (A stage killed after an earlier run of it completed keeps that run's outputs, whole: DVC then sees
     # nothing to do, and nothing closes the killed MLflow run until that stage runs again.)
     delete_outputs(clone, declared_outputs(clone, kill.stage))
