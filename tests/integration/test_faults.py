@@ -6,10 +6,10 @@ One checkout is prepared per session: a clone of the committed project whose tin
 uninterrupted baseline). Each case copies it, deletes one stage's outputs and lock entry, runs it with
 ``dvc repro --single-item`` while tests/fault_injection/sitecustomize.py kills it (or the whole ``dvc repro``
 process group) with SIGKILL at its point of ``KILLS``, mostly while it writes half of an output, and checks
-that each output the pipeline declares is either absent or complete (equal to the baseline's). A plain ``dvc repro`` then finishes the
-pipeline: every output equals the baseline's, byte for byte except the measured ones (``MEASURED``: timings,
-energy, Great Expectations' run timestamps), ``dvc status`` is clean and no MLflow run is left RUNNING.
-The cases are independent, so xdist runs them side by side. The release check
+that each output the pipeline declares is either absent or complete (equal to the baseline's). A plain
+``dvc repro`` then finishes the pipeline: every output equals the baseline's, byte for byte except the
+measured ones (``MEASURED``: timings, energy, Great Expectations' run timestamps), ``dvc status`` is clean
+and no MLflow run is left RUNNING. The cases are independent, so xdist runs them side by side. The release check
 (tests/release/test_kill_chain.py, ``make test-release``) kills every point in turn in one checkout.
 """
 

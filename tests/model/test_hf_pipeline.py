@@ -38,6 +38,8 @@ from ..helpers import save_tiny_vit_checkpoint, train_params, write_train_val
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 TRAIN_SHARD = "train-00000-of-00002.parquet"
+# Ours at fp32 throughout: transformers' forward is fp32, while predict_logits' default ("auto") takes bf16 on
+# a CPU with native bf16 (an AMX Xeon), which moves probabilities by ~1e-3.
 # The pipeline runs one image per forward pass, predict_logits a batch: fp32 kernels sum in a
 # batch-size-dependent order, so logits agree to fp32 rounding (~1e-7), not bit for bit; the softmax is
 # numpy's in the pipeline, torch's in ours. 1e-6 on probabilities is ~10x the observed difference (2e-8).
@@ -87,7 +89,7 @@ def trained_on_real_images(real_mirror: Path, tmp_path_factory: pytest.TempPathF
         model, ArraySplit(images[:1000], labels[:1000], np.arange(1000)), None, hp, torch.device("cpu"),
         progress=False,
     )  # fmt: skip
-    logits = predict_logits(model, images[1000:], calibrated=False)
+    logits = predict_logits(model, images[1000:], calibrated=False, precision="fp32")
     set_calibration_temperature(model, fit_temperature(logits, torch.as_tensor(labels[1000:])))
     directory = tmp_path_factory.mktemp("real") / "model"
     save_model(model, directory, hp.model)
@@ -110,12 +112,12 @@ def test_pipeline_gives_our_calibrated_probabilities_on_real_images(
     assert model.config.tta_level == 2 and abs(calibration_temperature(model.config) - 1.0) > 0.05
     piped = scores_by_label(json.loads(run.stdout.splitlines()[-1]), model.config.label2id)
     images, labels = read_images(real_mirror / TEST_SHARD, 0, n)
-    ours = predict_logits(model, images).softmax(1).numpy()
+    ours = predict_logits(model, images, precision="fp32").softmax(1).numpy()
     np.testing.assert_allclose(piped, ours, rtol=0, atol=PROBABILITY_ATOL)
     assert (piped.argmax(1) == ours.argmax(1)).all()
     assert (ours.argmax(1) == labels).mean() > 0.2  # it learned something (chance: 0.1)
     # The tolerance can tell: without TTA and temperature the probabilities are off by far more.
-    plain = predict_logits(model, images, tta_level=0, calibrated=False).softmax(1).numpy()
+    plain = predict_logits(model, images, tta_level=0, calibrated=False, precision="fp32").softmax(1).numpy()
     assert np.abs(plain - ours).max() > 100 * PROBABILITY_ATOL
 
 
@@ -140,7 +142,7 @@ def test_tiny_checkpoint_round_trips_through_the_auto_classes(name: str, tmp_pat
         raw = loaded(pixel_values=inputs["pixel_values"]).logits
         calibrated = loaded(**inputs).logits
         torch.testing.assert_close(raw, model(pixel_values=expected).logits)
-    torch.testing.assert_close(calibrated, predict_logits(model, images))
+    torch.testing.assert_close(calibrated, predict_logits(model, images, precision="fp32"))
 
 
 def test_fine_tuned_checkpoint_gets_our_preprocessing_but_its_own_forward(tmp_path: Path) -> None:
@@ -155,9 +157,11 @@ def test_fine_tuned_checkpoint_gets_our_preprocessing_but_its_own_forward(tmp_pa
     images, _ = synthetic_images(4, seed=0)
     classifier = pipeline("image-classification", model=str(tmp_path / "finetuned"), device="cpu")
     piped = scores_by_label(classifier([Image.fromarray(i) for i in images], top_k=10), model.config.label2id)
-    plain = predict_logits(model, images, tta_level=0, calibrated=False).softmax(1).numpy()
+    plain = predict_logits(model, images, tta_level=0, calibrated=False, precision="fp32").softmax(1).numpy()
     np.testing.assert_allclose(piped, plain, rtol=0, atol=PROBABILITY_ATOL)
-    with_tta = predict_logits(model, images).softmax(1).numpy()  # what our CLI reports (tta_level 1)
+    with_tta = (
+        predict_logits(model, images, precision="fp32").softmax(1).numpy()
+    )  # what our CLI reports (tta_level 1)
     assert np.abs(with_tta - piped).max() > 10 * PROBABILITY_ATOL  # random tiny ViT: near-uniform scores
 
 
@@ -180,7 +184,10 @@ def test_the_train_stage_saves_a_directory_the_pipeline_loads(tmp_path: Path) ->
         classifier([Image.fromarray(i) for i in images[:4]], top_k=10), model.config.label2id
     )
     np.testing.assert_allclose(
-        piped, predict_logits(model, images[:4]).softmax(1).numpy(), rtol=0, atol=PROBABILITY_ATOL
+        piped,
+        predict_logits(model, images[:4], precision="fp32").softmax(1).numpy(),
+        rtol=0,
+        atol=PROBABILITY_ATOL,
     )
 
 
@@ -225,9 +232,9 @@ def test_fine_tuning_a_checkpoint_with_a_validation_split_saves_its_temperature(
     assert calibration_temperature(load_model(out).config) == pytest.approx(fitted)
     # Evaluation and serving read it back: the calibrated logits are the raw ones over the fitted temperature.
     sample = images[:4]
-    raw = predict_logits(load_model(out), sample, calibrated=False)
-    torch.testing.assert_close(predict_logits(load_model(out), sample), raw / fitted)
-    torch.testing.assert_close(predict_logits(trained.model, sample), raw / fitted)
+    raw = predict_logits(load_model(out), sample, calibrated=False, precision="fp32")
+    torch.testing.assert_close(predict_logits(load_model(out), sample, precision="fp32"), raw / fitted)
+    torch.testing.assert_close(predict_logits(trained.model, sample, precision="fp32"), raw / fitted)
 
     np.save(tmp_path / "images.npy", sample)
     run = subprocess.run(
