@@ -9,8 +9,8 @@ process group) with SIGKILL at its point of ``KILLS``, mostly while it writes ha
 that each output the pipeline declares is either absent or complete (equal to the baseline's). A plain
 ``dvc repro`` then finishes the pipeline: every output equals the baseline's, byte for byte except the
 measured ones (``MEASURED``: timings, energy, Great Expectations' run timestamps), ``dvc status`` is clean
-and no MLflow run is left RUNNING. The cases are independent, so xdist runs them side by side. The release check
-(tests/release/test_kill_chain.py, ``make test-release``) kills every point in turn in one checkout.
+and no MLflow run is left RUNNING. The cases are independent, so xdist runs them side by side. The release
+check (tests/release/test_kill_chain.py, ``make test-release``) kills every point in turn in one checkout.
 """
 
 from __future__ import annotations
