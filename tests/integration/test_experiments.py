@@ -33,8 +33,9 @@ import yaml
 from cifar10_pipeline.core.params import ParamsError, compose, validate_params
 from tests.localserver import free_port, local_server
 
-from ..conftest import PROJECT_ROOT, mirror_dir
+from ..conftest import PROJECT_ROOT
 from ..helpers import default_raw_params, headless_chrome, run_checked
+from ..support.mirrors import SMALL_MIRROR_PARAMS
 
 # ---------------------------------------------------------------------------------------------------------
 # Every knob, through the same YAML edit as `dvc exp run -S key=value`
@@ -55,6 +56,8 @@ CHANGED: dict[str, str] = {
     "validate.known_duplicates_train": "1",
     "validate.known_duplicates_test": "2",
     "validate.known_train_test_overlap": "3",
+    "validate.train_images": "60000",
+    "validate.test_images": "20000",
     "preprocess.seed": "7",
     "preprocess.val_size": "1000",
     "preprocess.max_train_images": "20000",
@@ -272,10 +275,8 @@ def dvc(*args: str, sweep: Sweep, timeout: float = 120) -> str:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
-    mirror = mirror_dir()
-    if mirror is None:
-        pytest.skip("the CIFAR-10 mirror is not available (download.mirror_dir in conf/config.yaml)")
+def sweep(tmp_path_factory: pytest.TempPathFactory, small_mirror: Path) -> Sweep:
+    mirror = small_mirror
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     clone = tmp_path_factory.mktemp("experiments") / "clone"
@@ -296,7 +297,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     )
     result = Sweep(clone, env, store_uri)
     settings = [arg for key, value in TINY.items() for arg in ("-S", f"{key}={value}")]
-    settings += ["-S", f"download.mirror_dir={mirror}"]  # the clone is not beside ../shared
+    settings += ["-S", f"download.mirror_dir={mirror}"]  # the small real mirror (tests/support/mirrors.py)
+    settings += [arg for override in SMALL_MIRROR_PARAMS for arg in ("-S", override)]
     # One after the other in the workspace: on 2 cores parallel queue workers would only fight for them.
     for name, seed in SWEEP.items():
         started = time.monotonic()

@@ -17,6 +17,7 @@ from cifar10_pipeline import CLASS_NAMES
 
 from ..conftest import PROJECT_ROOT
 from ..helpers import write_params
+from ..support.mirrors import SMALL_MIRROR_SIZES
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,7 @@ def assert_card_matches(card: str, metrics: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory, real_mirror: Path) -> Path:
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, small_mirror: Path) -> Path:
     import os
 
     from cifar10_pipeline.stages import download, emissions, evaluate, model_card, preprocess, train, validate
@@ -59,7 +60,8 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, real_mirror: Path) ->
     try:
         write_params(
             root,
-            download={"sources": ["mirror"], "mirror_dir": str(real_mirror)},
+            download={"sources": ["mirror"], "mirror_dir": str(small_mirror)},
+            validate={f"{split}_images": size for split, size in SMALL_MIRROR_SIZES.items()},
             preprocess={"max_train_images": 1100, "val_size": 100, "max_test_images": 300},
             train={"epochs": 4, "batch_size": 100, "whiten_bias_epochs": 1, "tta_level": 1},
             evaluate={"robustness_images": 100, "batch_size": 300},

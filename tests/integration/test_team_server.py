@@ -33,8 +33,9 @@ import yaml
 
 from tests.localserver import free_port
 
-from ..conftest import PROJECT_ROOT, mirror_dir
+from ..conftest import PROJECT_ROOT
 from ..helpers import run_checked
+from ..support.mirrors import SMALL_MIRROR_PARAMS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -175,15 +176,14 @@ def clone_env(clone: Path, team: Team) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(team: Team, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    mirror = mirror_dir()
-    if mirror is None:
-        pytest.skip("the CIFAR-10 mirror is not available (download.mirror_dir in conf/config.yaml)")
+def pipeline(team: Team, tmp_path_factory: pytest.TempPathFactory, small_mirror: Path) -> Pipeline:
+    mirror = small_mirror
     # The committed files only, as CI's fresh checkout has them.
     clone = git_clone(PROJECT_ROOT, tmp_path_factory.mktemp("team") / "clone")
     env = clone_env(clone, team)
     settings = [arg for key, value in TINY.items() for arg in ("-S", f"{key}={value}")]
-    settings += ["-S", f"download.mirror_dir={mirror}"]  # the clone is not beside ../shared
+    settings += ["-S", f"download.mirror_dir={mirror}"]  # the small real mirror (tests/support/mirrors.py)
+    settings += [arg for override in SMALL_MIRROR_PARAMS for arg in ("-S", override)]
     started = time.monotonic()
     output = run([sys.executable, "-m", "dvc", "exp", "run", *settings, "-n", EXPERIMENT], clone, env, 900)
     (clone.parent / "exp_run.log").write_text(output)
