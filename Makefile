@@ -1,6 +1,6 @@
 # Two commands for a newcomer (see README):
 #   make repro   set up .venv and run the whole pipeline (dvc repro) with the default params
-#   make test    set up .venv and run the test suite
+#   make test    set up .venv and run the test suite (every tier, side by side on every core)
 # Both are idempotent: the virtual environment is created and filled once, then reused.
 
 PYTHON ?= python3
@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands call `python -m ...`: make sure that is the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test test-fast lint clean-venv
+.PHONY: setup repro test test-release test-fast lint clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,14 @@ setup: $(STAMP)
 repro: $(STAMP)
 	dvc repro
 
+# Every tier (reliability cases included), one xdist worker per core; a module's tests stay on one worker, so
+# a module fixture (a sweep, a team server) is built once. The release tier (tests/release: the long forms of
+# checks this suite runs in a cheap form) is `make test-release`; CI runs both.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadscope -m "not release"
+
+test-release: $(STAMP)
+	$(BIN)/python -m pytest tests/release
 
 # The edit loop: the unit tier (tests/unit) without its slow tests; `make test` runs every tier.
 test-fast: $(STAMP)
