@@ -258,9 +258,10 @@ def mlflow_statuses(clone: Path) -> dict[str, int]:
     return by_status
 
 
-def dvc_status(clone: Path) -> dict:
+def dvc_status(clone: Path, *targets: str) -> dict:
+    """``dvc status --json`` (of ``targets`` and what they depend on, when given): {} when nothing changed."""
     status = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json"],
+        [sys.executable, "-m", "dvc", "status", "--json", *targets],
         cwd=clone,
         env=env_for(clone),
         capture_output=True,
