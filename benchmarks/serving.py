@@ -244,7 +244,8 @@ async def run_load(
 
 def cli_path_throughput(model_dir: str, pngs: list[bytes], duration: float) -> dict[str, Any]:
     """Images/s of the CLI's two steps, decoding (image_to_array) and batched predict_logits on CPU."""
-    from cifar10_pipeline.modeling.inference import image_to_array, predict_logits
+    from cifar10_pipeline.core.images import image_to_array
+    from cifar10_pipeline.modeling.inference import predict_logits
     from cifar10_pipeline.modeling.model import load_model
     from cifar10_pipeline.serving.cli import DEFAULT_BATCH_SIZE
 

@@ -1,9 +1,10 @@
 """Image files a hostile or unlucky user may send, built in memory: decompression bombs, huge-but-tiny PNGs,
-corrupt and truncated files, and 16-bit copies of 8-bit images. Shared by the service tests and the flood
-benchmark (benchmarks/service_flood.py)."""
+corrupt and truncated files, 16-bit copies of 8-bit images, and the 12-megapixel JPEG a phone takes. Shared by
+the service tests and the flood benchmark (benchmarks/service_flood.py)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -25,6 +26,23 @@ def png_declaring(width: int, height: int) -> bytes:
         + _chunk(b"IDAT", zlib.compress(b"\0" * 1024))
         + _chunk(b"IEND", b"")
     )
+
+
+@functools.cache
+def photo_jpeg(width: int = 4000, height: int = 3000) -> bytes:
+    """A real, fully decodable JPEG of a phone photo's size (4000x3000: 12 megapixels), smooth so it stays
+    small (about 260 KB); built once per size."""
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    return _save(image, "JPEG")
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims width x height pixels (at most 65535 each), its data
+    that of a 64x64 image: a JPEG bomb header."""
+    data = bytearray(_save(Image.new("RGB", (64, 64), (90, 120, 200)), "JPEG"))
+    sof = data.find(b"\xff\xc0")  # baseline frame: length (2), precision (1), height (2), width (2)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
 
 
 def blank_png(width: int, height: int) -> bytes:

@@ -152,7 +152,7 @@ def test_the_wait_ends_as_soon_as_the_others_give_up(infer: Callable[[np.ndarray
 def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(
     infer: Callable[[np.ndarray], np.ndarray],
 ) -> None:
-    from cifar10_pipeline.modeling.inference import ImageInputError
+    from cifar10_pipeline.core.images import ImageInputError
 
     traffic = Traffic(max_in_flight=10)
     batcher = MicroBatcher(infer, traffic, max_batch=8, max_wait_s=0.0)

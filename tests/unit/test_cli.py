@@ -14,7 +14,8 @@ from PIL import Image
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import decode_png
-from cifar10_pipeline.modeling.inference import image_to_array, predict_logits
+from cifar10_pipeline.core.images import image_to_array
+from cifar10_pipeline.modeling.inference import predict_logits
 from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.serving.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, build_parser, main
 from cifar10_pipeline.serving.settings import ServeSettings, env_var_name, flag_name, settings_from_args

@@ -11,10 +11,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cifar10_pipeline.modeling.inference import (
+from cifar10_pipeline.core.images import (
     ImageInputError,
-    fit_temperature,
+    ImageTooLargeError,
+    decode_image,
     image_to_array,
+    inspect_image,
+)
+from cifar10_pipeline.modeling.inference import (
+    fit_temperature,
     normalize,
     predict_logits,
     set_calibration_temperature,
@@ -23,6 +28,7 @@ from cifar10_pipeline.modeling.inference import (
 
 from ..conftest import synthetic_images
 from ..helpers import tiny_convnet
+from ..hostile_images import jpeg_declaring, photo_jpeg
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -135,3 +141,30 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(tmp_path: Path, flags:
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+
+
+def test_a_12_megapixel_jpeg_is_decoded_at_reduced_scale() -> None:
+    """A phone photo is accepted, and decoded by libjpeg at 1/8 scale (500x375), not at 4000x3000: the
+    cost of a decode is bounded by draft mode, not by the photo's size."""
+    photo = photo_jpeg(4000, 3000)
+    header = inspect_image(photo)
+    assert (header.width, header.height, header.format) == (4000, 3000, "JPEG")
+    assert (header.decode_width, header.decode_height) == (500, 375)
+    assert decode_image(photo).size == (500, 375)  # what was really decoded
+    array = image_to_array(photo)
+    assert array.shape == (32, 32, 3) and array.dtype == np.uint8
+    # The same picture decoded at full size and resized gives (almost) the same 32x32 image.
+    full = np.asarray(Image.open(io.BytesIO(photo)).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC))
+    assert np.abs(array.astype(int) - full.astype(int)).max() <= 3
+
+
+def test_a_png_is_decoded_at_full_size() -> None:
+    header = inspect_image(_encode(Image.new("RGB", (640, 480)), "PNG"))
+    assert (header.decode_width, header.decode_height) == (640, 480)
+
+
+def test_a_jpeg_bomb_is_refused_from_its_header() -> None:
+    with pytest.raises(ImageTooLargeError, match=r"3600000000 pixels, above the limit of"):
+        inspect_image(jpeg_declaring(60_000, 60_000))
+    with pytest.raises(ImageTooLargeError, match=r"above the limit of 1000 pixels"):
+        image_to_array(photo_jpeg(4000, 3000), max_pixels=1000)

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +22,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.modeling.inference import EMPTY_FILE, image_to_array, predict_logits
-from cifar10_pipeline.modeling.inference import MAX_IMAGE_PIXELS as DECODE_CEILING
+from cifar10_pipeline.core.images import EMPTY_FILE, image_to_array
+from cifar10_pipeline.core.images import MAX_IMAGE_PIXELS as DECODE_CEILING
+from cifar10_pipeline.modeling.inference import predict_logits
 from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.serving.cli import main as cli_main
 from cifar10_pipeline.serving.guards import RETRY_AFTER_S
@@ -38,7 +40,15 @@ from cifar10_pipeline.serving.settings import (
     parse_settings,
     settings_from_args,
 )
-from tests.hostile_images import blank_png, corrupt_payloads, noisy_png, png_declaring, sixteen_bit_copies
+from tests.hostile_images import (
+    blank_png,
+    corrupt_payloads,
+    jpeg_declaring,
+    noisy_png,
+    photo_jpeg,
+    png_declaring,
+    sixteen_bit_copies,
+)
 from tests.localserver import model_server
 
 from ..conftest import PROJECT_ROOT, mirror_dir
@@ -259,7 +269,7 @@ BAD_REQUESTS = {
     ),
     "request over its pixel budget": _case(
         413,
-        f"declare 4000000 pixels together, above the per-request limit of {MAX_REQUEST_PIXELS}",
+        f"would decode to 4000000 pixels together, above the per-request limit of {MAX_REQUEST_PIXELS}",
         {
             "files": [
                 ("files", (f"{i}.png", encode((1000, 1000), seed=i), "image/png")) for i in range(MAX_FILES)
@@ -467,6 +477,36 @@ def test_16_bit_uploads_classify_like_their_8_bit_copies(
     )
     if trained and variant == "16-bit RGB PNG":
         assert got_16["label"] == "cat"
+
+
+def test_phone_photos_are_classified_under_the_default_limits(photo_client: tuple[TestClient, bool]) -> None:
+    """Four 12-megapixel JPEGs (48 megapixels declared) in one request: each is decoded at 1/8 scale, so the
+    request's pixel budget counts 4 x 500x375 and lets them through."""
+    client, _ = photo_client
+    files = [("files", (f"photo{i}.jpg", photo_jpeg(4000, 3000), "image/jpeg")) for i in range(4)]
+    response = client.post("/predict", files=files)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 4
+    assert client.get("/health").json()["limits"]["max_image_pixels"] >= 50_000_000
+
+
+@pytest.mark.reliability(
+    "decompression bombs (PNG and JPEG headers declaring billions of pixels) and full-size PNGs over the "
+    "request's pixel budget, under the default limits",
+    "413 from the headers alone, nothing decoded; the 413 for PNGs says other formats count at full size",
+)
+def test_bombs_and_full_size_decodes_are_refused_under_the_default_limits(
+    photo_client: tuple[TestClient, bool],
+) -> None:
+    client, _ = photo_client
+    for bomb in (png_declaring(100_000, 100_000), jpeg_declaring(60_000, 60_000)):
+        response = client.post("/predict", files=[("files", ("bomb", bomb, "application/octet-stream"))])
+        assert response.status_code == 413, response.text
+        assert "above the limit of" in response.json()["detail"]
+    png = blank_png(4000, 3000)  # 12 megapixels decoded at full size, twice: over the default budget
+    response = client.post("/predict", files=[("files", (f"{i}.png", png, "image/png")) for i in range(2)])
+    assert response.status_code == 413, response.text
+    assert "other formats at full size" in response.json()["detail"]
 
 
 CORRUPT_CASES = {**corrupt_payloads(encode((64, 64), seed=7)), "empty file": b""}
@@ -687,3 +727,29 @@ def test_real_uvicorn_server(model_dir: Path, tmp_path: Path) -> None:
             and limits["max_image_pixels"] == ServeSettings().max_image_pixels
         )
         assert http.get("/").status_code == 200
+
+
+def test_the_settings_table_in_the_docs_states_the_defaults_in_force() -> None:
+    """docs/serving.md types each setting's default; this keeps every numeric one equal to the code's."""
+    rows = re.findall(
+        r"^\| `(CIFAR10_SERVE_\w+)` \| ([^|]+) \|", (PROJECT_ROOT / "docs/serving.md").read_text(), re.M
+    )
+    checked = 0
+    for variable, default in rows:
+        field = variable.removeprefix("CIFAR10_SERVE_").lower()
+        value = ServeSettings.model_fields[field].default
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            stated = float(default.split()[0].strip("`"))
+            assert stated == value, f"{variable}: docs say {default}, the code {value}"
+            checked += 1
+    assert checked >= 8
+
+
+def test_the_decoder_and_the_guards_import_neither_torch_nor_transformers() -> None:
+    """core/images.py is a bottom layer: the service's guards import it at module top, at no torch cost."""
+    code = (
+        "import sys, cifar10_pipeline.core.images, cifar10_pipeline.serving.guards; "
+        "print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

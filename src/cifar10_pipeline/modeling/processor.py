@@ -1,10 +1,10 @@
 """The image processor saved beside every trained model, so standard tools preprocess exactly as we do.
 
 ``transformers.pipeline("image-classification", model=<model dir>)`` and ``AutoImageProcessor`` load it from
-``preprocessor_config.json``. It runs the project's own preprocessing functions (inference.py), not a
-look-alike: Pillow's bicubic resize to 32x32 (a no-op for CIFAR-sized images), the uint8 -> float
-normalisation with the model's ``image_mean``/``image_std`` and the on-device resize to the model's
-``image_size``. So ``pixel_values`` are bit-identical to what ``predict_logits`` feeds the network.
+``preprocessor_config.json``. It runs the project's own preprocessing functions (core/images.py and
+inference.py), not a look-alike: Pillow's bicubic resize to 32x32 (a no-op for CIFAR-sized images), the
+uint8 -> float normalisation with the model's ``image_mean``/``image_std`` and the on-device resize to the
+model's ``image_size``. So ``pixel_values`` are bit-identical to what ``predict_logits`` feeds the network.
 
 With ``calibrated_output`` (built-in architectures), the processor also asks the model for the logits of our
 inference path (``calibrated``: test-time augmentation at ``config.tta_level``, divided by the fitted
@@ -22,7 +22,8 @@ from PIL import Image
 from transformers import PreTrainedConfig
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from cifar10_pipeline.modeling.inference import fit_input_size, normalize, pil_to_array
+from cifar10_pipeline.core.images import pil_to_array
+from cifar10_pipeline.modeling.inference import fit_input_size, normalize
 
 
 class CifarImageProcessor(BaseImageProcessor):

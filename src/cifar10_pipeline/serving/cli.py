@@ -105,7 +105,7 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
 
 def _decode(path: Path) -> tuple[Any, str | None]:
     """(uint8 32x32x3 array, None) or (None, why it failed) for one file."""
-    from cifar10_pipeline.modeling.inference import ImageInputError, image_to_array
+    from cifar10_pipeline.core.images import ImageInputError, image_to_array
 
     try:
         return image_to_array(path), None

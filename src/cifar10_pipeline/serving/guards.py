@@ -3,11 +3,13 @@
 In order: the number of /predict requests in flight (503 above ``max_pending_requests``), the request
 body's size (413) and content type (415), in ``UploadGuard`` before the body is parsed; then, per file, from
 its header alone (``inspect_all``): its declared content type (415), emptiness or an unreadable header (400),
-its pixel count (413, the decompression-bomb guard: the one limit, ``ServeSettings.max_image_pixels``, which
-``/health`` reports), then the pixels of all files together (413, ``max_request_pixels``). Only then is a
-request decoded, at most ``max_concurrent_decodes`` at a time (``DecodeSlots``; 503 with Retry-After after
-``decode_wait_s``), in a worker thread, off the event loop. Every refusal is an ``ErrorResponse`` that says
-how to fix it, and uses the words the CLI uses for the same file (``modeling/inference.py``).
+its declared pixel count (413, the decompression-bomb guard: the one per-image limit,
+``ServeSettings.max_image_pixels``, which ``/health`` reports), then the pixels the decodes of all files
+produce together (413, ``max_request_pixels``: a JPEG counts at the reduced scale it is decoded at, other
+formats at full size). Only then is a request decoded, at most ``max_concurrent_decodes`` at a time
+(``DecodeSlots``; 503 with Retry-After after ``decode_wait_s``), in a worker thread, off the event loop.
+Every refusal is an ``ErrorResponse`` that says how to fix it, and uses the words the CLI uses for the same
+file (both decode with ``core/images.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cifar10_pipeline.core.images import (
+    MAX_IMAGE_PIXELS,
+    ImageInputError,
+    ImageTooLargeError,
+    image_to_array,
+    inspect_image,
+)
 from cifar10_pipeline.serving.schemas import CURL_HINT, FILES_FIELD, PREDICT_PATH, ErrorItem, ErrorResponse
 from cifar10_pipeline.serving.settings import SettingsInputError
 
@@ -38,12 +47,10 @@ Upload = tuple[str | None, str | None, bytes]  # (filename, content type, bytes)
 def check_pixel_limit(max_image_pixels: int) -> None:
     """The service's pixel limit may not exceed the ceiling every decode in the package obeys (Pillow's own
     guard fires above it, and would then be the limit that counts)."""
-    from cifar10_pipeline.modeling.inference import MAX_IMAGE_PIXELS
-
     if max_image_pixels > MAX_IMAGE_PIXELS:
         raise SettingsInputError(
             f"--max-image-pixels / CIFAR10_SERVE_MAX_IMAGE_PIXELS {max_image_pixels} is above the package's "
-            f"decode ceiling of {MAX_IMAGE_PIXELS} pixels (MAX_IMAGE_PIXELS in modeling/inference.py); set "
+            f"decode ceiling of {MAX_IMAGE_PIXELS} pixels (MAX_IMAGE_PIXELS in core/images.py); set "
             "it at or below that"
         )
 
@@ -229,8 +236,6 @@ def check_content_type(content_type: str | None) -> str | None:
 
 def _problem(exc: Exception) -> UploadProblem:
     """The shared decoder's error for one upload -> its status and the words the CLI uses for it too."""
-    from cifar10_pipeline.modeling.inference import ImageTooLargeError
-
     message = str(exc).removeprefix("image bytes: ")
     return UploadProblem(413 if isinstance(exc, ImageTooLargeError) else 400, message)
 
@@ -247,14 +252,13 @@ def _raise_all(problems: list[tuple[int, ErrorItem]], total: int) -> None:
 
 
 def inspect_all(uploads: list[Upload], max_pixels: int, max_request_pixels: int) -> int:
-    """Check every upload from its header alone (cheap: nothing is decoded) and return their pixel count.
+    """Check every upload from its header alone (cheap: nothing is decoded) and return the pixels their
+    decodes will produce together.
 
     Refuses, listing every bad file: a content type that is not an image (415), an empty or unreadable
-    file (400), an image above ``max_pixels`` (413); then the request as a whole when its images declare
-    more than ``max_request_pixels`` together (413), before any of them costs a decode.
+    file (400), an image declaring more than ``max_pixels`` (413); then the request as a whole when its
+    decodes would produce more than ``max_request_pixels`` together (413), before any of them is decoded.
     """
-    from cifar10_pipeline.modeling.inference import ImageInputError, image_size
-
     total = 0
     problems: list[tuple[int, ErrorItem]] = []
     for index, (filename, content_type, data) in enumerate(uploads):
@@ -263,19 +267,20 @@ def inspect_all(uploads: list[Upload], max_pixels: int, max_request_pixels: int)
             problems.append((415, ErrorItem(location=where, message=reason)))
             continue
         try:
-            width, height = image_size(data, max_pixels)
+            header = inspect_image(data, max_pixels)
         except ImageInputError as exc:
             problem = _problem(exc)
             problems.append((problem.status_code, ErrorItem(location=where, message=problem.detail)))
             continue
-        total += width * height
+        total += header.decode_pixels
     _raise_all(problems, len(uploads))
     if total > max_request_pixels:
         raise UploadProblem(
             413,
-            f"the {len(uploads)} images of this request declare {total} pixels together, above the "
-            f"per-request limit of {max_request_pixels}; send fewer or smaller images per request (the "
-            "model sees 32x32 anyway)",
+            f"the {len(uploads)} images of this request would decode to {total} pixels together, above "
+            f"the per-request limit of {max_request_pixels} (JPEGs count at the reduced scale they are "
+            "decoded at, other formats at full size); send fewer or smaller images per request, or JPEGs "
+            "(the model sees 32x32 anyway)",
         )
     return total
 
@@ -283,8 +288,6 @@ def inspect_all(uploads: list[Upload], max_pixels: int, max_request_pixels: int)
 def decode_all(uploads: list[Upload], max_pixels: int) -> np.ndarray:
     """Decode every upload with the shared ``image_to_array``, or raise one UploadProblem listing every file
     that fails (a corrupt pixel stream is found only here; ``inspect_all`` has checked the rest)."""
-    from cifar10_pipeline.modeling.inference import ImageInputError, image_to_array
-
     arrays: list[np.ndarray] = []
     problems: list[tuple[int, ErrorItem]] = []
     for index, (filename, _, data) in enumerate(uploads):

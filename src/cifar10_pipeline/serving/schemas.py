@@ -83,8 +83,11 @@ class ServerInfo(BaseModel):
 class Limits(BaseModel):
     max_upload_bytes: int
     max_files: int
-    max_image_pixels: int = Field(description="Largest width x height of one image (413 above).")
-    max_request_pixels: int = Field(description="Most pixels of all images of one request together.")
+    max_image_pixels: int = Field(description="Largest width x height one image may declare (413 above).")
+    max_request_pixels: int = Field(
+        description="Most pixels the decodes of one request's images may produce together (a JPEG counts "
+        "at the reduced scale it is decoded at, 1/8 for a photo; other formats at full size)."
+    )
     max_concurrent_decodes: int
     decode_wait_s: float = Field(description="Longest wait for a decode slot before a 503.")
     max_pending_requests: int = Field(description="Most /predict requests in flight before a 503.")

@@ -228,6 +228,17 @@ def inspect_and_decode_small(uploads: list[Upload], limits: Limits) -> np.ndarra
     return decode_all(uploads, limits.max_image_pixels) if pixels <= SMALL_REQUEST_PIXELS else None
 
 
+def size_limits(settings: ServeSettings) -> str:
+    """The size limits in words, for the API page (from the settings, so the page states what is enforced)."""
+    return (
+        f"Each image may declare up to {settings.max_image_pixels / 1e6:g} megapixels "
+        f"({settings.max_image_pixels} pixels); JPEGs are decoded at reduced scale (1/8 for a photo), other "
+        f"formats at full size, and the decodes of one request may produce at most "
+        f"{settings.max_request_pixels} pixels together, in a body of at most {settings.max_upload_bytes} "
+        f"bytes and {settings.max_files} files."
+    )
+
+
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
     """Build the web app; the model is loaded when the app starts (lifespan), not here.
 
@@ -262,7 +273,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         version=__version__,
         summary="Classify images into the 10 CIFAR-10 classes.",
         description=f"Upload images to `POST {PREDICT_PATH}` as multipart/form-data under the field "
-        f"`{FILES_FIELD}`; any size or format Pillow reads. They are scaled to 32x32 exactly as in training.",
+        f"`{FILES_FIELD}`, in any format Pillow reads. They are scaled to 32x32 exactly as in training. "
+        f"{size_limits(settings)}",
         lifespan=lifespan,
     )
     app.add_middleware(UploadGuard, max_bytes=settings.max_upload_bytes, traffic=traffic)
@@ -310,7 +322,11 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     async def predict(
         files: Annotated[
             list[UploadFile],
-            File(description="One or more images (repeat the field); any size, any format Pillow reads."),
+            # Literal text only: the annotation is evaluated later, where the settings are not in scope.
+            File(
+                description="One or more images (repeat the field), any format Pillow reads, within the "
+                "size limits stated above and reported by /health."
+            ),
         ],
         request: Request,
         runtime: Annotated[Runtime, Depends(get_runtime)],

@@ -50,18 +50,20 @@ class ServeSettings(BaseSettings):
     )
     max_files: int = Field(default=64, gt=0, description="Most images in one request (413 above).")
     max_image_pixels: int = Field(
-        default=2048 * 2048,
+        default=100_000_000,
         gt=0,
         description="Largest width x height one image may declare, read from its header before decoding "
-        "(413 above; the decompression-bomb guard, reported by /health). The model sees 32x32: the default "
-        "(2048x2048) bounds one decode to about 0.1-0.5 s and 70 MB; at most the package's decode ceiling "
-        "(modeling.inference.MAX_IMAGE_PIXELS).",
+        "(413 above; the decompression-bomb guard, reported by /health). The default (100 megapixels) takes "
+        "any photo a phone or most cameras take; a JPEG is decoded at reduced scale (1/8 for a photo: a "
+        "12-megapixel one costs a 500x375 decode), other formats at full size, within max_request_pixels. "
+        "At most the package's decode ceiling (core.images.MAX_IMAGE_PIXELS).",
     )
     max_request_pixels: int = Field(
         default=4 * 2048 * 2048,
         gt=0,
-        description="Most pixels all images of one request may declare together (413 above), checked "
-        "before any is decoded.",
+        description="Most pixels the decodes of all images of one request may produce together (413 "
+        "above), checked from the headers before any is decoded: a JPEG counts at the reduced scale it is "
+        "decoded at, other formats at full size, so this bounds a request's decode time and memory.",
     )
     max_concurrent_decodes: int = Field(
         default=2, gt=0, description="Requests decoding images at once (others wait for a slot)."
