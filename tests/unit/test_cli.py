@@ -179,7 +179,7 @@ def test_progress_bar_goes_to_stderr(capsys, model_dir: Path, image_tree: Path) 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--model", "no/such/model"], "no model at"),
+        (["--model", "no/such/model"], "no trained model at no/such/model"),
         (["--top-k", "11"], "--top-k"),
         (["--batch-size", "0"], "--batch-size"),
     ],
@@ -291,3 +291,23 @@ def test_16_bit_files_are_classified_like_their_8_bit_copies(capsys, model_dir: 
     results = json.loads(out)["results"]
     for sixteen, eight in zip(results[::2], results[1::2], strict=True):
         assert sixteen["probabilities"] == pytest.approx(eight["probabilities"], abs=1e-6), sixteen["path"]
+
+
+NO_MODEL_ADVICE = ("no trained model at", "dvc exp run -S profile=quick", "dvc pull", "docs/team.md")
+
+
+def test_predict_without_a_model_says_in_one_line_how_to_get_one(
+    capsys, image_tree: Path, tmp_path: Path
+) -> None:
+    code, out, err = run_cli(capsys, "predict", str(image_tree), "--model", str(tmp_path / "absent"))
+    assert code == EXIT_USAGE and out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert all(words in err for words in NO_MODEL_ADVICE), err
+
+
+def test_serve_without_a_model_says_in_one_line_how_to_get_one(capsys, tmp_path: Path) -> None:
+    """Before: uvicorn's lifespan traceback (about 30 lines) and exit status 3."""
+    code, _, err = run_cli(capsys, "serve", "--model", str(tmp_path / "absent"))
+    assert code == EXIT_USAGE
+    assert len(err.strip().splitlines()) == 1, err
+    assert all(words in err for words in NO_MODEL_ADVICE) and "CIFAR10_SERVE_MODEL" in err, err

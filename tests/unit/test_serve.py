@@ -753,3 +753,41 @@ def test_the_decoder_and_the_guards_import_neither_torch_nor_transformers() -> N
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_app_without_a_model_says_on_its_page_and_endpoints_how_to_get_one(tmp_path: Path) -> None:
+    settings = ServeSettings(model=str(tmp_path / "absent"), git_commit="0")
+    with TestClient(create_app(settings)) as test_client:
+        page = test_client.get("/")
+        assert page.status_code == 200
+        # The page shows the detail of /health's refusal as it is (the browser tests run the script).
+        assert "err.detail ||" in page.text
+        for response in (
+            test_client.get("/health"),
+            test_client.get("/labels"),
+            test_client.post("/predict", files=[("files", ("a.png", encode(), "image/png"))]),
+        ):
+            assert response.status_code == 503, response.text
+            detail = ErrorResponse.model_validate(response.json()).detail
+            assert "\n" not in detail
+            assert detail.startswith(f"no trained model at {tmp_path / 'absent'}: ")
+            assert "dvc exp run -S profile=quick" in detail and "dvc pull" in detail
+
+
+def test_the_server_entry_point_without_a_model_exits_2_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        serve_main(["--model", str(tmp_path / "absent")])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "dvc exp run -S profile=quick" in err, err
+
+
+def test_transformers_pipeline_on_a_missing_folder_is_told_how_to_get_a_model(tmp_path: Path) -> None:
+    from transformers import pipeline
+
+    from cifar10_pipeline.modeling import saved_model_dir
+
+    with pytest.raises(FileNotFoundError, match=r"^no trained model at .*dvc pull \(docs/team\.md\)"):
+        pipeline("image-classification", model=saved_model_dir(tmp_path / "absent"))

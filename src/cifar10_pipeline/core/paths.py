@@ -1,7 +1,7 @@
 """Where each stage reads and writes, relative to the project root (DVC runs every stage from there).
 
 dvc.yaml declares the same paths; keeping them in one module means a stage cannot quietly write somewhere
-that DVC does not track.
+that DVC does not track. ``saved_model_dir`` checks, without importing torch, that a model folder is there.
 """
 
 from pathlib import Path
@@ -38,3 +38,26 @@ EMISSIONS_METRICS = METRICS_DIR / "emissions.json"
 BENCHMARK_METRICS = METRICS_DIR / "benchmark.json"  # written by `python benchmarks/training.py`
 EMISSIONS_REPORT = REPORTS_DIR / "emissions.md"
 MODEL_CARD = REPORTS_DIR / "model_card.md"
+
+
+class NoModelError(FileNotFoundError):
+    """No saved model where one was asked for; the message says, in one line, how to get one."""
+
+
+def no_model_message(path: str | Path, flag: str = "--model") -> str:
+    return (
+        f"no trained model at {path}: train one with the quick profile (dvc exp run -S profile=quick), "
+        f"fetch the team's with dvc pull (docs/team.md), or point {flag} at a published model folder"
+    )
+
+
+def saved_model_dir(path: str | Path = MODEL_DIR, flag: str = "--model") -> Path:
+    """``path`` if it holds a saved model (its config.json), else NoModelError saying how to get one.
+
+    For ``transformers.pipeline`` too, which takes a missing folder for a Hub id and answers with a network
+    error: ``pipeline("image-classification", model=saved_model_dir("models/cifar10"))``.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise NoModelError(no_model_message(path, flag))
+    return path

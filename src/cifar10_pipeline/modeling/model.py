@@ -29,6 +29,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from cifar10_pipeline import CLASS_NAMES
+from cifar10_pipeline.core.paths import saved_model_dir
 from cifar10_pipeline.modeling.pooling import max_pool2x2
 
 # Per-channel statistics of the CIFAR-10 training split (pixel/255), from the data card.
@@ -355,9 +356,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> PreTrain
     """Load a trained model for inference, whichever architecture it is: weights from safetensors only, the
     code from this package or transformers only (never a checkpoint's own, trust_remote_code=False)."""
     register_auto_classes()
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {path} (config.json missing); train one first: dvc repro train")
+    path = saved_model_dir(path)
     if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
         found = sorted(p.name for p in path.iterdir())
         raise FileNotFoundError(

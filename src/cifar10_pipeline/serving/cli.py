@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cifar10_pipeline import NUM_CLASSES, __version__
-from cifar10_pipeline.core.paths import MODEL_DIR
+from cifar10_pipeline.core.paths import MODEL_DIR, NoModelError
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -198,6 +198,9 @@ def run_predict(args: argparse.Namespace) -> int:
     transformers_logging.disable_progress_bar()  # its weight-loading bar would clutter every run's stderr
     try:
         model = load_model(args.model, device=args.device)
+    except NoModelError as exc:
+        print(f"cifar10 predict: error: {exc}", file=sys.stderr)  # says how to get a model
+        return EXIT_USAGE
     except MODEL_LOAD_ERRORS as exc:
         print(f"cifar10 predict: error: cannot load the model from {args.model}: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -267,8 +270,8 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
         from cifar10_pipeline.serving.serve import run
 
-        run(settings)  # checks the settings together before it serves
-    except SettingsInputError as exc:
+        run(settings)  # checks the settings and the model folder before it serves
+    except (SettingsInputError, NoModelError) as exc:
         print(f"cifar10 serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK

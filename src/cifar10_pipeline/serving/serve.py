@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cifar10_pipeline import IMAGE_SHAPE, NUM_CLASSES, __version__
+from cifar10_pipeline.core.paths import NoModelError, saved_model_dir
 from cifar10_pipeline.serving.batching import MicroBatcher
 from cifar10_pipeline.serving.guards import (
     TICKET_KEY,
@@ -74,6 +76,7 @@ REGISTRY_PREFIX = "models:/"
 # decode slot: it costs less than the slot's bookkeeping and one more thread hop.
 SMALL_REQUEST_PIXELS = 64 * 32 * 32
 PROG = "python -m cifar10_pipeline.serving.serve"
+MODEL_SETTING = "--model / CIFAR10_SERVE_MODEL"  # how a no-model message names the setting
 
 
 # ---------------------------------------------------------------------------------------------- model state
@@ -168,7 +171,7 @@ def load_runtime(settings: ServeSettings) -> Runtime:
             raise
         name = settings.model[len(REGISTRY_PREFIX) :].split("@")[0].split("/")[0]
     else:
-        model_dir = Path(settings.model)
+        model_dir = saved_model_dir(settings.model, MODEL_SETTING)
         name = model_dir.resolve().name
     model = load_model(model_dir)
     config = model.config
@@ -208,7 +211,10 @@ def load_runtime(settings: ServeSettings) -> Runtime:
 
 
 def get_runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
+    runtime = request.app.state.runtime
+    if runtime is None:  # started without a model: every model endpoint says how to get one
+        raise UploadProblem(503, request.app.state.no_model)
+    return runtime
 
 
 def probabilities_of(model: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -253,7 +259,15 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await run_in_threadpool(load_runtime, settings)
+        try:
+            runtime = await run_in_threadpool(load_runtime, settings)
+        except NoModelError as exc:
+            # An app built without a model (``run`` refuses to start one) stays up to say, on its page and
+            # in every model endpoint's 503, how to get a model.
+            logger.error("%s", exc)
+            app.state.runtime, app.state.no_model = None, str(exc)
+            yield
+            return
         runtime.decode_slots = DecodeSlots(settings.max_concurrent_decodes, settings.decode_wait_s)
         runtime.batcher = MicroBatcher(
             probabilities_of(runtime.model),
@@ -402,10 +416,13 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
 
 def run(settings: ServeSettings) -> None:
-    """Serve with uvicorn; raises SettingsInputError, before serving, for settings that cannot work."""
+    """Serve with uvicorn; raises SettingsInputError, before serving, for settings that cannot work, and
+    NoModelError when the model folder holds no model (checked before torch is even imported)."""
     import uvicorn
 
     app = create_app(settings)
+    if not settings.model.startswith(REGISTRY_PREFIX):
+        saved_model_dir(settings.model, MODEL_SETTING)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
@@ -415,6 +432,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(settings)
     except SettingsInputError as exc:
         build_parser(PROG).error(str(exc))
+    except NoModelError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)  # one line: the usage would bury it
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
