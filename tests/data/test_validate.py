@@ -578,3 +578,13 @@ def test_real_mirror_passes(real_mirror: Path, tmp_path: Path) -> None:
     card = DATA_CARD_CHANNEL_STATS["train"]
     assert summary["train"]["channel_mean"]["red"] == pytest.approx(card["mean"][0], abs=1e-3)
     assert (docs / "index.html").is_file() and json.loads(metrics.read_text()) == summary
+
+
+def test_a_bad_shard_points_at_the_source_too_not_only_at_a_re_fetch(raw_dir: Path, tmp_path: Path) -> None:
+    """Re-fetching from a corrupt mirror brings the same bytes: the hint names the checks that find it."""
+    truncated_file(raw_dir)
+    with pytest.raises(DataValidationError) as failure:
+        run_validate(raw_dir, tmp_path)
+    line = next(line for line in failure.value.failures if "Parquet shard readable" in line)
+    assert "dvc repro download" in line
+    assert "sha256sum -c SHA256SUMS" in line and "metrics/data_source.json" in line

@@ -39,6 +39,7 @@ from cifar10_pipeline.core.data import (
     read_raw_shard,
     split_files,
 )
+from cifar10_pipeline.core.paths import DATA_SOURCE
 
 if TYPE_CHECKING:
     from great_expectations.data_context import EphemeralDataContext
@@ -58,7 +59,13 @@ LABELS = list(range(NUM_CLASSES))
 INDEX = "item"
 DOCS_SITE = "cifar10"
 MAX_LISTED = 5
-FETCH_HINT = "re-fetch the data: dvc repro download"
+# Re-fetching cannot help when the source itself is bad (a corrupt mirror verifies against its own sums only
+# if they were written after the damage), so the hint also names where to check it.
+FETCH_HINT = (
+    "re-fetch the data: dvc repro download; if that brings the same bad data, the source itself is bad: "
+    "check the mirror's files against their checksums (sha256sum -c SHA256SUMS in download.mirror_dir) or "
+    f"the source named in {DATA_SOURCE}, and restore it from its origin"
+)
 
 
 class DataValidationError(DataError):
