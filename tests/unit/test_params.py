@@ -68,6 +68,18 @@ def test_unknown_key_is_named(raw: dict) -> None:
         validate_params(changed)
 
 
+def test_missing_keys_are_named_concisely(raw: dict) -> None:
+    """Before: each missing key's message held its whole section's repr (about 1,000 characters for train)."""
+    changed = copy.deepcopy(raw)
+    del changed["train"]["lr"], changed["train"]["epochs"], changed["evaluate"]
+    with pytest.raises(ParamsError) as failure:
+        validate_params(changed)
+    assert str(failure.value).splitlines()[1:] == [
+        "  train: missing required key(s) epochs, lr",
+        "  missing required section(s) evaluate",
+    ]
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value", "fragment"),
     [

@@ -288,7 +288,20 @@ def validate_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors()]
+        errors = exc.errors()
+        # A missing key's "input" is its whole section (about 1,000 characters for train): name the keys.
+        missing: dict[str, list[str]] = {}
+        for error in errors:
+            if error["type"] == "missing":
+                *section, key = (str(part) for part in error["loc"])
+                missing.setdefault(".".join(section), []).append(key)
+        problems = [
+            f"  {section}: missing required key(s) {', '.join(keys)}"
+            if section
+            else f"  missing required section(s) {', '.join(keys)}"
+            for section, keys in missing.items()
+        ]
+        problems += [_describe(error) for error in errors if error["type"] != "missing"]
         raise ParamsError(
             f"{source} is invalid:\n" + "\n".join(problems),
             hint=f"fix the key(s) above; every key is documented in {CONF_DIR / CONFIG_NAME}.yaml",
