@@ -56,16 +56,58 @@ def test_checksum_names_must_be_plain(
     assert not (project / "data/raw").exists()
 
 
+def test_mirror_of_symlinks_to_regular_files_is_accepted(
+    project: Path, synthetic_mirror: Path, tmp_path: Path
+) -> None:
+    """Large data often lives on another disk, the mirror folder holding links to it."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for shard in synthetic_mirror.glob("*.parquet"):
+        shard.rename(store / shard.name)
+        shard.symlink_to(store / shard.name)
+    download(_params(project, sources=["mirror"], mirror_dir=str(synthetic_mirror)))
+    for shard in synthetic_mirror.glob("*.parquet"):
+        copied = project / "data/raw" / shard.name
+        assert not copied.is_symlink() and copied.read_bytes() == (store / shard.name).read_bytes()
+
+
 @pytest.mark.reliability(
-    "a mirror shard is a symbolic link",
-    "the mirror is refused with a message naming the link; nothing is copied",
+    "a mirror shard is a symbolic link to a file whose bytes differ from SHA256SUMS",
+    "refused as a checksum mismatch, like a regular file; nothing is copied",
 )
-def test_mirror_symlink_is_refused(project: Path, synthetic_mirror: Path, tmp_path: Path) -> None:
+def test_mirror_symlink_to_other_bytes_is_refused(
+    project: Path, synthetic_mirror: Path, tmp_path: Path
+) -> None:
     shard = synthetic_mirror / "test-00000-of-00001.parquet"
-    target = tmp_path / "elsewhere.parquet"
-    shard.rename(target)
-    shard.symlink_to(target)  # same bytes, so the checksum alone would pass it
-    with pytest.raises(DataError, match=r"test-00000-of-00001\.parquet is a symbolic link; refusing it"):
+    other = tmp_path / "other.parquet"
+    other.write_bytes((synthetic_mirror / "train-00000-of-00002.parquet").read_bytes())
+    shard.unlink()
+    shard.symlink_to(other)
+    with pytest.raises(DataError, match=r"checksum mismatch for .*test-00000-of-00001\.parquet"):
+        download(_params(project, sources=["mirror"], mirror_dir=str(synthetic_mirror)))
+    assert not (project / "data/raw").exists()
+
+
+@pytest.mark.reliability(
+    "a mirror shard is a dangling symbolic link, or a link to a folder or to /dev/zero",
+    "refused with a message naming the link and its target, before anything is read from it",
+)
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("gone.parquet", r"which does not exist \(a dangling link\)"),
+        ("folder", "which is not a regular file"),
+        ("/dev/zero", "which is not a regular file"),
+    ],
+)
+def test_mirror_symlink_to_nothing_or_no_file_is_refused(
+    project: Path, synthetic_mirror: Path, tmp_path: Path, target: str, message: str
+) -> None:
+    (tmp_path / "folder").mkdir()
+    shard = synthetic_mirror / "test-00000-of-00001.parquet"
+    shard.unlink()
+    shard.symlink_to(tmp_path / target)
+    with pytest.raises(DataError, match=rf"test-00000-of-00001\.parquet is a symbolic link to .*{message}"):
         download(_params(project, sources=["mirror"], mirror_dir=str(synthetic_mirror)))
     assert not (project / "data/raw").exists()
 

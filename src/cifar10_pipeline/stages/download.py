@@ -10,9 +10,10 @@ A source that does not deliver hands over to the next: an absent mirror, and any
 (network or server errors of any kind, a checksum mismatch, a file without a checksum, an unsafe archive).
 The end summary lists each source tried and why it failed. A local mirror that is there but corrupt stops
 the stage: it is the user's own copy, and it must be repaired, not routed around. Names from SHA256SUMS, the
-Hub and the archive must be plain file names; links, absolute and ``..`` paths are refused; the archive's
-pickled batches are read with an unpickler that builds only arrays, lists, bytes and ints. Output appears
-all at once or not at all.
+Hub and the archive must be plain file names; absolute and ``..`` paths, and links inside the archive, are
+refused; a mirror's file may be a symbolic link to a regular file (its bytes are checked like any file's).
+The archive's pickled batches are read with an unpickler that builds only arrays, lists, bytes and ints.
+Output appears all at once or not at all.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import contextlib
 import errno
 import hashlib
 import importlib
+import os
 import pickle
 import re
 import shutil
+import stat
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -116,6 +119,30 @@ def _mirror_dir(params: DownloadParams) -> Path | None:
     return Path(params.mirror_dir) if params.mirror_dir else None
 
 
+def _check_mirror_file(mirror: Path, name: str) -> None:
+    """A listed mirror file must be a regular file, or a symbolic link to one (large data often lives on
+    another disk): what is copied is then the link's target, checked against SHA256SUMS like any file.
+    A dangling link, or one to a folder, a device or a pipe (reading /dev/zero never ends), is refused."""
+    source = mirror / name
+    if source.is_symlink():
+        target = Path(os.readlink(source))
+        if not source.exists():
+            raise DataError(
+                f"mirror {mirror}: {name} is a symbolic link to {target}, which does not exist (a dangling "
+                "link); restore the file it points to, or replace the link with the file"
+            )
+        if not stat.S_ISREG(source.stat().st_mode):
+            raise DataError(
+                f"mirror {mirror}: {name} is a symbolic link to {target}, which is not a regular file; "
+                "point it at the data file itself"
+            )
+        return
+    if not source.exists():
+        raise DataError(f"mirror {mirror}: {name} is listed in {CHECKSUM_FILE} but missing")
+    if not stat.S_ISREG(source.stat().st_mode):
+        raise DataError(f"mirror {mirror}: {name} is not a regular file; put the data file itself there")
+
+
 def fetch_mirror(params: DownloadParams, staging: Path) -> dict:
     """Copy a local mirror. An absent mirror hands over to the next source; a mirror that is there but
     corrupt or unverifiable stops the stage (it is the user's copy, and it must be repaired)."""
@@ -136,12 +163,7 @@ def fetch_mirror(params: DownloadParams, staging: Path) -> dict:
             raise DataError(f"mirror {mirror}: {CHECKSUM_FILE} lists no {split}-*.parquet shard")
     for name in tqdm(shards, desc="copy mirror", unit="file"):
         source = mirror / name
-        if source.is_symlink():
-            raise DataError(
-                f"mirror {mirror}: {name} is a symbolic link; refusing it (copy the file itself there)"
-            )
-        if not source.is_file():
-            raise DataError(f"mirror {mirror}: {name} is listed in {CHECKSUM_FILE} but missing")
+        _check_mirror_file(mirror, name)
         shutil.copyfile(source, staging / name)
         actual = file_digest(staging / name)
         if actual != expected[name]:
