@@ -7,7 +7,9 @@ clients for a fixed ``--duration`` after a short warm-up against each server in 
 shared machine's changing load falls on both alike), recording throughput, p50/p95/p99 latency, the
 forward passes the server ran (from ``/health``) and how much CPU other processes took meanwhile (the
 machine may be shared). Any failed request makes the run exit 1. Then it measures the CLI path in-process:
-``image_to_array`` decoding and ``predict_logits`` on CPU, in images per second.
+``image_to_array`` decoding and ``predict_logits`` on CPU, in images per second. Last, one 12-megapixel
+JPEG (4000x3000, a phone photo's size) through ``cifar10 predict`` (a fresh process: latency and its peak
+RSS) and through the service (latency and the server's peak RSS while it handles the photo).
 
 Writes reports/serving_benchmark.md and metrics/serving.json, with the issue's targets and whether they are
 met. The load generator shares the CPU with the server, as on a one-box deployment; numbers are for
@@ -26,6 +28,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -276,6 +279,130 @@ def cli_path_throughput(model_dir: str, pngs: list[bytes], duration: float) -> d
     }
 
 
+# ------------------------------------------------------------------------------------------ a phone photo
+
+PHOTO_SIZE = (4000, 3000)  # 12 megapixels
+PHOTO_REQUESTS = 5  # through the service; the median is reported
+
+
+def phone_photo() -> bytes:
+    """A 4000x3000 JPEG with a photo's texture (fine noise on smooth shading): a few MB, like a phone's, so
+    decoding costs what a real photo's does (a smooth gradient would compress to almost nothing)."""
+    from PIL import Image
+
+    width, height = PHOTO_SIZE
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:height, 0:width]
+    shading = np.stack([(rows * 0.05 + cols * 0.03 + 60 * c) % 256 for c in range(3)], axis=-1)
+    pixels = np.clip(shading + rng.normal(0, 12, shading.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident set (VmHWM) of a running process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset a process's VmHWM to its current RSS (Linux clear_refs 5); False where that is refused."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+# Runs the CLI as `python -m` would and records its own peak RSS (VmHWM) at exit. Not wait4's ru_maxrss:
+# Linux carries the forking parent's peak across exec into the child's, so it would report the benchmark's.
+CLI_WITH_PEAK_RSS = """
+import atexit, os, runpy, sys
+from pathlib import Path
+
+def record() -> None:
+    lines = Path("/proc/self/status").read_text().splitlines()
+    peak = next(line for line in lines if line.startswith("VmHWM:"))
+    Path(os.environ["PEAK_RSS_FILE"]).write_text(peak.split()[1])
+
+atexit.register(record)
+sys.argv[0] = "cifar10"
+runpy.run_module("cifar10_pipeline.serving.cli", run_name="__main__")
+"""
+
+
+def photo_through_cli_and_service(model_dir: str, url: str | None, photo: bytes) -> dict[str, Any]:
+    """One 12-megapixel JPEG: ``cifar10 predict`` in a fresh process (wall time, its peak RSS), the
+    shared decoder in-process, and, given a running server's ``url``, ``POST /predict`` (median latency of
+    PHOTO_REQUESTS requests, the server's peak RSS meanwhile)."""
+    from cifar10_pipeline.core.images import decode_image, image_to_array
+
+    result: dict[str, Any] = {"width": PHOTO_SIZE[0], "height": PHOTO_SIZE[1], "jpeg_bytes": len(photo)}
+    result["decoded_at"] = "x".join(map(str, decode_image(photo).size))  # draft mode's reduced scale
+    timings = []
+    for _ in range(PHOTO_REQUESTS):
+        started = time.perf_counter()
+        image_to_array(photo)
+        timings.append(time.perf_counter() - started)
+    result["decode_ms"] = round(1000 * float(np.median(timings)), 1)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "photo.jpg"
+        path.write_bytes(photo)
+        peak_file = Path(scratch) / "peak_rss_kb"
+        command = [
+            sys.executable,
+            "-c",
+            CLI_WITH_PEAK_RSS,
+            "predict",
+            str(path),
+            "--json",
+            "--model",
+            model_dir,
+        ]
+        started = time.perf_counter()
+        done = subprocess.run(
+            command, capture_output=True, env={**os.environ, "PEAK_RSS_FILE": str(peak_file)}
+        )
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"cifar10 predict failed on the photo: {done.stderr.decode(errors='replace')[-500:]}"
+            )
+        label = json.loads(done.stdout)["results"][0]["label"]
+        peak_kb = int(peak_file.read_text())
+    result["cli"] = {
+        "label": label,
+        "wall_s": round(wall, 2),  # the whole command: interpreter, torch import, model load, decode
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+    }
+    if url is not None:
+        pid = url.pid  # type: ignore[attr-defined]
+        reset = reset_peak_rss(pid)
+        latencies = []
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for _ in range(PHOTO_REQUESTS):
+                started = time.perf_counter()
+                response = http.post("/predict", files=[("files", ("photo.jpg", photo, "image/jpeg"))])
+                latencies.append(time.perf_counter() - started)
+                if response.status_code != 200:
+                    raise RuntimeError(
+                        f"the service refused the photo: {response.status_code} {response.text}"
+                    )
+        result["service"] = {
+            "requests": PHOTO_REQUESTS,
+            "p50_ms": round(1000 * float(np.median(latencies)), 1),
+            "max_ms": round(1000 * max(latencies), 1),
+            # Since the reset: the photo's cost. Where the reset is refused: the server's whole lifetime.
+            "peak_rss_mb": peak_rss_mb(pid),
+            "peak_rss_since": "photo requests" if reset else "server start",
+        }
+    return result
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
@@ -330,6 +457,24 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
         f"- `predict_logits`, batches of {cli['batch_size']}: **{cli['predict_images_per_s']} images/s** "
         f"({cli['images']} images in {cli['seconds']} s)",
         f"- `image_to_array` decoding of 32x32 PNGs, one thread: {cli['decode_images_per_s']} images/s",
+        "",
+    ]
+    photo = result["photo"]
+    lines += [
+        f"## One {photo['width']}x{photo['height']} JPEG ({photo['jpeg_bytes']} bytes, a phone photo's size)",
+        "",
+        f"- decoded at {photo['decoded_at']} (draft mode), `image_to_array` {photo['decode_ms']} ms",
+        f"- `cifar10 predict photo.jpg --json`, a fresh process (interpreter, torch import, model load "
+        f"included): {photo['cli']['wall_s']} s, peak RSS {photo['cli']['peak_rss_mb']} MB",
+    ]
+    if "service" in photo:
+        service = photo["service"]
+        lines.append(
+            f"- `POST /predict` with the photo, {service['requests']} requests: p50 {service['p50_ms']} ms, "
+            f"max {service['max_ms']} ms; server peak RSS {service['peak_rss_mb']} MB (since "
+            f"{service['peak_rss_since']})"
+        )
+    lines += [
         "",
         f"Errors: {result['errors']} (the benchmark fails on any). Regenerate: "
         f"`python benchmarks/serving.py --model {settings['model']} --duration {settings['duration_s']}`.",
@@ -497,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
                     http_rows.append(
                         measure_setting(url, batching, pngs, images_per_request, concurrency, args, warmup)
                     )
+        # After the load, on the server with the default setting (batching on) where it ran.
+        photo = photo_through_cli_and_service(
+            args.model, urls.get("on", next(iter(urls.values()))), phone_photo()
+        )
+        print(f"  photo  {json.dumps(photo)}", file=sys.stderr)
     cli = cli_path_throughput(args.model, pngs, args.duration)
     print(f"  cli    predict_logits {cli['predict_images_per_s']} img/s", file=sys.stderr)
 
@@ -517,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": check_targets(http_rows),
         "http": http_rows,
         "cli": cli,
+        "photo": photo,
         "errors": errors,
     }
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
