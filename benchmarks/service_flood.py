@@ -103,7 +103,9 @@ def build_cases(model: str, max_image_pixels: int, max_request_pixels: int, scra
     pngs, _ = load_images(VALID_IMAGES)
     from PIL import Image
 
-    side = int(max_image_pixels**0.5)  # the largest square image the limit allows
+    # The largest square PNG the limits allow: a PNG decodes at full size, so the request's pixel budget
+    # bounds it as well as the per-image limit (since JPEGs decode at reduced scale, that one is larger).
+    side = int(min(max_image_pixels, max_request_pixels) ** 0.5)
     largest = blank_png(side, side)
     per_request = max(1, max_request_pixels // (side * side))
     cat = np.asarray(Image.open(io.BytesIO(pngs[3])).convert("RGB"))

@@ -14,11 +14,9 @@ by its per-request pixel budget, counted in the pixels a decode really produces 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -100,23 +98,23 @@ def _decode_failure(exc: BaseException, max_pixels: int) -> ImageInputError:
     )
 
 
-@contextlib.contextmanager
-def _open_checked(data: bytes, max_pixels: int) -> Iterator[tuple[Image.Image, tuple[int, int]]]:
+def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
     """Open image bytes (header only), refuse them if empty or above ``max_pixels``, and set a JPEG to
-    decode at the smallest DCT scale that still covers OUTPUT_SIZE. Yields (image, declared size)."""
+    decode at the smallest DCT scale that still covers OUTPUT_SIZE. Returns (image, declared size).
+
+    Not closed by the caller: it reads from memory (no file handle to release), and closing would discard
+    the decoded pixels, which are then used without a copy."""
     if not data:
         raise ImageInputError(EMPTY_FILE)
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageTooLargeError(
-                too_large_message(f"{width}x{height} = {width * height} pixels", max_pixels)
-            )
-        # Draft mode changes only how a JPEG will be decoded (a no-op for other formats): after it,
-        # image.size is the reduced size the decode produces. Never below OUTPUT_SIZE, so the final
-        # antialiased bicubic resize below still does the last step, as for every other image.
-        image.draft("RGB", OUTPUT_SIZE)
-        yield image, (width, height)
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(too_large_message(f"{width}x{height} = {width * height} pixels", max_pixels))
+    # Draft mode changes only how a JPEG will be decoded (a no-op for other formats): after it, image.size
+    # is the reduced size the decode produces. Never below OUTPUT_SIZE, so the final antialiased bicubic
+    # resize still does the last step, as for every other image.
+    image.draft("RGB", OUTPUT_SIZE)
+    return image, (width, height)
 
 
 def _located(exc: ImageInputError, where: str) -> ImageInputError:
@@ -136,8 +134,8 @@ def inspect_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS
     ``image_to_array`` except those only decoding can find (a truncated or corrupt pixel stream)."""
     where, data = _read(source)
     try:
-        with _open_checked(data, max_pixels) as (image, (width, height)):
-            return ImageHeader(width, height, image.format, *image.size)
+        image, (width, height) = _open_checked(data, max_pixels)
+        return ImageHeader(width, height, image.format, *image.size)
     except ImageInputError as exc:
         raise _located(exc, where) from None
     except DECODE_ERRORS as exc:
@@ -149,12 +147,13 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS)
     8-bit RGB; not yet resized. Raises as ``image_to_array`` does."""
     where, data = _read(source)
     try:
-        with _open_checked(data, max_pixels) as (image, _):
-            image.load()
-            # Phone photos store their rotation in EXIF; apply it so the model sees the upright scene. Done
-            # here, inside the error handling (a damaged file can fail in either step); pil_to_array's own
-            # exif_transpose is then a no-op (the orientation tag is gone).
-            return to_rgb(ImageOps.exif_transpose(image))
+        image, _ = _open_checked(data, max_pixels)
+        image.load()
+        # Phone photos store their rotation in EXIF; apply it so the model sees the upright scene. Done
+        # here, inside the error handling (a damaged file can fail in either step). In place and with no
+        # copy of an RGB image: a full-size decode (a PNG) holds its pixels about once, not four times.
+        ImageOps.exif_transpose(image, in_place=True)
+        return image if image.mode == "RGB" else to_rgb(image)
     except ImageInputError as exc:
         raise _located(exc, where) from None
     except DECODE_ERRORS as exc:
@@ -170,7 +169,7 @@ def image_to_array(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXEL
     ``max_pixels``), its message prefixed with the path or "image bytes"; OSError for a path that cannot
     be read.
     """
-    return pil_to_array(decode_image(source, max_pixels))
+    return _resized(decode_image(source, max_pixels))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -193,7 +192,10 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
 
     Shared by ``image_to_array`` and the saved image processor, so every entry point resizes the same way.
     """
-    rgb = to_rgb(ImageOps.exif_transpose(image))
+    return _resized(to_rgb(ImageOps.exif_transpose(image)))
+
+
+def _resized(rgb: Image.Image) -> np.ndarray:
     if rgb.size != OUTPUT_SIZE:
         rgb = rgb.resize(OUTPUT_SIZE, Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
