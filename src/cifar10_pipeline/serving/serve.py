@@ -46,6 +46,7 @@ from cifar10_pipeline.serving.guards import (
     UploadProblem,
     check_pixel_limit,
     decode_all,
+    decode_and_trim,
     error_response,
     inspect_all,
     validation_detail,
@@ -357,7 +358,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         images = await run_in_threadpool(inspect_and_decode_small, uploads, limits)
         if images is None:
             async with runtime.decode_slots.slot():
-                images = await run_in_threadpool(decode_all, uploads, limits.max_image_pixels)
+                images = await run_in_threadpool(decode_and_trim, uploads, limits.max_image_pixels)
         probabilities = await runtime.batcher.predict(images, request.scope.get("state", {}).get(TICKET_KEY))
         predictions = []
         for (filename, _, _), row in zip(uploads, probabilities, strict=True):
