@@ -20,6 +20,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard
 
 from cifar10_pipeline import CLASS_NAMES
+from cifar10_pipeline.core.errors import StaleMetricsError
 from cifar10_pipeline.core.params import Params, compose, validate_params
 from cifar10_pipeline.core.paths import (
     BENCHMARK_METRICS,
@@ -31,7 +32,7 @@ from cifar10_pipeline.core.paths import (
     TRAIN_METRICS,
     VALIDATION_METRICS,
 )
-from cifar10_pipeline.modeling.architectures import build_model
+from cifar10_pipeline.modeling.architectures import architecture, build_model, describe_architecture
 from cifar10_pipeline.modeling.inference import set_calibration_temperature
 from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.stages import model_card
@@ -56,6 +57,16 @@ def model_config(params: Params, tmp_path: Path, temperature: float | None) -> d
     return json.loads((tmp_path / "config-model" / "config.json").read_text())
 
 
+def registry_facts(model: str, config: dict) -> dict:
+    """What the train stage records of the network's registry entry (stages/train.py)."""
+    entry = architecture(model)
+    return {
+        "model_description": describe_architecture(model, config),
+        "recipe": entry.recipe.name,
+        "from_scratch": entry.from_scratch,
+    }
+
+
 def synthetic_facts(params: Params, tmp_path: Path, device: str) -> dict:
     """Every input of the card, consistent with ``params`` the way the stages make them."""
     pre, hp = params.preprocess, params.train
@@ -74,6 +85,7 @@ def synthetic_facts(params: Params, tmp_path: Path, device: str) -> dict:
         "source": {"source": "mirror", "location": "../shared/data/cifar10"},
         "validation": {"evaluated": 41, "failed": 0, "train": {"images": TRAIN_SPLIT_IMAGES}},
         "train": {
+            **registry_facts(hp.model, config),
             "parameters": sum(p.numel() for p in model.parameters()),
             "device": "NVIDIA H200" if device == "cuda" else "AMD EPYC CPU, 2 threads",
             # The machines these fixtures stand for (an AVX-512 BF16 CPU, an H200) resolve `auto` to bf16.
@@ -278,20 +290,20 @@ def test_stale_temperature_facts_stop_the_card(tmp_path: Path) -> None:
     facts = synthetic_facts(params, tmp_path, "cpu")
     no_split = copy.deepcopy(facts)
     no_split["train"]["temperature"] = None  # a train.json from a run without a validation split
-    with pytest.raises(ValueError, match="stale"):
+    with pytest.raises(StaleMetricsError, match="stale"):
         model_card.render(params, no_split)
     other = copy.deepcopy(facts)
     other["eval"]["temperature"] = 0.7  # evaluate used another temperature than the train stage fitted
-    with pytest.raises(ValueError, match="stale"):
+    with pytest.raises(StaleMetricsError, match="stale"):
         model_card.render(params, other)
     gpu = profile_params("gpu_fast")
     fitted = synthetic_facts(gpu, tmp_path / "gpu", "cuda")
     fitted["train"]["temperature"] = 0.5  # a temperature with no validation split to fit it on
-    with pytest.raises(ValueError, match="stale"):
+    with pytest.raises(StaleMetricsError, match="stale"):
         model_card.render(gpu, fitted)
     unsaved = copy.deepcopy(facts)
     del unsaved["config"]["calibration_temperature"]  # a model saved without the fitted temperature
-    with pytest.raises(ValueError, match=r"config\.json applies 1\.0"):
+    with pytest.raises(StaleMetricsError, match=r"config\.json applies 1\.0"):
         model_card.render(params, unsaved)
 
 
@@ -457,6 +469,7 @@ def test_card_of_a_fine_tuned_hub_checkpoint_reads_no_builtin_config_keys(tmp_pa
         "transformers_version": builtin_config["transformers_version"],
     }
     facts["train"]["batchnorm_precision"] = None  # no FrozenScaleBatchNorm in a Hub ViT
+    facts["train"].update(registry_facts(model_card.PARENT_MODEL, facts["config"]))
     card = normalised(model_card.render(params, facts))
     assert (
         "- **Model type:** `vit` image classifier fine-tuned from `google/vit-base-patch16-224-in21k`."

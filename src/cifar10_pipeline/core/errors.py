@@ -30,6 +30,14 @@ class PipelineError(Exception):
         self.hint = hint
 
 
+class StaleMetricsError(PipelineError):
+    """A stage's inputs disagree with each other or predate the code that reads them: a record from an older
+    run. Re-running the stages that wrote them fixes it."""
+
+    def __init__(self, message: str, hint: str = "re-run the pipeline: dvc repro") -> None:
+        super().__init__(message, hint)
+
+
 def _program() -> str:
     """``python -m <module>`` for the running entry (how the user started it), else the script's name."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)

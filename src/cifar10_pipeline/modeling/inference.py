@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from cifar10_pipeline import IMAGE_SHAPE
+from cifar10_pipeline import CALIBRATION_TEMPERATURE, IMAGE_SHAPE
 
 # Decoding lives in core/images.py (no torch there); image_to_array stays importable from here, where the
 # model card's snippet imports it.
@@ -161,10 +161,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp())
 
 
-# The config.json key of the fitted temperature, the same for every architecture. Not "temperature":
-# transformers 5 refuses to save a config holding a generation parameter of that name unless its class
-# declares the field, so a fine-tuned Hub architecture (ViTConfig, ...) could not be saved with it.
-CALIBRATION_TEMPERATURE = "calibration_temperature"
 TTA_CONFIDENCE = "tta_confidence"  # config.json key of selective TTA's threshold (tta_logits)
 # Training images selective TTA's threshold is fitted on where there is no validation split (gpu profiles).
 TTA_FIT_TRAIN_IMAGES = 5000

@@ -8,7 +8,8 @@ find them. Where the pipeline cannot know a fact, the card says so instead of "M
 
 The front matter is huggingface_hub's ``ModelCardData`` (test accuracy and macro F1 as ``model-index`` eval
 results), the body ``reporting/templates/model_card.md.j2``; this module chooses the sentences, the template
-lays them out. What the network is comes from the architecture registry (modeling/architectures.py).
+lays them out. What the network is and how it was trained (its registry entry in modeling/architectures.py)
+comes from the train stage's record, so this stage imports neither torch nor the models.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any, NamedTuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from cifar10_pipeline import CALIBRATION_TEMPERATURE
 from cifar10_pipeline.core.data import atomic_output
-from cifar10_pipeline.core.errors import run_cli
+from cifar10_pipeline.core.errors import PipelineError, StaleMetricsError, run_cli
 from cifar10_pipeline.core.params import Params, TrainParams, load_params
 from cifar10_pipeline.core.paths import (
     BENCHMARK_METRICS,
@@ -32,8 +34,6 @@ from cifar10_pipeline.core.paths import (
     TRAIN_METRICS,
     VALIDATION_METRICS,
 )
-from cifar10_pipeline.modeling.architectures import SPEED_RUN, architecture, describe_architecture
-from cifar10_pipeline.modeling.inference import calibration_temperature
 from cifar10_pipeline.reporting.templating import template_environment
 from cifar10_pipeline.tracking.runs import stage_run
 
@@ -56,7 +56,7 @@ def render_body(**facts: Any) -> str:
 
 def _load(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} is missing: run the pipeline up to here first (dvc repro)")
+        raise PipelineError(f"{path} is missing", hint="run the pipeline up to here first: dvc repro")
     return json.loads(Path(path).read_text())
 
 
@@ -73,11 +73,12 @@ def _data_note(source: dict[str, Any]) -> str:
     return f"the original archive `{source['location']}` (md5 `{source.get('md5')}`)"
 
 
-def _optimiser_rows(hp: TrainParams) -> str:
-    """Hyper-parameter table rows for the optimiser the model was trained with (training.make_optimizers)."""
+def _optimiser_rows(hp: TrainParams, recipe: str) -> str:
+    """Hyper-parameter table rows for the optimiser the model was trained with (training.make_optimizers),
+    by the recipe the train stage recorded."""
     warmup = f"warm-up over {hp.warmup_fraction:.0%} of the steps" if hp.warmup_fraction else "no warm-up"
     schedule = f"{warmup}, linear decay to {hp.final_lr_fraction}"
-    if architecture(hp.model).recipe is SPEED_RUN:
+    if recipe == "speed_run":
         scales = f"norm biases x{hp.bias_lr_scale}, head x{hp.head_lr_scale}"
         rows = (
             f"| optimiser | Nesterov SGD, momentum {hp.momentum} |\n"
@@ -187,17 +188,17 @@ def calibration(
     against the temperature the saved model applies (its config.json)."""
     fitted = train["temperature"]
     ece = evaluation["ece"]
-    saved = calibration_temperature(config)
+    saved = float(config.get(CALIBRATION_TEMPERATURE, 1.0))
     if saved != (1.0 if fitted is None else fitted):
-        raise ValueError(
+        raise StaleMetricsError(
             f"{TRAIN_METRICS} records temperature {fitted} but the saved model's config.json applies "
-            f"{saved}: the metrics are stale, re-run the pipeline (dvc repro)"
+            f"{saved}: the metrics are stale"
         )
     if fitted is None:
         if val_size or evaluation["temperature"] != 1.0:
-            raise ValueError(
+            raise StaleMetricsError(
                 f"{TRAIN_METRICS} records no temperature but val_size is {val_size} and {EVAL_METRICS} used "
-                f"{evaluation['temperature']}: the metrics are stale, re-run the pipeline (dvc repro)"
+                f"{evaluation['temperature']}: the metrics are stale"
             )
         return Calibration(
             "No temperature scaling (no validation split): the probabilities are the network's own softmax "
@@ -208,9 +209,9 @@ def calibration(
             ],
         )
     if not val_size or evaluation["temperature"] != fitted:
-        raise ValueError(
+        raise StaleMetricsError(
             f"{TRAIN_METRICS} records temperature {fitted} but val_size is {val_size} and {EVAL_METRICS} "
-            f"used {evaluation['temperature']}: the metrics are stale, re-run the pipeline (dvc repro)"
+            f"used {evaluation['temperature']}: the metrics are stale"
         )
     confidence = "under" if fitted < 1 else "over" if fitted > 1 else "neither under- nor over"
     raw_ece = evaluation["ece_before_temperature"]
@@ -249,8 +250,8 @@ def augmentation_sentence(hp: TrainParams) -> str:
     return augmentation
 
 
-def parent_sentence(hp: TrainParams) -> str:
-    if not architecture(hp.model).from_scratch:
+def parent_sentence(hp: TrainParams, from_scratch: bool) -> str:
+    if not from_scratch:
         return f"`{hp.model}`"
     return (
         f"none: this run trains the built-in `{hp.model}` from scratch (`train.model`). The Hugging "
@@ -305,9 +306,9 @@ def render(params: Params, facts: dict[str, Any]) -> str:
     hp = params.train
     country = params.emissions.country_iso_code
     if emissions["country_iso_code"] != country:
-        raise ValueError(
+        raise StaleMetricsError(
             f"{EMISSIONS_METRICS} was measured for {emissions['country_iso_code']}, params say {country}: "
-            "the metrics are stale, re-run the pipeline (dvc repro)"
+            "the metrics are stale"
         )
     robustness = evaluation["robustness"]
     severities = sorted(next(iter(robustness["accuracy"].values())), key=int)
@@ -318,10 +319,10 @@ def render(params: Params, facts: dict[str, Any]) -> str:
         card_data=card_metadata(params, evaluation, source).to_yaml(),
         registered_model=params.mlflow.registered_model,
         data_note=_data_note(source),
-        model_type=describe_architecture(hp.model, config),
+        model_type=train["model_description"],
         architecture=type_name(config),
         classes=[config["id2label"][str(i)] for i in range(len(config["id2label"]))],
-        parent=parent_sentence(hp),
+        parent=parent_sentence(hp, train["from_scratch"]),
         hp=hp,
         train=train,
         evaluation=evaluation,
@@ -340,7 +341,7 @@ def render(params: Params, facts: dict[str, Any]) -> str:
         calibration=calibration(train, evaluation, config, params.preprocess.val_size),
         data_use=data_use(params, train, validation, selections_in_effect(params, facts["benchmark"])),
         augmentation=augmentation_sentence(hp),
-        optimiser_rows=_optimiser_rows(hp),
+        optimiser_rows=_optimiser_rows(hp, train["recipe"]),
         precision=precision_row(train["precision"], train["batchnorm_precision"]),
         tta_level=config.get("tta_level", 0),
         tta_confidence=config.get("tta_confidence"),
@@ -371,9 +372,13 @@ def render(params: Params, facts: dict[str, Any]) -> str:
 def gather_facts(model_dir: Path = MODEL_DIR) -> dict[str, Any]:
     """Every input of the card: all of them are DVC deps of the model_card stage."""
     train = _load(TRAIN_METRICS)
-    missing = sorted({"batchnorm_precision", "precision", "python", "temperature"} - set(train))
+    needed = {"batchnorm_precision", "precision", "python", "temperature", "model_description", "recipe"}
+    missing = sorted({*needed, "from_scratch"} - set(train))
     if missing:
-        raise ValueError(f"{TRAIN_METRICS} lacks {missing}: it predates the train stage's code, re-run it")
+        raise StaleMetricsError(
+            f"{TRAIN_METRICS} lacks {', '.join(missing)}: it predates the train stage's code",
+            hint="re-run the train stage and what follows: dvc repro",
+        )
     return {
         "source": _load(DATA_SOURCE),
         "validation": _load(VALIDATION_METRICS),

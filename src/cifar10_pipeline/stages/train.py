@@ -37,7 +37,12 @@ from cifar10_pipeline.core.paths import (
     TRAIN_METRICS,
 )
 from cifar10_pipeline.evaluation import plots
-from cifar10_pipeline.modeling.architectures import build_model, save_model
+from cifar10_pipeline.modeling.architectures import (
+    architecture,
+    build_model,
+    describe_architecture,
+    save_model,
+)
 from cifar10_pipeline.modeling.inference import (
     TTA_FIT_TRAIN_IMAGES,
     fit_selective_tta,
@@ -126,6 +131,10 @@ def train(
     summary = {
         "model": hp.model,
         "architecture": type(model).__name__,
+        # What the model card says of the network and its recipe, from the registry entry that built it.
+        "model_description": describe_architecture(hp.model, model.config),
+        "recipe": architecture(hp.model).recipe.name,
+        "from_scratch": architecture(hp.model).from_scratch,
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": describe_device(device),
         "precision": resolve_precision(hp.precision, device),
