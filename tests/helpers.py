@@ -164,7 +164,8 @@ def register_history(tmp_path: Path, versions: int, name: str = "cifar10-classif
             evaluate_champion=lambda uri: 0.0,
         )
     champion = client.get_model_version_by_alias(name, model_registry.CHAMPION)
-    assert str(champion.version) == str(versions)
+    versions_found = {v.version: v.tags for v in client.search_model_versions(f"name='{name}'")}
+    assert str(champion.version) == str(versions), (champion.version, versions_found)
 
 
 def fresh_and_history_stores(

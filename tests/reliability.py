@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ class Collector:
             "seconds": round(sum(c.seconds for c in cases), 1),
             "cases": [
                 {
-                    "test": c.test,
+                    "test": plain_nodeid(c.test),
                     "case": c.case,
                     "outcome": c.outcome,
                     "result": c.result,
@@ -142,6 +143,12 @@ class Collector:
             ],
         }
         write_json_atomic(self.path, record)
+
+
+def plain_nodeid(nodeid: str) -> str:
+    """The test's id without the ``@<group>`` xdist's loadgroup appends to it (tests/conftest.py's groups
+    are module paths)."""
+    return re.sub(r"@tests/[^@\[\]]*$", "", nodeid)
 
 
 def collected_cases(items: list[pytest.Item]) -> dict[str, Case]:

@@ -52,7 +52,7 @@ from ..support.faults import (
     scratch_leftovers,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.spread]
 
 
 @pytest.fixture(scope="session")
