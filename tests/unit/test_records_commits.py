@@ -129,3 +129,24 @@ def test_a_copy_without_git_reads_the_commit_its_maker_wrote(tmp_path: Path) -> 
     # DEVICE_COMMIT wins over the copy's own snapshot repository (device_job.sh makes one for dvc)
     (tmp_path / ".git").mkdir()
     assert tree_provenance(tmp_path).commit == head.commit
+
+
+def test_the_cold_start_benchmark_writes_a_record_that_passes_these_checks() -> None:
+    """benchmarks/cold_start.py runs on the GPU machine only: its record, from made-up runs, names the tree's
+    commit and holds only keys it can write."""
+    from benchmarks import cold_start
+
+    from .test_metrics_written_by_code import COMMAND_WRITERS, unwritten_keys
+
+    run = {"exit_code": 0, "process_start_to_exit_seconds": 28.4}
+    run |= {"process_start_to_model_saved_seconds": 24.9, "training_seconds": 1.36, "device": "NVIDIA H200"}
+    importtime = (
+        "import time: 12 | 12450000 | cifar10_pipeline.stages.train\nimport time: 5 | 3500000 |   torch"
+    )
+    found = {"gpu": "NVIDIA H200", "cpu": "Intel(R) Xeon(R) Processor", "torch": "2.11.0+cu130"}
+    payload = cold_start.record(
+        {"cold": run, "warm": run}, importtime, "python benchmarks/cold_start.py", False, found
+    )
+    assert payload["import_stage_module_seconds"] == 12.45 and payload["largest_imports"][1]["depth"] == 1
+    assert commit_problems("records/cold_start.json", payload) == []
+    assert unwritten_keys(payload, COMMAND_WRITERS["records/cold_start.json"]) == []
