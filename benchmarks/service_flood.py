@@ -14,7 +14,7 @@ its case expects; every valid request is answered 200 with, for each image, the 
 same file (``cifar10 predict --json``, run once beforehand); its RSS stays under ``--rss-bound-mb``; and
 ``/health`` answers within ``--health-bound-ms`` (p99 and max).
 
-Writes metrics/service_reliability.json (machine named); exits 1 if a promise is broken.
+Writes records/service_reliability.json (machine named); exits 1 if a promise is broken.
 
     python benchmarks/service_flood.py --model models/cifar10 --duration 20
 """
@@ -40,6 +40,7 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 from benchmarks.serving import CpuMeter, load_images, machine_info  # noqa: E402
+from cifar10_pipeline.core.provenance import tree_provenance  # noqa: E402
 from tests.hostile_images import (  # noqa: E402
     blank_png,
     corrupt_payloads,
@@ -327,6 +328,7 @@ def run_flood(
     busy = sum(t.busy_503 for t in tallies.values())
     result = {
         "machine": machine_info(),
+        **tree_provenance(PROJECT_ROOT).fields(),  # the commit read from the tree, never typed
         "settings": {
             "model": model,
             "duration_s": duration,
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--rss-bound-mb", type=float, default=RSS_BOUND_MB)
     parser.add_argument("--health-bound-ms", type=float, default=HEALTH_BOUND_MS)
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/service_reliability.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("records/service_reliability.json"))
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.clients < 1:
         parser.error("--duration must be positive and --clients at least 1")

@@ -11,7 +11,7 @@ machine may be shared). Any failed request makes the run exit 1. Then it measure
 JPEG (4000x3000, a phone photo's size) through ``cifar10 predict`` (a fresh process: latency and its peak
 RSS) and through the service (latency and the server's peak RSS while it handles the photo).
 
-Writes reports/serving_benchmark.md and metrics/serving.json, with the issue's targets and whether they are
+Writes reports/serving_benchmark.md and records/serving.json, with the issue's targets and whether they are
 met. The load generator shares the CPU with the server, as on a one-box deployment; numbers are for
 comparing versions on the same machine.
 
@@ -42,13 +42,14 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The loopback server harness is shared with the tests (tests/localserver.py), not shipped in the package.
 sys.path.insert(0, str(PROJECT_ROOT))
+from cifar10_pipeline.core.provenance import tree_provenance  # noqa: E402
 from tests.localserver import model_server  # noqa: E402
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 IMAGE_POOL = 256  # distinct images cycled through by the clients
 MODES = {"off": "false", "on": "true"}  # --batching value of each server, in the order they run
 # Issue 18's targets for the service (2-core CPU, one image per request): the throughput of 32 clients at
-# least 3x what the service did before micro-batching (28.8 requests/s, metrics/serving.json of that
+# least 3x what the service did before micro-batching (28.8 requests/s, records/serving.json of that
 # version), with p99 <= 500 ms; one client's median at most 20 ms.
 BASELINE_32_CLIENTS_RPS = 28.8
 TARGETS = (
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         help="batching off (before) and/or on (after), in this order (default: off on)",
     )
     parser.add_argument("--report", type=Path, default=Path("reports/serving_benchmark.md"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/serving.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("records/serving.json"))
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.batch < 2 or min(args.concurrency) < 1:
         parser.error("--duration must be positive, --batch at least 2 and every --concurrency at least 1")
@@ -653,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = sum(row["errors"] for row in http_rows)
     result = {
         "machine": machine_info(),
+        **tree_provenance(PROJECT_ROOT).fields(),  # the commit read from the tree, never typed
         "settings": {
             "model": args.model,
             "model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),

@@ -13,7 +13,7 @@ knob choice on a validation hold-out. Not a DVC stage: run it on the machine the
 Every entry is written by this script and carries its provenance: machine, device, torch version, git commit
 and date (``Provenance``). The entries' models live in the package (``cifar10_pipeline.reporting.
 benchmark_records``), which renders them into the docs and never imports this script. Entries merge into
-``metrics/benchmark.json`` by name, so figures from several machines (a CPU VM, an H200) live side by side,
+``records/benchmark.json`` by name, so figures from several machines (a CPU VM, an H200) live side by side,
 each naming its own; ``reports/benchmark.md`` is re-rendered from the merged file every time.
 ``--metrics-file`` writes elsewhere (e.g. ``$OUT`` on a GPU machine), and ``merge`` brings such a file in.
 
@@ -58,7 +58,8 @@ from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import ArraySplit, atomic_output, file_digest, load_processed
 from cifar10_pipeline.core.device import cpu_model_name, describe_device, resolve_device, synchronize
 from cifar10_pipeline.core.params import Params, compose, validate_params
-from cifar10_pipeline.core.paths import BENCHMARK_METRICS, CONF_DIR, DATA_SOURCE, PROCESSED_DIR
+from cifar10_pipeline.core.paths import BENCHMARK_RECORD, CONF_DIR, DATA_SOURCE, PROCESSED_DIR
+from cifar10_pipeline.core.provenance import tree_provenance
 from cifar10_pipeline.modeling.architectures import architecture, build_model
 from cifar10_pipeline.reporting.benchmark_records import (
     Candidate,
@@ -71,7 +72,6 @@ from cifar10_pipeline.reporting.benchmark_records import (
     read_results,
 )
 from cifar10_pipeline.reporting.docs import BENCHMARK_REPORT, render_benchmark_report
-from cifar10_pipeline.tracking.runs import git_commit as head_commit
 from cifar10_pipeline.training.loop import evaluate_normalised, train_classifier
 
 SELECTION_SEED_START = 100  # selection runs use seeds 100, 101, ...; reported test runs use 0, 1, ...
@@ -81,11 +81,6 @@ SELECTION_SEED_START = 100  # selection runs use seeds 100, 101, ...; reported t
 # Provenance
 
 
-def git_commit(default: str | None = None) -> str:
-    """HEAD of the checkout, or ``default`` for a copy without .git (e.g. a tree sent to a GPU machine)."""
-    return default or head_commit()
-
-
 def machine_name(device: torch.device) -> str:
     host = f"{cpu_model_name()}, {psutil.cpu_count(logical=True)} logical cores"
     if device.type == "cuda":
@@ -93,12 +88,13 @@ def machine_name(device: torch.device) -> str:
     return host
 
 
-def provenance(device: torch.device, commit: str | None, command: str) -> dict[str, str]:
+def provenance(device: torch.device, command: str) -> dict[str, Any]:
+    """Where an entry comes from; the commit read from the tree (core/provenance.py), never typed."""
     return {
         "machine": machine_name(device),
         "device": describe_device(device),
         "torch": torch.__version__,
-        "git_commit": git_commit(commit),
+        **tree_provenance(Path(__file__).resolve().parent).fields(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
     }
@@ -246,7 +242,7 @@ def benchmark_training(
     nothing)."""
     device = resolve_device(params.train.device)
     splits = load_processed(processed_dir)
-    origin = origin or provenance(device, None, "benchmark_training()")
+    origin = origin or provenance(device, "benchmark_training()")
     warmup_seconds = warm_up(params, splits["train"], device)
     runs: list[dict] = []
     first_seed_at = 0.0
@@ -340,7 +336,7 @@ def select_knobs(
         params = load_profile(profile, sets, conf_dir)
         if device is None:
             device = resolve_device(params.train.device)
-            origin = origin or provenance(device, None, "select_knobs()")
+            origin = origin or provenance(device, "select_knobs()")
             warm_up(params, train, device)
         runs = [run_seed(params, train, val, seed, device) for seed in seed_list]
         accuracies = [r["accuracy"] for r in runs]
@@ -451,7 +447,7 @@ def run_reference(
     if not recipe.is_file():
         raise SystemExit(f"reference recipe {recipe} not found: pass the path to its .py file")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    origin = origin or provenance(device, None, "run_reference()")
+    origin = origin or provenance(device, "run_reference()")
     rows: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="reference-") as scratch:
         n_train, n_test = write_recipe_data(processed_dir, Path(scratch) / "cifar10")
@@ -620,7 +616,7 @@ def vit_throughput(origin: dict[str, str], batch_size: int = 128, steps: int = 2
 
 
 def save(
-    entries: dict[str, Entry], metrics_file: Path = BENCHMARK_METRICS, report_file: Path | None = None
+    entries: dict[str, Entry], metrics_file: Path = BENCHMARK_RECORD, report_file: Path | None = None
 ) -> None:
     """Merge ``entries`` into ``metrics_file`` by name (and re-render the report beside it, if given)."""
     results = read_results(metrics_file) | entries
@@ -649,11 +645,10 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--metrics-file", type=Path, default=BENCHMARK_METRICS)
+    common.add_argument("--metrics-file", type=Path, default=BENCHMARK_RECORD)
     common.add_argument(
         "--report", type=Path, default=BENCHMARK_REPORT, help="re-rendered after each save ('' for none)"
     )
-    common.add_argument("--git-commit", help="commit of the code, for a copy of the tree without .git")
     common.add_argument("--processed-dir", type=Path, default=PROCESSED_DIR)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
@@ -688,7 +683,7 @@ def _parser() -> argparse.ArgumentParser:
 
     verbs.add_parser("vit-throughput", parents=[common], help="ViT-B/16 at 224 px, random weights")
 
-    merge = verbs.add_parser("merge", help="merge entries written elsewhere into metrics/benchmark.json")
+    merge = verbs.add_parser("merge", help="merge entries written elsewhere into records/benchmark.json")
     merge.add_argument("files", type=Path, nargs="+")
     merge.add_argument(
         "--drop-first-run",
@@ -697,7 +692,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="drop reference entry KEY's first run (a recipe without a warm-up run compiles in it)",
     )
-    merge.add_argument("--metrics-file", type=Path, default=BENCHMARK_METRICS)
+    merge.add_argument("--metrics-file", type=Path, default=BENCHMARK_RECORD)
     merge.add_argument("--report", type=Path, default=BENCHMARK_REPORT)
     return parser
 
@@ -732,7 +727,7 @@ def main(argv: list[str] | None = None) -> None:
             with _measured(params.emissions.country_iso_code, emissions_file):
                 entry = benchmark_training(
                     params, list(range(args.seeds)), args.processed_dir, keep(key), args.set,
-                    provenance(device, args.git_commit, command),
+                    provenance(device, command),
                 )  # fmt: skip
             if emissions_file.is_file():
                 record = json.loads(emissions_file.read_text())
@@ -740,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
         keep(key)(entry)
     elif args.verb == "select":
         params = load_profile(args.profile, args.set)
-        origin = provenance(resolve_device(params.train.device), args.git_commit, command)
+        origin = provenance(resolve_device(params.train.device), command)
         key = args.key or f"select_{args.profile}"
         entry = select_knobs(
             args.profile, parse_grid(args.grid), args.seeds, args.processed_dir, args.set,
@@ -751,11 +746,11 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         entry = run_reference(
             args.recipe, args.runs, args.source, args.processed_dir, args.timeout,
-            provenance(device, args.git_commit, command), compile_mode=args.compile_mode,
+            provenance(device, command), compile_mode=args.compile_mode,
         )  # fmt: skip
         keep(args.key or f"reference_{args.recipe.stem}")(entry)
     else:
-        entry = vit_throughput(provenance(resolve_device("auto"), args.git_commit, command))
+        entry = vit_throughput(provenance(resolve_device("auto"), command))
         keep("vit_b16_throughput")(entry)
     print(entry.model_dump_json(indent=2))
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-BASELINE_FILE = Path("metrics/ci_quick_baseline.json")
+BASELINE_FILE = Path("records/ci_quick_baseline.json")
 QUICK_PROFILE = "quick"
 # How far below the quick baseline's accuracy a quick run may land before check-quick fails. The quick run is
 # deterministic for a seed on one machine (two fp32 quick runs here gave the same validation accuracy at
@@ -58,7 +58,7 @@ FRESH_CLONE_STATES = {"not in cache", "deleted"}
 
 
 # What the baseline keeps of a quick run: the metrics the PR report shows (and the gate reads), by name, so
-# every key of metrics/ci_quick_baseline.json is one this file writes
+# every key of records/ci_quick_baseline.json is one this file writes
 # (tests/unit/test_metrics_written_by_code.py).
 BASELINE_METRICS: dict[str, tuple[str, ...]] = {
     "metrics/eval.json": (
@@ -581,6 +581,7 @@ def record_baseline(
 ) -> dict[str, Any]:
     """The quick baseline from the quick run in ``root``'s workspace, with where and how it was made."""
     from cifar10_pipeline.core.params import validate_params
+    from cifar10_pipeline.core.provenance import tree_provenance
 
     raw_params = yaml.safe_load((root / "params.yaml").read_text())
     evaluation = read_json(root / "metrics/eval.json")
@@ -607,7 +608,7 @@ def record_baseline(
             "train_device": train.get("device"),
             "torch": importlib.metadata.version("torch"),
             "python": platform.python_version(),
-            "git_commit": _git(root, "rev-parse", "HEAD"),
+            **tree_provenance(root).fields(),  # the commit read from the tree (core/provenance.py)
             "uncommitted_code_changes": code_changes.splitlines(),
             "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": command,

@@ -5,18 +5,24 @@
 #   bash scripts/device_job.sh install             pip-install /tmp/whl into /tmp/site (no index, no deps)
 #   bash scripts/device_job.sh data DIR            a part of the mirror (a carried folder) into /tmp/mirror
 #   bash scripts/device_job.sh start COMMIT_FILE CMD...
-#                                                  copy the tree to /tmp/job/repo, make it a git checkout of
-#                                                  one snapshot commit, write the commit read from
-#                                                  COMMIT_FILE (`git rev-parse HEAD > FILE` here, carried) to
-#                                                  /tmp/job/repo/DEVICE_COMMIT, and run CMD there in the
-#                                                  background (its own session), logging to /tmp/job/log
+#                                                  copy the tree to /tmp/job/repo, copy COMMIT_FILE (written
+#                                                  here by `python -m cifar10_pipeline.core.provenance`: the
+#                                                  commit and whether the tree is dirty; carried) to
+#                                                  /tmp/job/repo/DEVICE_COMMIT, where every record writer
+#                                                  reads its commit (core/provenance.py), make the copy a git
+#                                                  checkout of one snapshot commit (for dvc; not in the
+#                                                  history), and run CMD there in the background (its own
+#                                                  session), logging to /tmp/job/log
 #   bash scripts/device_job.sh wait SECONDS PATH...
 #                                                  wait up to SECONDS for CMD, print the log's tail, and pack
 #                                                  the log, the machine's description and PATHs (relative to
 #                                                  the repo) into $OUT/job.tgz
 # Example, the default `dvc repro` on the host's CPU with CUDA hidden (how the committed results were made):
+#   here:  python -m cifar10_pipeline.core.provenance > .devrun/COMMIT
 #   start .devrun/COMMIT env CUDA_VISIBLE_DEVICES= python3 -m dvc repro
 #   wait 540 dvc.lock params.yaml metrics reports models/cifar10
+# records/README.md gives the command of each GPU record (e.g. start .devrun/COMMIT python3
+# benchmarks/cold_start.py --profile gpu_fast, then wait 300 records/cold_start.json cold_start_logs).
 set -euo pipefail
 export PYTHONPATH=/tmp/site:/tmp/job/repo/src MPLBACKEND=Agg HF_HUB_OFFLINE=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 JOB=/tmp/job
@@ -34,11 +40,12 @@ install)
 data)
   mkdir -p /tmp/mirror && cp "$1"/* /tmp/mirror/ && ls -la /tmp/mirror ;;
 start)
-  commit=$(cat "$1")
+  commit=$(head -n 1 "$1")
+  [ -n "$commit" ] || { echo "$1 holds no commit: python -m cifar10_pipeline.core.provenance > $1" >&2; exit 2; }
+  rm -rf "$JOB" && mkdir -p "$JOB" && cp -a "$PWD" "$JOB/repo" && cp "$1" "$JOB/repo/DEVICE_COMMIT"
   shift
-  rm -rf "$JOB" && mkdir -p "$JOB" && cp -a "$PWD" "$JOB/repo" && rm -rf "$JOB/repo/.devrun" && cd "$JOB/repo"
+  rm -rf "$JOB/repo/.devrun" && cd "$JOB/repo"
   mkdir -p ../shared/data && ln -sfn /tmp/mirror ../shared/data/cifar10
-  echo "$commit" > DEVICE_COMMIT
   git init -q . && git add -A > /dev/null
   git -c user.name=device -c user.email=device@localhost commit -qm "snapshot of $commit"
   {

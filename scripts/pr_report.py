@@ -7,7 +7,7 @@ same profile, like with like:
 
     base             the results committed at BASE_REV (when they are of the workspace's profile)
     quick-baseline   a quick-profile run (``dvc exp run -S profile=quick``, CI's) against the quick baseline
-                     committed at BASE_REV (metrics/ci_quick_baseline.json, written by
+                     committed at BASE_REV (records/ci_quick_baseline.json, written by
                      ``scripts/ci_gates.py record-baseline``); the committed results are the default
                      profile's, so a diff with them would show the profile, not the change
     auto (default)   quick-baseline when the workspace is on the quick profile and BASE_REV's committed
@@ -190,6 +190,9 @@ def folded(summary: str, markdown: str) -> str:
     return f"<details><summary>{summary}</summary>\n\n{markdown}\n\n</details>"
 
 
+FORMER_BASELINE_FILE = "metrics/ci_quick_baseline.json"  # where BASELINE_FILE was before records/
+
+
 def base_text(base: str, path: str) -> str | None:
     """``path`` as committed at ``base`` (metrics and plots are git-tracked: cache: false), None if absent."""
     done = subprocess.run(
@@ -333,6 +336,9 @@ def load_baseline(base: str, base_label: str) -> tuple[dict, str]:
     """The quick baseline committed at ``base``, else the workspace's copy; and where it came from."""
     text = base_text(base, BASELINE_FILE.as_posix())
     where = f"`{BASELINE_FILE}` committed at {base_label}"
+    if text is None:  # a base from before the records left metrics/
+        text = base_text(base, FORMER_BASELINE_FILE)
+        where = f"`{FORMER_BASELINE_FILE}` committed at {base_label}"
     if text is None:
         text = workspace_text(BASELINE_FILE.as_posix())
         where = f"`{BASELINE_FILE}` of the workspace ({base_label} has none)"

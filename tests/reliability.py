@@ -2,7 +2,7 @@
 
 Every test marked ``@pytest.mark.reliability(case, outcome)`` is one fault or hostile input tried (``case``)
 and the promise it checks (``outcome``). With ``--reliability-report`` the session writes, at its end,
-``metrics/reliability_suite.json`` (or the path given): the date, the machine, the command line, the counts
+``records/reliability_suite.json`` (or the path given): the date, the machine, the command line, the counts
 and each case with its result (passed, failed or skipped), from which ``python -m
 cifar10_pipeline.reporting.docs`` renders reports/reliability.md. Without the option nothing is written,
 so an ordinary or partial run never overwrites the record; a run that deselects some marked tests (``-k``)
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RECORD = PROJECT_ROOT / "metrics" / "reliability_suite.json"
+DEFAULT_RECORD = PROJECT_ROOT / "records" / "reliability_suite.json"
 MARKER = "reliability"
 
 
@@ -35,7 +35,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         const=str(DEFAULT_RECORD),
         default=None,
         metavar="PATH",
-        help="write the reliability cases' results to PATH (default metrics/reliability_suite.json)",
+        help="write the reliability cases' results to PATH (default records/reliability_suite.json)",
     )
 
 
@@ -118,10 +118,12 @@ class Collector:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         from cifar10_pipeline.core.data import write_json_atomic
+        from cifar10_pipeline.core.provenance import tree_provenance
 
         cases = self.results()
         record = {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            **tree_provenance(PROJECT_ROOT).fields(),  # the commit read from the tree (core/provenance.py)
             "machine": machine(),
             "command": "python -m pytest " + " ".join(session.config.invocation_params.args),
             "counts": {

@@ -46,7 +46,7 @@ PARAMS_MODULE = f"{PACKAGE}.core.params"
 LOAD_PARAMS = (f"{PARAMS_MODULE}.load_params", f"{PARAMS_MODULE}.validate_params")
 # Top-level folders of pipeline data; a Path literal elsewhere (/proc/cpuinfo, mlflow.db) is not a DVC path.
 # PARAMS_FILE (params.yaml) is not checked as a path either: its keys are checked against `params:` instead.
-DATA_ROOTS = frozenset({"data", "models", "metrics", "reports"})
+DATA_ROOTS = frozenset({"data", "models", "metrics", "records", "reports"})  # records/: read, never written
 
 # Project files a stage may execute without declaring them, each with the reason.
 NOT_A_RESULT_DEP: dict[str, str] = {

@@ -255,3 +255,18 @@ def test_refuses_zero_seeds(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         benchmark.main(["run", "--seeds", "0"])
     assert "--seeds and --runs must be at least 1" in capsys.readouterr().err
+
+
+def test_an_entry_takes_its_commit_from_the_tree_and_none_can_be_typed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import torch
+
+    from cifar10_pipeline.core.provenance import tree_provenance
+
+    origin = benchmark.provenance(torch.device("cpu"), "pytest")
+    tree = tree_provenance(PROJECT_ROOT)
+    assert (origin["git_commit"], origin["git_dirty"]) == (tree.commit, tree.dirty)
+    with pytest.raises(SystemExit):
+        benchmark.main(["run", "--seeds", "1", "--git-commit", "06d24a3a"])
+    assert "unrecognized arguments: --git-commit 06d24a3a" in capsys.readouterr().err

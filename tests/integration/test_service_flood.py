@@ -1,6 +1,6 @@
 """The service under a flood of valid and hostile uploads: a real uvicorn server on loopback, 32 clients for a
 fixed time (benchmarks/service_flood.py, whose figures for the trained model are in
-metrics/service_reliability.json). Here on a tiny model, so the flood is about the service, not the net."""
+records/service_reliability.json). Here on a tiny model, so the flood is about the service, not the net."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def test_outputs_come_from_dvc_yaml() -> None:
     assert outputs["data/raw"].cached and outputs["models/cifar10"].cached
     assert not outputs["metrics/eval.json"].cached and outputs["metrics/eval.json"].stage == "evaluate"
     assert "metrics/train_history.csv" in outputs and "reports/data_docs" in outputs
-    assert "metrics/ci_quick_baseline.json" not in outputs  # committed input of the gates, not an output
+    assert "records/ci_quick_baseline.json" not in outputs  # committed input of the gates, not an output
     stages = gates.load_stages(PROJECT_ROOT)
     assert {o.stage for o in outputs.values()} == set(stages)
     # The quick profile overrides nothing download and validate read: their results stay as committed.

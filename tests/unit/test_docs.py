@@ -1,4 +1,5 @@
-"""Figures in README.md, docs/gpu.md and reports/benchmark.md are rendered from metrics/, never typed."""
+"""Figures in README.md, docs/gpu.md and reports/benchmark.md are rendered from metrics/ and records/, never
+typed."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def copy_project(tmp_path: Path) -> Path:
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(PROJECT_ROOT / relative, root / relative)
     shutil.copytree(PROJECT_ROOT / "metrics", root / "metrics")
+    shutil.copytree(PROJECT_ROOT / "records", root / "records")
     return root
 
 

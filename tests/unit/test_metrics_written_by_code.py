@@ -1,5 +1,6 @@
-"""Only code writes metrics/: every file there has a writer, and no key is in a file that its writer cannot
-write (a hand-typed note, a block pasted from another machine)."""
+"""Only code writes metrics/ and records/: every file in metrics/ is an output of a dvc.yaml stage, every
+file in records/ is written by one command (records/README.md names it), and no key is in a file that its
+writer cannot write (a hand-typed note, a block pasted from another machine)."""
 
 from __future__ import annotations
 
@@ -17,28 +18,26 @@ from cifar10_pipeline.reporting.benchmark_records import read_results
 from ..conftest import PROJECT_ROOT
 
 METRICS = PROJECT_ROOT / "metrics"
+RECORDS = PROJECT_ROOT / "records"
 PACKAGE = PROJECT_ROOT / "src" / "cifar10_pipeline"
-# Files written by a command outside the pipeline, and the sources of that command.
+BENCHMARKS = PROJECT_ROOT / "benchmarks"
+PROVENANCE = PACKAGE / "core" / "provenance.py"  # git_commit, git_dirty, commit_source, commit_unknown_reason
+# The records (not written by dvc repro) and the sources of the command that writes each one.
 COMMAND_WRITERS = {
-    "metrics/serving.json": [PROJECT_ROOT / "benchmarks" / "serving.py"],
-    "metrics/service_reliability.json": [
-        PROJECT_ROOT / "benchmarks" / name for name in ("service_flood.py", "serving.py")
-    ]
-    + [PACKAGE / "serving" / "schemas.py"],  # /health's limits and load, copied in
-    "metrics/ci_quick_baseline.json": [PROJECT_ROOT / "scripts" / "ci_gates.py"],
+    "records/serving.json": [BENCHMARKS / "serving.py", PROVENANCE],
+    "records/service_reliability.json": [BENCHMARKS / name for name in ("service_flood.py", "serving.py")]
+    + [PACKAGE / "serving" / "schemas.py", PROVENANCE],  # /health's limits and load, copied in
+    "records/ci_quick_baseline.json": [PROJECT_ROOT / "scripts" / "ci_gates.py", PROVENANCE],
     # `python -m pytest -m reliability --reliability-report`: the pytest plugin in tests/reliability.py
-    "metrics/reliability_suite.json": [PROJECT_ROOT / "tests" / "reliability.py"],
-    # scripts/torchrun_record.py from the device job's folder: train.json and eval.json of each run inside
-    "metrics/torchrun/runs.json": [PROJECT_ROOT / "scripts" / "torchrun_record.py"]
+    "records/reliability_suite.json": [PROJECT_ROOT / "tests" / "reliability.py", PROVENANCE],
+    # benchmarks/torchrun.py (machine() from cold_start.py): train.json and eval.json of each run inside
+    "records/torchrun/runs.json": [BENCHMARKS / "torchrun.py", BENCHMARKS / "cold_start.py", PROVENANCE]
     + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate")],
-    # scripts/cold_start_record.py from the issue 18 device job's folder (its shell's timings, train.json)
-    "metrics/cold_start.json": [
-        PROJECT_ROOT / "scripts" / "cold_start_record.py",
-        PACKAGE / "stages" / "train.py",
-    ],
+    # benchmarks/cold_start.py: its own timings, each run's train.json
+    "records/cold_start.json": [BENCHMARKS / "cold_start.py", PACKAGE / "stages" / "train.py", PROVENANCE],
 }
 # Validated against the writer's own pydantic models (extra="forbid"), which is stricter than a key scan.
-SCHEMA_READERS = {"metrics/benchmark.json": read_results}
+SCHEMA_READERS = {"records/benchmark.json": read_results}
 
 
 def dvc_outputs() -> set[str]:
@@ -99,18 +98,38 @@ def unwritten_keys(payload: object, sources: list[Path]) -> list[str]:
     )
 
 
-def metrics_files() -> list[str]:
-    return sorted(str(p.relative_to(PROJECT_ROOT)) for p in METRICS.rglob("*") if p.is_file())
+def files_in(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(PROJECT_ROOT)) for p in folder.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("relative", metrics_files())
-def test_every_metrics_file_has_a_writer(relative: str) -> None:
-    assert (
-        written_by_dvc(relative, dvc_outputs()) or relative in COMMAND_WRITERS or relative in SCHEMA_READERS
-    ), f"{relative}: no stage in dvc.yaml and no command writes it; only code writes metrics/"
+def record_files() -> list[str]:
+    return [f for f in files_in(RECORDS) if f != "records/README.md"]
 
 
-@pytest.mark.parametrize("relative", [f for f in metrics_files() if f.endswith(".json")])
+@pytest.mark.parametrize("relative", files_in(METRICS))
+def test_every_metrics_file_is_a_stage_output(relative: str) -> None:
+    assert written_by_dvc(relative, dvc_outputs()), (
+        f"{relative}: no stage in dvc.yaml writes it; metrics/ is what `dvc repro` writes; records/ the rest"
+    )
+
+
+@pytest.mark.parametrize("relative", record_files())
+def test_every_record_has_a_writer_and_no_stage_writes_it(relative: str) -> None:
+    assert relative in COMMAND_WRITERS or relative in SCHEMA_READERS, f"{relative}: no command writes it"
+    assert not written_by_dvc(relative, dvc_outputs()), (
+        f"{relative}: a stage writes it; it belongs in metrics/"
+    )
+
+
+def test_records_readme_names_every_record_and_its_command() -> None:
+    readme = (RECORDS / "README.md").read_text()
+    for relative in record_files():
+        assert f"`{relative.removeprefix('records/')}`" in readme, (
+            f"records/README.md does not list {relative}"
+        )
+
+
+@pytest.mark.parametrize("relative", [f for f in files_in(METRICS) + record_files() if f.endswith(".json")])
 def test_no_key_that_its_writer_cannot_write(relative: str) -> None:
     payload = json.loads((PROJECT_ROOT / relative).read_text())
     if relative in SCHEMA_READERS:
@@ -121,8 +140,8 @@ def test_no_key_that_its_writer_cannot_write(relative: str) -> None:
 
 
 def test_a_hand_typed_key_is_caught() -> None:
-    serving = json.loads((METRICS / "serving.json").read_text())
+    serving = json.loads((RECORDS / "serving.json").read_text())
     serving["settings"]["measured_by_hand_on_another_machine"] = True
     serving["cli_gpu"] = {"device": "NVIDIA H200", "typed_note": "copied from a log"}
-    missing = unwritten_keys(serving, COMMAND_WRITERS["metrics/serving.json"])
+    missing = unwritten_keys(serving, COMMAND_WRITERS["records/serving.json"])
     assert missing == ["cli_gpu", "cli_gpu.typed_note", "settings.measured_by_hand_on_another_machine"]

@@ -23,7 +23,7 @@ from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.errors import StaleMetricsError
 from cifar10_pipeline.core.params import Params, compose, validate_params
 from cifar10_pipeline.core.paths import (
-    BENCHMARK_METRICS,
+    BENCHMARK_RECORD,
     DATA_SOURCE,
     EMISSIONS_METRICS,
     EVAL_METRICS,
@@ -251,7 +251,7 @@ def test_knobs_chosen_on_a_hold_out_are_said_only_from_a_matching_record(tmp_pat
     card = normalised(model_card.render(params, facts))
     assert (
         "Knobs (`train.head_lr_scale`, `train.label_smoothing`) chosen on a 5,000-image stratified "
-        "hold-out of the training split (`benchmark select`, `metrics/benchmark.json`); final model "
+        "hold-out of the training split (`benchmark select`, `records/benchmark.json`); final model "
         "trained on all 50,000 training images; test set never read by the train stage, scored once per "
         "reported seed" in card
     )
@@ -268,12 +268,12 @@ def test_knobs_chosen_on_a_hold_out_are_said_only_from_a_matching_record(tmp_pat
 
 
 def test_committed_selection_record_describes_gpu_fast(tmp_path: Path) -> None:
-    """With the committed metrics/benchmark.json, the gpu_fast card names the knobs chosen on a hold-out."""
-    committed = PROJECT_ROOT / BENCHMARK_METRICS
+    """With the committed records/benchmark.json, the gpu_fast card names the knobs chosen on a hold-out."""
+    committed = PROJECT_ROOT / BENCHMARK_RECORD
     records = json.loads(committed.read_text()) if committed.is_file() else {}
     params = profile_params("gpu_fast")
     if not model_card.selections_in_effect(params, records):
-        pytest.skip("no knob-selection record in metrics/benchmark.json matches gpu_fast's params")
+        pytest.skip("no knob-selection record in records/benchmark.json matches gpu_fast's params")
     facts = synthetic_facts(params, tmp_path, "cuda") | {"benchmark": records}
     card = normalised(model_card.render(params, facts))
     assert re.search(r"Knobs \(`train\.[^)]*\) chosen on a [\d,]+-image stratified hold-out", card)
@@ -318,7 +318,7 @@ def write_facts(root: Path, facts: dict) -> None:
         (TRAIN_METRICS, "train"),
         (EVAL_METRICS, "eval"),
         (EMISSIONS_METRICS, "emissions"),
-        (BENCHMARK_METRICS, "benchmark"),
+        (BENCHMARK_RECORD, "benchmark"),
         (MODEL_DIR / "config.json", "config"),
     ):
         (root / path).parent.mkdir(parents=True, exist_ok=True)

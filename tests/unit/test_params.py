@@ -132,7 +132,7 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 def _selections() -> list[tuple[str, object]]:
     from cifar10_pipeline.reporting.benchmark_records import read_results
 
-    results = read_results(PROJECT_ROOT / "metrics" / "benchmark.json")
+    results = read_results(PROJECT_ROOT / "records" / "benchmark.json")
     return [(name, e) for name, e in results.items() if e.kind == "selection"]
 
 

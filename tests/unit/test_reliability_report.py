@@ -60,7 +60,7 @@ RECORD = {
 
 def with_record(tmp_path: Path, record: dict) -> Path:
     root = copy_project(tmp_path)
-    (root / "metrics" / docs.RELIABILITY_RECORD).write_text(json.dumps(record))
+    (root / "records" / docs.RELIABILITY_RECORD).write_text(json.dumps(record))
     return root
 
 

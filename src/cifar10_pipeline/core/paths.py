@@ -17,7 +17,11 @@ MODEL_DIR = Path("models/cifar10")
 # Scratch space of the train stage (git- and DVC-ignored, not a declared output): resumable checkpoints.
 TRAIN_CHECKPOINT_DIR = Path("models/checkpoints/train")
 
-METRICS_DIR = Path("metrics")
+METRICS_DIR = Path("metrics")  # what `dvc repro` writes, and nothing else
+# Records no stage writes (benchmarks, the reliability suite, CI's quick baseline), each with the one command
+# that rewrites it: records/README.md.
+RECORDS_DIR = Path("records")
+BENCHMARK_RECORD = RECORDS_DIR / "benchmark.json"  # written by `python benchmarks/training.py`
 REPORTS_DIR = Path("reports")
 
 DATA_SOURCE = METRICS_DIR / "data_source.json"
@@ -35,7 +39,6 @@ ROBUSTNESS_METRICS = METRICS_DIR / "robustness.csv"
 EVAL_FIGURES_DIR = REPORTS_DIR / "figures"
 STAGE_EMISSIONS_DIR = METRICS_DIR / "emissions"
 EMISSIONS_METRICS = METRICS_DIR / "emissions.json"
-BENCHMARK_METRICS = METRICS_DIR / "benchmark.json"  # written by `python benchmarks/training.py`
 EMISSIONS_REPORT = REPORTS_DIR / "emissions.md"
 MODEL_CARD = REPORTS_DIR / "model_card.md"
 

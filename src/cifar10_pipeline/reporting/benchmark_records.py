@@ -1,4 +1,4 @@
-"""What ``metrics/benchmark.json`` holds: one validated record per entry, keyed by name.
+"""What ``records/benchmark.json`` holds: one validated record per entry, keyed by name.
 
 The training benchmark (``python benchmarks/training.py``, outside the package) writes these records;
 ``reporting.docs`` reads them to render README.md, docs/gpu.md and reports/benchmark.md, and the model card
@@ -23,7 +23,12 @@ class Provenance(_Record):
     machine: str  # the host: CPU model and cores, plus the GPU where one was used
     device: str  # what the work ran on
     torch: str
-    git_commit: str
+    # From core/provenance.py: the tree's commit, whether it had uncommitted changes, how the commit was read,
+    # and why there is none where it could not be read. tests/unit/test_records_commits.py: in the history.
+    git_commit: str | None
+    git_dirty: bool | None = None
+    commit_source: str | None = None
+    commit_unknown_reason: str | None = None
     date: str  # UTC, ISO 8601
     command: str  # how to make this entry again
 

@@ -1,13 +1,15 @@
-"""Figures in the docs come from ``metrics/``: marked blocks that this module renders, never typed by hand.
+"""Figures in the docs come from ``metrics/`` and ``records/``: marked blocks that this module renders, never
+typed by hand.
 
     python -m cifar10_pipeline.reporting.docs          # re-render every block and the reports below
     python -m cifar10_pipeline.reporting.docs --check  # exit 1, naming each stale block
 
 A block is the text between ``<!-- generated:NAME ... -->`` and ``<!-- /generated:NAME -->`` in a
 document listed in ``DOCUMENTS``; it is rendered from ``templates/NAME.md.j2`` with every file in
-``metrics/`` as context (``tests/unit/test_docs.py`` fails when a committed block differs from its rendering).
-Whole reports rendered the same way: reports/benchmark.md from metrics/benchmark.json, and
-reports/reliability.md from metrics/reliability_suite.json (written by the test suite run with
+``metrics/`` (what ``dvc repro`` writes) and in ``records/`` (records/README.md: each with the command that
+rewrites it) as context (``tests/unit/test_docs.py`` fails when a committed block differs from its rendering).
+Whole reports rendered the same way: reports/benchmark.md from records/benchmark.json, and
+reports/reliability.md from records/reliability_suite.json (written by the test suite run with
 ``--reliability-report``, see tests/reliability.py).
 """
 
@@ -26,13 +28,13 @@ import jinja2
 import yaml
 
 from cifar10_pipeline.core.data import atomic_output
-from cifar10_pipeline.core.paths import METRICS_DIR, PARAMS_FILE
+from cifar10_pipeline.core.paths import BENCHMARK_RECORD, METRICS_DIR, PARAMS_FILE, RECORDS_DIR
 from cifar10_pipeline.reporting.benchmark_records import Entry, read_results
 from cifar10_pipeline.reporting.templating import template_environment
 
 DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"), Path("docs/team.md"))
 BENCHMARK_REPORT = Path("reports/benchmark.md")
-RELIABILITY_RECORD = Path("reliability_suite.json")  # in metrics/
+RELIABILITY_RECORD = Path("reliability_suite.json")  # in records/
 RELIABILITY_REPORT = Path("reports/reliability.md")
 PINNED_TORCH = "2.13.0"  # pyproject.toml's pin: figures from another torch say so
 BLOCK = re.compile(
@@ -56,22 +58,42 @@ def torch_label(version: str) -> str:
     return version if version.startswith(PINNED_TORCH) else f"{version} (not the pinned {PINNED_TORCH})"
 
 
+def commit_label(record: Any) -> str:
+    """``commit 06d24a3b`` from a record's provenance fields (core/provenance.py), flagged where the tree had
+    uncommitted changes or where the commit is not known."""
+    fields = record if isinstance(record, dict) else record.model_dump()
+    commit = fields.get("git_commit")
+    if not commit:
+        return "commit unknown"
+    dirty = {True: ", with uncommitted changes", None: ", tree state not recorded"}.get(
+        fields.get("git_dirty"), ""
+    )
+    return f"commit {commit[:8]}{dirty}"
+
+
 def _environment() -> jinja2.Environment:
-    return template_environment(pct=pct, pm=pm, torch_label=torch_label)
+    return template_environment(pct=pct, pm=pm, torch_label=torch_label, commit_label=commit_label)
 
 
-def load_metrics(metrics_dir: Path = METRICS_DIR, params_file: Path = PARAMS_FILE) -> dict[str, Any]:
-    """Every JSON and CSV file in ``metrics_dir`` by stem (``emissions/train.json`` -> ``emissions_train``),
-    benchmark entries validated, plus the active profile from params.yaml."""
+def load_metrics(
+    metrics_dir: Path = METRICS_DIR, params_file: Path = PARAMS_FILE, records_dir: Path = RECORDS_DIR
+) -> dict[str, Any]:
+    """Every JSON and CSV file in ``metrics_dir`` and ``records_dir`` by stem (``emissions/train.json`` ->
+    ``emissions_train``), benchmark entries validated, plus the active profile from params.yaml."""
     context: dict[str, Any] = {"params": yaml.safe_load(Path(params_file).read_text())}
-    for path in sorted(Path(metrics_dir).rglob("*")):
-        name = "_".join(path.relative_to(metrics_dir).with_suffix("").parts)
-        if path.suffix == ".json":
-            context[name] = json.loads(path.read_text())
-        elif path.suffix == ".csv":
-            with open(path, newline="") as handle:
-                context[name] = list(csv.DictReader(handle))
-    context["benchmark"] = read_results(Path(metrics_dir) / "benchmark.json")
+    for folder in (Path(metrics_dir), Path(records_dir)):
+        for path in sorted(folder.rglob("*")):
+            name = "_".join(path.relative_to(folder).with_suffix("").parts)
+            if path.suffix not in (".json", ".csv"):
+                continue
+            if name in context:
+                raise SystemExit(f"{path}: a second file named {name!r} in metrics/ and records/")
+            if path.suffix == ".json":
+                context[name] = json.loads(path.read_text())
+            else:
+                with open(path, newline="") as handle:
+                    context[name] = list(csv.DictReader(handle))
+    context["benchmark"] = read_results(Path(records_dir) / BENCHMARK_RECORD.name)
     return context
 
 
@@ -86,7 +108,7 @@ def render_template(name: str, **context: Any) -> str:
 
 
 def render_benchmark_report(results: dict[str, Entry]) -> str:
-    """reports/benchmark.md for the entries of metrics/benchmark.json."""
+    """reports/benchmark.md for the entries of records/benchmark.json."""
     return render_template("benchmark_report.md.j2", results=results)
 
 
@@ -112,7 +134,7 @@ def render_document(text: str, context: dict[str, Any]) -> tuple[str, list[str]]
 def render_all(root: Path = Path("."), write: bool = True) -> list[Stale]:
     """Re-render every block of every document (and the benchmark report); returns what was stale."""
     root = Path(root)
-    context = load_metrics(root / METRICS_DIR, root / PARAMS_FILE)
+    context = load_metrics(root / METRICS_DIR, root / PARAMS_FILE, root / RECORDS_DIR)
     stale: list[Stale] = []
     for document in DOCUMENTS:
         path = root / document
@@ -124,7 +146,7 @@ def render_all(root: Path = Path("."), write: bool = True) -> list[Stale]:
         if write and changed:
             write_text_atomic(path, rendered)
     reports = {BENCHMARK_REPORT: render_benchmark_report(context["benchmark"])}
-    if (root / METRICS_DIR / RELIABILITY_RECORD).is_file():
+    if (root / RECORDS_DIR / RELIABILITY_RECORD).is_file():
         reports[RELIABILITY_REPORT] = render_reliability(context["reliability_suite"])
     for relative, report in reports.items():
         path = root / relative
@@ -136,7 +158,7 @@ def render_all(root: Path = Path("."), write: bool = True) -> list[Stale]:
 
 
 def render_reliability(suite: dict[str, Any]) -> str:
-    """reports/reliability.md from the reliability suite's record (metrics/reliability_suite.json)."""
+    """reports/reliability.md from the reliability suite's record (records/reliability_suite.json)."""
     return render_template("reliability.md.j2", suite=suite)
 
 
@@ -149,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         "--reliability",
         nargs=2,
         metavar=("RECORD", "REPORT"),
-        help="only render REPORT from the reliability record RECORD (CI's own run, kept out of metrics/)",
+        help="only render REPORT from the reliability record RECORD (CI's own run, kept out of records/)",
     )
     args = parser.parse_args(argv)
     if args.reliability:

@@ -1,6 +1,6 @@
 """The one Jinja environment every document is rendered with (the README blocks, the card, the reports).
 
-Kept apart from reporting.docs (the README/docs renderer, which also reads metrics/benchmark.json through
+Kept apart from reporting.docs (the README/docs renderer, which also reads records/benchmark.json through
 reporting.benchmark_records): a stage that renders a template depends (for DVC) on this file and its
 template only.
 """

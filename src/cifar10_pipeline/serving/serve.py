@@ -109,10 +109,10 @@ def server_git_commit(override: str | None = None) -> str:
     """The commit the server's code comes from: the setting, else git asked beside this file."""
     if override:
         return override
-    from cifar10_pipeline.tracking.runs import git_commit
+    from cifar10_pipeline.core.provenance import head_commit
 
     # Beside this file, not the working directory: the server may be started from anywhere.
-    return git_commit(cwd=Path(__file__).resolve().parent)
+    return head_commit(Path(__file__).resolve().parent)
 
 
 def _sha256(path: Path) -> str:

@@ -25,7 +25,7 @@ from cifar10_pipeline.core.data import atomic_output
 from cifar10_pipeline.core.errors import PipelineError, StaleMetricsError, run_cli
 from cifar10_pipeline.core.params import Params, TrainParams, load_params
 from cifar10_pipeline.core.paths import (
-    BENCHMARK_METRICS,
+    BENCHMARK_RECORD,
     DATA_SOURCE,
     EMISSIONS_METRICS,
     EVAL_METRICS,
@@ -101,7 +101,7 @@ def _optimiser_rows(hp: TrainParams, recipe: str) -> str:
 
 
 def selections_in_effect(params: Params, benchmark: dict[str, Any]) -> list[dict[str, Any]]:
-    """``benchmark select`` records in metrics/benchmark.json for the active profile whose chosen values are
+    """``benchmark select`` records in records/benchmark.json for the active profile whose chosen values are
     the ones in effect: only those say how these knobs were chosen."""
     # The sections this stage declares as params in dvc.yaml; a knob elsewhere is never "in effect" here.
     effective = {
@@ -142,7 +142,7 @@ def data_use(
         holdout = " / ".join(sorted({f"{entry['val_images']:,}" for entry in selections}))
         knobs_sentence = (
             f"knobs ({knobs}) chosen on a {holdout}-image stratified hold-out of the training split "
-            "(`benchmark select`, `metrics/benchmark.json`)"
+            "(`benchmark select`, `records/benchmark.json`)"
         )
     else:
         knobs_sentence = "how the knob values in `params.yaml` were chosen is not recorded in `metrics/`"
@@ -386,7 +386,7 @@ def gather_facts(model_dir: Path = MODEL_DIR) -> dict[str, Any]:
         "eval": _load(EVAL_METRICS),
         "emissions": _load(EMISSIONS_METRICS),
         # Written by `benchmark` (not a stage); a checkout without it has no knob-selection records.
-        "benchmark": _load(BENCHMARK_METRICS) if BENCHMARK_METRICS.is_file() else {},
+        "benchmark": _load(BENCHMARK_RECORD) if BENCHMARK_RECORD.is_file() else {},
         "config": _load(Path(model_dir) / "config.json"),
     }
 

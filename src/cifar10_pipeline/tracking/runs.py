@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from urllib.parse import urlsplit
 from cifar10_pipeline.core.data import remove_outputs
 from cifar10_pipeline.core.params import Params
 from cifar10_pipeline.core.paths import PARAMS_FILE, RAW_DIR
+from cifar10_pipeline.core.provenance import head_commit
 
 PARENT_ROLE = "pipeline"
 KEY_TAG = "pipeline.key"
@@ -148,18 +148,6 @@ def stage_lock(stage: str, lock_file: Path = STAGE_LOCK) -> Iterator[None]:
             handle.truncate(0)
 
 
-def git_commit(cwd: Path | None = None) -> str:
-    """HEAD of the git checkout at ``cwd`` (default: the working directory); "unknown" without git or a
-    checkout (e.g. a wheel in a container). Also what the web service reports in /health."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def pipeline_key() -> str:
     """Identifies one pipeline run: the DVC experiment's name, or the commit plus the params file's hash."""
     name = os.environ.get("DVC_EXP_NAME")
@@ -168,7 +156,7 @@ def pipeline_key() -> str:
     params_hash = (
         hashlib.sha256(PARAMS_FILE.read_bytes()).hexdigest()[:8] if PARAMS_FILE.is_file() else "none"
     )
-    return f"repro-{git_commit()[:8]}-{params_hash}"
+    return f"repro-{head_commit()[:8]}-{params_hash}"
 
 
 class StageRun:
@@ -236,7 +224,7 @@ def _parent_run_id(
     )
     if runs:
         return runs[0].info.run_id
-    commit = git_commit()
+    commit = head_commit()
     tags = {
         KEY_TAG: key,
         ROLE_TAG: PARENT_ROLE,
@@ -347,7 +335,7 @@ def _open_stage_run(
             KEY_TAG: key,
             ROLE_TAG: "stage",
             "stage": stage,
-            "mlflow.source.git.commit": git_commit(),
+            "mlflow.source.git.commit": head_commit(),
             HOST_TAG: process_space(),
             PID_TAG: str(os.getpid()),
         }
