@@ -205,8 +205,8 @@ def train_classifier(
     rates = [(group, float(group["lr"])) for group in param_groups(optimizers)]  # (group, base rate)
     reported_lr = next(lr for group, lr in rates if group["role"] in ("weights", "filters"))
     lookahead = Lookahead(model) if (hp.lookahead and spec.recipe.lookahead) else None
-    sums = EpochSums.zeros(device)
     forward = _forward_module(model, hp, device, ranks)
+    sums = EpochSums.zeros(device)
     run_step = _train_step(
         forward, optimizers, sums, spec, hp, device, model.config.image_size, ranks.world_size
     )
