@@ -375,7 +375,3 @@ def check_raw_splits(
 
 def _rounded(values: Sequence[float]) -> list[float | None]:
     return [None if np.isnan(v) else round(float(v), 6) for v in values]
-
-
-def _rounded(values: Sequence[float]) -> list[float | None]:
-    return [None if np.isnan(v) else round(float(v), 6) for v in values]
