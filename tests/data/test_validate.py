@@ -23,15 +23,10 @@ from cifar10_pipeline import CLASS_NAMES, NUM_CLASSES
 from cifar10_pipeline.core.data import ArraySplit, DataError, write_parquet_split
 from cifar10_pipeline.core.params import ValidateParams, load_params
 from cifar10_pipeline.stages.validate import main, validate
-from cifar10_pipeline.validation.expectations import (
-    DATA_CARD_CHANNEL_STATS,
-    INDEX,
-    DataValidationError,
-    TableCheck,
-    _expect,
-    check_processed_splits,
-    run_checks,
-)
+from cifar10_pipeline.validation.common import DataValidationError
+from cifar10_pipeline.validation.ge import INDEX, TableCheck, expect, run_checks
+from cifar10_pipeline.validation.processed import check_processed_splits
+from cifar10_pipeline.validation.raw import DATA_CARD_CHANNEL_STATS
 
 from ..conftest import PROJECT_ROOT
 from ..helpers import write_params
@@ -350,10 +345,10 @@ def test_main_logs_metrics_and_data_docs(project: Path) -> None:
 def test_an_expectation_that_errors_becomes_a_failure_line() -> None:
     """A metric GE cannot compute is caught, reported as one ExceptionInfo per failed metric, and read."""
     frame = pd.DataFrame({"count": ["a", "b"]}, index=pd.Index(["x", "y"], name=INDEX))
-    between = _expect(
+    between = expect(
         "ExpectColumnValuesToBeBetween", "text", "numbers", column="count", min_value=0, max_value=1
     )
-    in_set = _expect("ExpectColumnValuesToBeInSet", "no column", "a column", column="nope", value_set=[1])
+    in_set = expect("ExpectColumnValuesToBeInSet", "no column", "a column", column="nope", value_set=[1])
     report = run_checks([TableCheck("train", "table", frame, [between, in_set])], "validate")
     assert report.counts == {"train": {"evaluated": 2, "failed": 2}}
     assert [line.split(" (")[0] for line in report.failures] == [

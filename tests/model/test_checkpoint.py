@@ -10,7 +10,8 @@ import torch
 
 from cifar10_pipeline.modeling.architectures import build_model
 from cifar10_pipeline.training.checkpoint import Checkpointer, fingerprint
-from cifar10_pipeline.training.loop import EpochRecord, train_classifier
+from cifar10_pipeline.training.loop import train_classifier
+from cifar10_pipeline.training.state import EpochRecord
 
 from ..conftest import synthetic_images
 from ..helpers import train_params

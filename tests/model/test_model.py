@@ -30,7 +30,8 @@ from cifar10_pipeline.modeling.model import (
     load_model,
     register_auto_classes,
 )
-from cifar10_pipeline.training.loop import make_optimizers, train_classifier
+from cifar10_pipeline.training.loop import train_classifier
+from cifar10_pipeline.training.optim import make_optimizers
 
 from ..conftest import synthetic_images
 from ..helpers import save_tiny_vit_checkpoint, tiny_convnet, train_params

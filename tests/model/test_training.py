@@ -8,14 +8,8 @@ import torch
 
 from cifar10_pipeline.core.data import ArraySplit
 from cifar10_pipeline.modeling.architectures import build_model
-from cifar10_pipeline.training.loop import (
-    Muon,
-    augment,
-    lr_factor,
-    make_optimizers,
-    orthogonalise,
-    train_classifier,
-)
+from cifar10_pipeline.training.loop import augment, lr_factor, train_classifier
+from cifar10_pipeline.training.optim import Muon, make_optimizers, orthogonalise
 
 from ..conftest import synthetic_images
 from ..helpers import train_params

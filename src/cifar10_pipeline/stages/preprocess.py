@@ -90,7 +90,7 @@ def preprocess(
     checks_file: Path = PROCESSED_VALIDATION,
 ) -> dict[str, int]:
     """Decode, split and check; the arrays are written only if the checks on them pass."""
-    from cifar10_pipeline.validation.expectations import check_processed_splits
+    from cifar10_pipeline.validation.processed import check_processed_splits
 
     train_images, train_labels = decode_split(read_raw_split(raw_dir, "train"), "train")
     test_images, test_labels = decode_split(read_raw_split(raw_dir, "test"), "test")

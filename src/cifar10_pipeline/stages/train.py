@@ -56,7 +56,8 @@ from cifar10_pipeline.tracking.runs import stage_run
 from cifar10_pipeline.training import distributed
 from cifar10_pipeline.training.checkpoint import Checkpointer, fingerprint
 from cifar10_pipeline.training.distributed import Ranks
-from cifar10_pipeline.training.loop import EpochRecord, TrainingResult, train_classifier
+from cifar10_pipeline.training.loop import train_classifier
+from cifar10_pipeline.training.state import EpochRecord, TrainingResult
 
 if TYPE_CHECKING:
     from cifar10_pipeline.tracking.runs import StageRun

@@ -1,6 +1,6 @@
 """Stage 2, validate: check the raw CIFAR-10 splits with Great Expectations before anything uses them.
 
-The suites live in ``cifar10_pipeline.validation.expectations``: shards readable with the right ClassLabel
+The suites live in ``cifar10_pipeline.validation.raw``: shards readable with the right ClassLabel
 names, row counts, labels, exact class balance, every image a 32x32 RGB uint8 PNG, no duplicate images
 within a split or between train and test (beyond the counts measured in the mirror, params.yaml
 ``validate.known_*``), and per-channel pixel statistics close to the data card.
@@ -21,7 +21,8 @@ from cifar10_pipeline.core.errors import run_cli
 from cifar10_pipeline.core.params import ValidateParams, load_params
 from cifar10_pipeline.core.paths import DATA_DOCS_DIR, RAW_DIR, VALIDATION_METRICS
 from cifar10_pipeline.tracking.runs import stage_run
-from cifar10_pipeline.validation.expectations import DataValidationError, check_raw_splits
+from cifar10_pipeline.validation.common import DataValidationError
+from cifar10_pipeline.validation.raw import check_raw_splits
 
 
 def validate(

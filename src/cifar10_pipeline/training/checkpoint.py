@@ -7,7 +7,8 @@ CPU the resumed run then reaches the same final weights, bit for bit, as an unin
 The checkpoint lives in ``models/checkpoints/train/`` (git- and DVC-ignored scratch space, not a declared
 output, so DVC neither deletes it before a re-run nor caches it). It is used only when its fingerprint (the
 train params, the processed data and the training code) matches the current run; a stale one is replaced.
-The train stage deletes it once the model is saved.
+The train stage deletes it once the model is saved. What goes into the state, and how it is put back:
+training/state.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,3 @@ class Checkpointer:
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
         self.path.with_suffix(".pt.partial").unlink(missing_ok=True)
-
-
-def history_to_state(history: list[Any]) -> list[dict[str, Any]]:
-    return [asdict(record) for record in history]
