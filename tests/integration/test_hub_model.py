@@ -287,3 +287,39 @@ def test_publish_without_a_token_or_card_says_what_to_do(
         "cifar10 publish: hint: regenerate the card: dvc repro model_card",
     ]
     assert hub[0].repos == []  # nothing was created
+
+
+@pytest.mark.reliability(
+    "the Hub cannot be reached (HF_HUB_OFFLINE=1) after a pinned model was downloaded once",
+    "the cached snapshot loads without a request (logged as not re-verified); an uncached one is refused "
+    "in one line",
+)
+def test_offline_a_cached_model_loads_and_an_uncached_one_says_why(
+    model_dir: Path,
+    card: Path,
+    hub: tuple[LoopbackHub, str],
+    consumer: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import huggingface_hub.constants
+
+    from cifar10_pipeline.core import hub as hub_module
+    from cifar10_pipeline.core.hub import HubModelError
+
+    loopback, endpoint = hub
+    pinned = publish(model_dir, card, endpoint, tmp_path, "--tag", "v1")
+    online = saved_model_dir(f"{REPO}@v1")  # by its tag: the cache records what v1 named (refs/v1)
+    hub_module._download_model.cache_clear()  # a new process, as far as the memo goes
+    seen = len(loopback.requests)
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("HF_HUB_OFFLINE", "1")
+        importlib.reload(huggingface_hub.constants)
+        with caplog.at_level("WARNING", logger="cifar10_pipeline.core.hub"):
+            assert saved_model_dir(pinned) == online
+            assert saved_model_dir(f"{REPO}@v1") == online
+        with pytest.raises(HubModelError, match=r"^cannot reach the Hub at .* and loopback-user/other@v1 "):
+            saved_model_dir("loopback-user/other@v1")
+    importlib.reload(huggingface_hub.constants)
+    assert len(loopback.requests) == seen  # not one request reached the Hub
+    assert "offline, the cached snapshot" in caplog.text and "is not re-verified" in caplog.text
