@@ -217,9 +217,13 @@ def test_pipeline_and_serve_load_a_tagged_hub_model_from_the_cache(
     [
         (f"{REPO}@v9", rf"cifar10 predict: error: the Hub model {REPO} has no revision 'v9' \(http://"),
         ("loopback-user/unknown@v1", "cifar10 predict: error: no model repository loopback-user/unknown on "),
+        (
+            "loopback-user/unknown",
+            "cifar10 predict: error: no folder loopback-user/unknown here, and no model repository ",
+        ),
         (f"{REPO}@{'f' * 40}", rf"cifar10 predict: error: the Hub model {REPO} has no revision 'f{{40}}'"),
     ],
-    ids=["unknown-tag", "unknown-repo", "unknown-commit"],
+    ids=["unknown-tag", "unknown-repo", "unknown-repo-or-folder", "unknown-commit"],
 )
 def test_unknown_revision_or_repo_is_one_line_with_a_hint(
     model: str,

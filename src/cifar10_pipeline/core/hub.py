@@ -114,8 +114,10 @@ def _download_model(repo_id: str, revision: str | None, endpoint: str, cache: st
             f"the Hub model {repo_id} is gated ({endpoint})", "accept its terms on the Hub and set HF_TOKEN"
         ) from None
     except RepositoryNotFoundError:
+        # Without @revision the spec may as well be a mistyped folder: say that none is here either.
+        folder = "" if revision else f"no folder {repo_id} here, and "
         raise HubModelError(
-            f"no model repository {repo_id} on the Hub at {endpoint}, or it is private",
+            f"{folder}no model repository {repo_id} on the Hub at {endpoint}, or it is private",
             "check the id (owner/name), set HF_TOKEN for a private one, or HF_ENDPOINT for another Hub",
         ) from None
     except LocalEntryNotFoundError:
