@@ -145,6 +145,47 @@ def test_tiny_checkpoint_round_trips_through_the_auto_classes(name: str, tmp_pat
     torch.testing.assert_close(calibrated, predict_logits(model, images, precision="fp32"))
 
 
+# Runs in a fresh interpreter that has not imported the package: what a plain transformers user meets.
+WITHOUT_IMPORT_SCRIPT = """
+import json, sys
+from PIL import Image
+from transformers import AutoModelForImageClassification, pipeline
+
+model_dir = sys.argv[1]
+assert not [name for name in sys.modules if name.startswith("cifar10_pipeline")]
+try:
+    AutoModelForImageClassification.from_pretrained(model_dir)
+    error = None
+except ValueError as exc:
+    error = str(exc).splitlines()[0]
+hint = json.load(open(f"{model_dir}/config.json"))["loading_hint"]
+statement = hint.split("`")[1]  # the import the hint names, run as the reader would
+exec(statement)
+classifier = pipeline("image-classification", model=model_dir, device="cpu")
+print(json.dumps({"error": error, "hint": hint, "import": statement,
+                  "labels": [r["label"] for r in classifier(Image.new("RGB", (32, 32)), top_k=10)]}))
+"""
+
+
+@pytest.mark.parametrize("name", ["cifar_convnet", "cifar_vit"])
+def test_without_the_import_config_json_says_which_import_loads_the_model(name: str, tmp_path: Path) -> None:
+    """transformers 5 registers no model type from an installed package by itself (no entry points; auto_map
+    needs code shipped in the checkpoint and trust_remote_code), so its error stays "does not recognize this
+    architecture"; config.json's loading_hint names the import, and that import is what makes it load."""
+    hp = train_params(model=name, widths=[8, 16, 16], vit_dim=16, vit_depth=1, vit_heads=2)
+    model = build_model(hp)
+    model.init_whitening(torch.randn(32, 3, 32, 32))
+    save_model(model.eval(), tmp_path, name)
+    script = [sys.executable, "-c", WITHOUT_IMPORT_SCRIPT, str(tmp_path)]
+    run = subprocess.run(script, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.splitlines()[-1])
+    assert f"model type `{name}`" in seen["error"] and "does not recognize this architecture" in seen["error"]
+    assert f"model_type {name} is defined by the cifar10-pipeline package" in seen["hint"]
+    assert seen["import"] == "import cifar10_pipeline.modeling"
+    assert sorted(seen["labels"]) == sorted(model.config.id2label.values())
+
+
 def test_fine_tuned_checkpoint_gets_our_preprocessing_but_its_own_forward(tmp_path: Path) -> None:
     """A fine-tuned Hub architecture keeps transformers' forward: the pipeline resizes and normalises like
     our inference path, but applies neither TTA nor the temperature (documented in the README)."""

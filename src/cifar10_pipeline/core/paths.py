@@ -50,16 +50,24 @@ class NoModelError(FileNotFoundError):
 def no_model_message(path: str | Path, flag: str = "--model") -> str:
     return (
         f"no trained model at {path}: train one with the quick profile (dvc exp run -S profile=quick), "
-        f"fetch the team's with dvc pull (docs/team.md), or point {flag} at a published model folder"
+        f"fetch the team's with dvc pull (docs/team.md), or point {flag} at a published model (a folder, "
+        "or a Hub id: owner/name@revision)"
     )
 
 
 def saved_model_dir(path: str | Path = MODEL_DIR, flag: str = "--model") -> Path:
-    """``path`` if it holds a saved model (its config.json), else NoModelError saying how to get one.
+    """The local folder of a saved model: ``path`` if it holds one (its config.json), the verified download
+    of a Hub model when ``path`` is a Hub id (``owner/name@revision``, core/hub.py), else NoModelError
+    saying how to get one.
 
     For ``transformers.pipeline`` too, which takes a missing folder for a Hub id and answers with a network
-    error: ``pipeline("image-classification", model=saved_model_dir("models/cifar10"))``.
+    error: ``pipeline("image-classification", model=saved_model_dir("models/cifar10"))``, or
+    ``saved_model_dir("owner/name@v1")`` for a published model.
     """
+    from cifar10_pipeline.core.hub import download_model, parse_hub_id
+
+    if (hub_id := parse_hub_id(path)) is not None:
+        path = download_model(*hub_id)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise NoModelError(no_model_message(path, flag))

@@ -35,6 +35,23 @@ from cifar10_pipeline.modeling.pooling import max_pool2x2
 # Per-channel statistics of the CIFAR-10 training split (pixel/255), from the data card.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# The import that registers this package's model types with transformers' Auto classes.
+REGISTERING_IMPORT = "import cifar10_pipeline.modeling"
+
+
+def loading_hint(model_type: str) -> str:
+    """What config.json says, beside its ``model_type``, about how to load it.
+
+    transformers 5 has no way to register a model type from an installed package without importing it (no
+    entry points; ``auto_map`` runs a .py file shipped with the checkpoint, and only with
+    ``trust_remote_code=True``, which load_model never passes). Without the import, transformers answers
+    "model type `cifar_convnet` ... Transformers does not recognize this architecture ... update
+    Transformers", which cannot help; this key, and the model card, say what does."""
+    return (
+        f"model_type {model_type} is defined by the cifar10-pipeline package, not by transformers: install "
+        f"it and run `{REGISTERING_IMPORT}` before AutoModelForImageClassification.from_pretrained or "
+        "transformers.pipeline (that import registers the type; updating transformers does not help)"
+    )
 
 
 @strict
@@ -54,6 +71,7 @@ class CifarConvNetConfig(PreTrainedConfig):
     tta_level: int = 0  # test-time augmentation every consumer applies (see inference.py)
     # Divides the logits; fitted on the validation split after training (inference.calibration_temperature).
     calibration_temperature: float = 1.0
+    loading_hint: str = loading_hint(model_type)  # saved in config.json for readers without the import
 
     def __post_init__(self, **kwargs):
         read_legacy_temperature(self, kwargs)

@@ -24,6 +24,7 @@ from cifar10_pipeline.modeling.model import (
     CIFAR10_STD,
     ConvGroup,
     WhitenedImageClassifier,
+    loading_hint,
     read_legacy_temperature,
     whitening_layer,
 )
@@ -48,6 +49,7 @@ class CifarViTConfig(PreTrainedConfig):
     image_std: list[float] | tuple[float, ...] = CIFAR10_STD
     tta_level: int = 0
     calibration_temperature: float = 1.0  # see inference.calibration_temperature
+    loading_hint: str = loading_hint(model_type)  # saved in config.json for readers without the import
 
     def __post_init__(self, **kwargs):
         read_legacy_temperature(self, kwargs)

@@ -1,4 +1,5 @@
-"""The ``cifar10`` command: ``cifar10 predict PATH...`` classifies images; ``cifar10 serve`` runs the API.
+"""The ``cifar10`` command: ``cifar10 predict PATH...`` classifies images; ``cifar10 serve`` runs the API;
+``cifar10 publish OWNER/NAME`` uploads the trained model with its card to a Hugging Face Hub repository.
 
 Subcommands live in ``COMMANDS`` (name -> how to add its arguments and what to run), so a new one is one
 entry. Heavy imports (torch, transformers) happen inside the commands, so ``cifar10 --help`` is instant.
@@ -7,6 +8,10 @@ entry. Heavy imports (torch, transformers) happen inside the commands, so ``cifa
 ``image_to_array`` and classifies them in batches with ``predict_logits`` -- the same path evaluation and the
 web service use. A file that cannot be read is reported (also in ``--json``) and the others still run; the
 exit status is then 1. Exit status 2: bad arguments or no model.
+
+``--model`` (predict) and ``--model`` / ``CIFAR10_SERVE_MODEL`` (serve) take a folder or a Hub id
+(``owner/name@revision``): ``saved_model_dir`` downloads and verifies it (core/hub.py), then it loads as a
+folder. The Hub client's own settings apply: ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from cifar10_pipeline import NUM_CLASSES, __version__
-from cifar10_pipeline.core.paths import MODEL_DIR, NoModelError
+from cifar10_pipeline.core.paths import MODEL_CARD, MODEL_DIR, NoModelError
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -146,7 +151,12 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="image files, folders (searched recursively) or glob patterns (quote them: 'photos/**/*.jpg')",
     )
-    parser.add_argument("--model", default=str(MODEL_DIR), help=f"model directory (default: {MODEL_DIR})")
+    parser.add_argument(
+        "--model",
+        default=str(MODEL_DIR),
+        help="model directory, or Hub id owner/name[@COMMIT_OR_TAG] (the Hub client's HF_ENDPOINT, HF_TOKEN; "
+        f"default: {MODEL_DIR})",
+    )
     parser.add_argument(
         "--top-k",
         type=int,
@@ -199,7 +209,7 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.model, device=args.device)
     except NoModelError as exc:
-        print(f"cifar10 predict: error: {exc}", file=sys.stderr)  # says how to get a model
+        _print_error("predict", exc)  # says how to get a model
         return EXIT_USAGE
     except MODEL_LOAD_ERRORS as exc:
         print(f"cifar10 predict: error: cannot load the model from {args.model}: {exc}", file=sys.stderr)
@@ -272,9 +282,60 @@ def run_serve(args: argparse.Namespace) -> int:
 
         run(settings)  # checks the settings and the model folder before it serves
     except (SettingsInputError, NoModelError) as exc:
-        print(f"cifar10 serve: error: {exc}", file=sys.stderr)
+        _print_error("serve", exc)
         return EXIT_USAGE
     return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------- publish
+
+
+def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("repo_id", metavar="OWNER/NAME", help="the Hub model repository (created if missing)")
+    parser.add_argument(
+        "--model", type=Path, default=MODEL_DIR, help=f"save_pretrained folder to upload ({MODEL_DIR})"
+    )
+    parser.add_argument(
+        "--card",
+        type=Path,
+        default=MODEL_CARD,
+        help=f"model card, uploaded as README.md with its model-index (default: {MODEL_CARD}, written by "
+        "dvc repro model_card)",
+    )
+    parser.add_argument("--tag", help="also tag the new commit, e.g. v1 (then: --model OWNER/NAME@v1)")
+    parser.add_argument("--message", help="commit message (default: Upload <folder> with its model card)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
+    parser.add_argument(
+        "--token",
+        help="write token (default: HF_TOKEN, else the `hf auth login` token; prefer those: a flag shows in "
+        "ps and the shell history)",
+    )
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    from cifar10_pipeline.core.hub import HubModelError, publish_model
+
+    try:
+        published = publish_model(
+            args.repo_id, args.model, args.card, endpoint=args.endpoint, token=args.token,
+            private=args.private, message=args.message, tag=args.tag,
+        )  # fmt: skip
+    except HubModelError as exc:
+        _print_error("publish", exc)
+        return EXIT_USAGE
+    pinned = f"{args.repo_id}@{args.tag}" if args.tag else published.pinned_id
+    files = len(published.files)
+    print(f"published {args.model} ({files} files) to {published.url} at commit {published.commit}")
+    print(f"use it: cifar10 predict --model {pinned} IMAGE")
+    return EXIT_OK
+
+
+def _print_error(command: str, exc: Exception) -> None:
+    """``cifar10 COMMAND: error: ...`` and, when the error carries one, ``cifar10 COMMAND: hint: ...``."""
+    print(f"cifar10 {command}: error: {exc}", file=sys.stderr)
+    if hint := getattr(exc, "hint", None):
+        print(f"cifar10 {command}: hint: {hint}", file=sys.stderr)
 
 
 COMMANDS: dict[str, Command] = {
@@ -283,6 +344,11 @@ COMMANDS: dict[str, Command] = {
         "run the web API and page (settings: flags or CIFAR10_SERVE_* variables)",
         add_serve_arguments,
         run_serve,
+    ),
+    "publish": Command(
+        "upload the trained model and its card to a Hugging Face Hub repository (HF_ENDPOINT, HF_TOKEN)",
+        add_publish_arguments,
+        run_publish,
     ),
 }
 

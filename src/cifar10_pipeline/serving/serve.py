@@ -2,7 +2,8 @@
 
 Build the app with ``create_app(settings)`` (nothing happens at import time); ``main()`` runs it with uvicorn,
 its settings from flags and ``CIFAR10_SERVE_*`` variables (``settings.py``). The model is loaded once, at
-startup, from a directory written by ``save_pretrained`` or from an MLflow registry URI
+startup, from a directory written by ``save_pretrained``, a Hugging Face Hub model id
+(``owner/name@revision``, downloaded and verified by core/hub.py) or an MLflow registry URI
 (``models:/cifar10-classifier@champion``). Every upload goes through the same ``image_to_array`` ->
 ``predict_logits`` path as evaluation and the CLI, so served probabilities are the measured ones.
 
@@ -35,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cifar10_pipeline import IMAGE_SHAPE, NUM_CLASSES, __version__
+from cifar10_pipeline.core.hub import parse_hub_id
 from cifar10_pipeline.core.paths import NoModelError, saved_model_dir
 from cifar10_pipeline.serving.batching import MicroBatcher
 from cifar10_pipeline.serving.guards import (
@@ -173,7 +175,9 @@ def load_runtime(settings: ServeSettings) -> Runtime:
         name = settings.model[len(REGISTRY_PREFIX) :].split("@")[0].split("/")[0]
     else:
         model_dir = saved_model_dir(settings.model, MODEL_SETTING)
-        name = model_dir.resolve().name
+        hub_id = parse_hub_id(settings.model)
+        # A Hub model is named by its repository and the commit it was downloaded at (the snapshot's folder).
+        name = f"{hub_id[0]}@{model_dir.name}" if hub_id else model_dir.resolve().name
     model = load_model(model_dir)
     config = model.config
     labels = [config.id2label[i] for i in range(config.num_labels)]
@@ -435,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         build_parser(PROG).error(str(exc))
     except NoModelError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)  # one line: the usage would bury it
+        if hint := getattr(exc, "hint", None):
+            print(f"{PROG}: hint: {hint}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -37,8 +37,9 @@ class ServeSettings(BaseSettings):
 
     model: str = Field(
         default=str(MODEL_DIR),
-        description="A model directory written by save_pretrained, or an MLflow registry URI "
-        "(models:/NAME@ALIAS or models:/NAME/VERSION).",
+        description="A model directory written by save_pretrained, a Hugging Face Hub model id "
+        "(owner/name, or pinned: owner/name@COMMIT_OR_TAG; endpoint and token from HF_ENDPOINT, HF_TOKEN), "
+        "or an MLflow registry URI (models:/NAME@ALIAS or models:/NAME/VERSION).",
     )
     host: str = Field(default="127.0.0.1", description="Interface to listen on; 0.0.0.0 for all.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
