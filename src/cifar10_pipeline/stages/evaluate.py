@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from sklearn.metrics import confusion_matrix
 
 from cifar10_pipeline import CLASS_NAMES
 from cifar10_pipeline.core.data import ArraySplit, atomic_output, load_split, write_json_atomic
@@ -46,18 +44,15 @@ from cifar10_pipeline.evaluation.metrics import (
     corrupt,
     most_confident_mistakes,
 )
-from cifar10_pipeline.modeling.inference import (
-    calibration_temperature,
-    predict_logits,
-    resolve_precision,
-    tta_confidence,
-)
-from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.tracking import emissions
 from cifar10_pipeline.tracking import model_registry as registry
 from cifar10_pipeline.tracking.runs import stage_run
 
+# torch, transformers, scikit-learn and the models are imported by the functions that use them, not here:
+# `--help` and a bad param answer before the 3.5 s those imports take (benchmarks/stage_start.py).
 if TYPE_CHECKING:
+    import torch
+
     from cifar10_pipeline.tracking.runs import StageRun
 
 
@@ -71,6 +66,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def robustness_table(
     model, images: np.ndarray, labels: np.ndarray, batch_size: int, precision: str = "auto"
 ) -> dict[str, dict[str, float]]:
+    from cifar10_pipeline.modeling.inference import predict_logits
+
     table: dict[str, dict[str, float]] = {}
     for name in CORRUPTIONS:
         table[name] = {}
@@ -101,6 +98,8 @@ def timed_logits(
     model: Any, images: np.ndarray, batch_size: int, device: torch.device, precision: str = "auto"
 ) -> tuple[Any, float]:
     """The model's (calibrated) logits on ``images`` and the device-synchronised seconds they took."""
+    from cifar10_pipeline.modeling.inference import predict_logits
+
     synchronize(device)
     start = time.perf_counter()
     logits = predict_logits(model, images, batch_size, precision=precision, progress=True)
@@ -149,6 +148,11 @@ def evaluate(
     params: EvaluateParams, processed_dir: Path = PROCESSED_DIR, model_dir: Path = MODEL_DIR
 ) -> Evaluation:
     """Measure the saved model on the test split; nothing is written (write_outputs does that)."""
+    from sklearn.metrics import confusion_matrix
+
+    from cifar10_pipeline.modeling.inference import calibration_temperature, resolve_precision, tta_confidence
+    from cifar10_pipeline.modeling.model import load_model
+
     test = load_split(Path(processed_dir) / "test.npz")
     device = resolve_device(params.device, key="evaluate.device")
     model = load_model(model_dir, device)

@@ -19,10 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-import torch
-from transformers import PreTrainedModel
-
 from cifar10_pipeline.core.data import atomic_output, load_split, write_json_atomic
 from cifar10_pipeline.core.device import describe_device, resolve_device
 from cifar10_pipeline.core.errors import run_cli
@@ -37,38 +33,32 @@ from cifar10_pipeline.core.paths import (
     TRAIN_METRICS,
 )
 from cifar10_pipeline.evaluation import plots
-from cifar10_pipeline.modeling.architectures import (
-    architecture,
-    build_model,
-    describe_architecture,
-    save_model,
-)
-from cifar10_pipeline.modeling.inference import (
-    TTA_FIT_TRAIN_IMAGES,
-    fit_selective_tta,
-    fit_temperature,
-    resolve_precision,
-    set_calibration_temperature,
-)
-from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.tracking import emissions
 from cifar10_pipeline.tracking.runs import stage_run
-from cifar10_pipeline.training import distributed
-from cifar10_pipeline.training.checkpoint import Checkpointer, fingerprint
-from cifar10_pipeline.training.distributed import Ranks
-from cifar10_pipeline.training.loop import train_classifier
-from cifar10_pipeline.training.state import EpochRecord, TrainingResult
 
+# torch, transformers and the models are imported by the functions that use them, not here: `--help` and a
+# bad param answer before the 3 s those imports take (benchmarks/stage_start.py).
 if TYPE_CHECKING:
-    from cifar10_pipeline.tracking.runs import StageRun
+    from transformers import PreTrainedModel
 
-HISTORY_FIELDS = [f.name for f in dataclasses.fields(EpochRecord)]
+    from cifar10_pipeline.tracking.runs import StageRun
+    from cifar10_pipeline.training.distributed import Ranks
+    from cifar10_pipeline.training.state import EpochRecord, TrainingResult
 
 
 def calibrate(model: PreTrainedModel, hp: TrainParams, train_split, val_split) -> dict[str, Any]:
     """Fit what inference needs after training, on held-out images, and store it in the config: selective
     TTA's threshold (on the validation split, else on the first training images), then the softmax
     temperature on the validation split's selective logits (none without one). Returns what was measured."""
+    import torch
+
+    from cifar10_pipeline.modeling.inference import (
+        TTA_FIT_TRAIN_IMAGES,
+        fit_selective_tta,
+        fit_temperature,
+        set_calibration_temperature,
+    )
+
     held_out = val_split if len(val_split) else train_split.head(TTA_FIT_TRAIN_IMAGES)
     tta = fit_selective_tta(
         model, held_out.images, held_out.labels if len(val_split) else None, hp.tta_fraction, hp.precision
@@ -109,6 +99,16 @@ def train(
     Every rank of a torchrun job calls this; only rank 0 gets the Trained result (the others None).
     ``checkpoint_dir`` None: no checkpoints, whatever train.checkpoint_every says.
     """
+    import torch
+
+    from cifar10_pipeline.modeling.architectures import architecture, build_model, describe_architecture
+    from cifar10_pipeline.modeling.inference import resolve_precision
+    from cifar10_pipeline.modeling.model import batchnorm_precision
+    from cifar10_pipeline.training import distributed
+    from cifar10_pipeline.training.checkpoint import Checkpointer, fingerprint
+    from cifar10_pipeline.training.distributed import Ranks
+    from cifar10_pipeline.training.loop import train_classifier
+
     ranks = ranks or Ranks()
     device = distributed.device_for(ranks, resolve_device(hp.device))
     data_files = [Path(processed_dir) / "train.npz", Path(processed_dir) / "val.npz"]
@@ -164,11 +164,16 @@ def write_outputs(
     curves_file: Path = TRAIN_CURVES,
 ) -> dict[str, Any]:
     """Save the model, the per-epoch history, the summary and the curves; return the summary as written."""
+    import psutil
+
+    from cifar10_pipeline.modeling.architectures import save_model
+    from cifar10_pipeline.training.state import EpochRecord
+
     with atomic_output(Path(model_dir)) as staged_model:
         save_model(trained.model, staged_model, trained.summary["model"])  # + preprocessor_config.json
     history = [dataclasses.asdict(record) for record in trained.result.history]
     with atomic_output(Path(history_file)) as staged_history, open(staged_history, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(EpochRecord)])
         writer.writeheader()
         writer.writerows(history)
     summary = {
@@ -198,6 +203,9 @@ def log_results(run: StageRun, summary: dict[str, Any]) -> None:
 
 def main() -> None:
     params = load_params()
+    from cifar10_pipeline.training import distributed
+    from cifar10_pipeline.training.checkpoint import Checkpointer
+
     ranks = distributed.from_environment()
     if params.train.nproc > 1 and not ranks.launched:
         distributed.exec_torchrun("cifar10_pipeline.stages.train", params.train.nproc)  # does not return
