@@ -26,11 +26,11 @@ repro: $(STAMP)
 	dvc repro
 
 # Every tier (reliability cases included), one xdist worker per core; a module's tests stay on one worker, so
-# a module fixture (a sweep, a team server) is built once, but for modules marked `spread` (tests/conftest.py
-# says how tests are grouped and ordered). The release tier (tests/release: the long forms of
+# a module fixture (a sweep, a team server) is built once (a class is a unit of its own: test_faults.py's kill
+# cases are two, so they run on both workers; tests/conftest.py orders the units). The release tier (tests/release: the long forms of
 # checks this suite runs in a cheap form) is `make test-release`; CI runs both.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not release"
+	$(BIN)/python -m pytest -n auto --dist loadscope -m "not release"
 
 test-release: $(STAMP)
 	$(BIN)/python -m pytest tests/release

@@ -1,6 +1,7 @@
 """How fast each stage starts: the wall time of ``python -m cifar10_pipeline.stages.<stage> --help`` (the
-interpreter's start, the stage module's imports, the argument parsing that precedes ``main()``; a stage's first
-work is the first line of its ``main()``) and, from ``python -X importtime``, what its imports cost by package.
+interpreter's start, the stage module's imports, the argument parsing that precedes ``main()``; a stage's
+first work is the first line of its ``main()``) and, from ``python -X importtime``, what its imports cost by
+package.
 
     python benchmarks/stage_start.py                  # every stage of dvc.yaml, 5 runs each
     python benchmarks/stage_start.py --runs 9 --record records/stage_start.json
@@ -97,7 +98,9 @@ def measure(runs: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--record", type=Path, default=PROJECT_ROOT / "records" / "stage_start.json")
     args = parser.parse_args()
@@ -106,7 +109,9 @@ def main() -> None:
     record = measure(args.runs)
     write_json_atomic(args.record, record)
     for stage, row in record["stages"].items():
-        top = ", ".join(f"{name} {seconds:.2f}" for name, seconds in row["imports_by_package_seconds"].items())
+        top = ", ".join(
+            f"{name} {seconds:.2f}" for name, seconds in row["imports_by_package_seconds"].items()
+        )
         print(f"{stage:11s} --help {row['help_seconds_median']:.2f} s (imports: {top})")
     print(f"-> {args.record}")
 

@@ -142,24 +142,19 @@ def real_quick_model(real_mirror: Path, tmp_path_factory: pytest.TempPathFactory
 TIERS = ("unit", "data", "model", "integration", "browser", "release")
 
 
-# Side by side (`make test`: xdist's loadgroup): a module's tests share one worker, so its module fixtures (a
-# sweep, a team server) are built once; a module marked `spread`, whose fixtures are session-wide (made once
-# under a file lock), hands its tests out one by one. Longest first: the tiers that start processes go first,
-# so the unit tests fill the gaps at the end instead of waiting behind a long module.
+# Side by side (`make test`: xdist's loadscope): a module's tests, or a class's, share one worker, so a module
+# fixture (a sweep, a team server) is built once. Longest first: the tiers that start processes go first, so
+# the unit tests fill the gaps at the end instead of a long module starting last.
 SCHEDULE_ORDER = ("integration", "browser", "model", "data", "unit")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     tests_dir = Path(__file__).resolve().parent
-    tier_of: dict[str, str] = {}
+    tier_of: dict[int, str] = {}
     for item in items:
-        relative = Path(str(item.path)).resolve().relative_to(tests_dir)
-        tier = relative.parts[0] if len(relative.parts) > 1 and relative.parts[0] in TIERS else ""
-        if tier:
-            item.add_marker(getattr(pytest.mark, tier))
-        tier_of[item.nodeid] = tier
-        if item.get_closest_marker("spread") is None and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(relative.as_posix()))
+        parts = Path(str(item.path)).resolve().relative_to(tests_dir).parts
+        tier_of[id(item)] = parts[0] if len(parts) > 1 and parts[0] in TIERS else ""
+        if tier_of[id(item)]:
+            item.add_marker(getattr(pytest.mark, tier_of[id(item)]))
     rank = {tier: i for i, tier in enumerate(SCHEDULE_ORDER)}
-    items.sort(key=lambda item: rank.get(tier_of[item.nodeid], len(rank)))  # stable within a tier
+    items.sort(key=lambda item: rank.get(tier_of[id(item)], len(rank)))  # stable within a tier

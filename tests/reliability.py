@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +133,7 @@ class Collector:
             "seconds": round(sum(c.seconds for c in cases), 1),
             "cases": [
                 {
-                    "test": plain_nodeid(c.test),
+                    "test": c.test,
                     "case": c.case,
                     "outcome": c.outcome,
                     "result": c.result,
@@ -145,12 +144,6 @@ class Collector:
             ],
         }
         write_json_atomic(self.path, record)
-
-
-def plain_nodeid(nodeid: str) -> str:
-    """The test's id without the ``@<group>`` xdist's loadgroup appends to it (tests/conftest.py's groups
-    are module paths)."""
-    return re.sub(r"@tests/[^@\[\]]*$", "", nodeid)
 
 
 def collected_cases(items: list[pytest.Item]) -> dict[str, Case]:

@@ -19,7 +19,7 @@ from cifar10_pipeline.modeling.model import load_model
 from ..helpers import save_tiny_vit_checkpoint, write_params
 from .test_train_stage import TINY_TRAIN, stage_runs, write_processed
 
-pytestmark = [pytest.mark.slow, pytest.mark.spread]
+pytestmark = pytest.mark.slow
 STAGE = [sys.executable, "-m", "cifar10_pipeline.stages.train"]
 
 

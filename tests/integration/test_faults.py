@@ -52,7 +52,7 @@ from ..support.faults import (
     scratch_leftovers,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.spread]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
@@ -73,10 +73,11 @@ def prepared_checkout(small_mirror: Path, session_dir: Path) -> Path:
     return baseline
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "kill",
-    [
+MODEL_STAGES = ("train", "evaluate")  # the kills that train or load a network: half the cost on their own
+
+
+def kill_cases(model_stages: bool) -> list:
+    return [
         pytest.param(
             kill,
             id=f"{kill.stage}-{kill.point}",
@@ -87,11 +88,32 @@ def prepared_checkout(small_mirror: Path, session_dir: Path) -> Path:
             ),
         )
         for kill in KILLS
-    ],
-)
-def test_a_killed_stage_leaves_no_output_that_looks_complete(
-    prepared_checkout: Path, kill: Kill, tmp_path: Path
-) -> None:
+        if (kill.stage in MODEL_STAGES) == model_stages
+    ]
+
+
+# Two classes, so that `make test` (xdist's loadscope: a class is one unit) runs the two halves side by side,
+# from the one prepared checkout.
+@pytest.mark.slow
+class TestKillDataAndReportStages:
+    @pytest.mark.parametrize("kill", kill_cases(model_stages=False))
+    def test_a_killed_stage_leaves_no_output_that_looks_complete(
+        self, prepared_checkout: Path, kill: Kill, tmp_path: Path
+    ) -> None:
+        check_kill(prepared_checkout, kill, tmp_path)
+
+
+@pytest.mark.slow
+class TestKillModelStages:
+    @pytest.mark.parametrize("kill", kill_cases(model_stages=True))
+    def test_a_killed_stage_leaves_no_output_that_looks_complete(
+        self, prepared_checkout: Path, kill: Kill, tmp_path: Path
+    ) -> None:
+        check_kill(prepared_checkout, kill, tmp_path)
+
+
+def check_kill(prepared_checkout: Path, kill: Kill, tmp_path: Path) -> None:
+    """Kill ``kill.stage`` at ``kill.point`` in a copy of the prepared checkout, then run it again."""
     baseline = prepared_checkout
     clone = copy_checkout(baseline, tmp_path / "clone")
     # The killed stage's outputs, its dvc.lock entry and the baseline's run cache dropped: DVC must run the

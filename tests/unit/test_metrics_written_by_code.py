@@ -33,6 +33,7 @@ COMMAND_WRITERS = {
     # benchmarks/torchrun.py (machine() from cold_start.py): train.json and eval.json of each run inside
     "records/torchrun/runs.json": [BENCHMARKS / "torchrun.py", BENCHMARKS / "cold_start.py", PROVENANCE]
     + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate")],
+    "records/stage_start.json": [BENCHMARKS / "stage_start.py", BENCHMARKS / "serving.py", PROVENANCE],
     # benchmarks/cold_start.py: its own timings, each run's train.json
     "records/cold_start.json": [BENCHMARKS / "cold_start.py", PACKAGE / "stages" / "train.py", PROVENANCE],
 }

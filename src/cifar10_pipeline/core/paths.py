@@ -47,9 +47,26 @@ class NoModelError(FileNotFoundError):
     """No saved model where one was asked for; the message says, in one line, how to get one."""
 
 
+QUICK_START_RECORD = RECORDS_DIR / "quick_start.json"  # written by `python benchmarks/quick_start.py`
+
+
+def quick_profile_cost(record: Path = QUICK_START_RECORD) -> str:
+    """``, N min on a 2-core <CPU>`` from the checkout's timed quick start, or nothing without the record."""
+    import json
+
+    try:
+        measured = json.loads(Path(record).read_text())
+        minutes = measured["steps"][0]["seconds"] / 60
+        machine = measured["machine"]
+        return f", {minutes:.0f} min on {machine['usable_cores']} cores of an {machine['cpu_model']}"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
 def no_model_message(path: str | Path, flag: str = "--model") -> str:
     return (
-        f"no trained model at {path}: train one with the quick profile (dvc exp run -S profile=quick), "
+        f"no trained model at {path}: train one with the quick profile (dvc exp run -S profile=quick"
+        f"{quick_profile_cost()}), "
         f"fetch the team's with dvc pull (docs/team.md), or point {flag} at a published model (a folder, "
         "or a Hub id: owner/name@revision)"
     )
