@@ -54,7 +54,7 @@ def start_seconds(stage: str) -> float:
     return time.perf_counter() - started
 
 
-def imports_by_package(stage: str, top: int = 6) -> dict[str, float]:
+def imports_by_package(stage: str, top: int = 6) -> list[dict[str, Any]]:
     """Seconds of import per top-level package (the outermost imports, cumulative), largest first."""
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", f"cifar10_pipeline.stages.{stage}", "--help"],
@@ -69,23 +69,26 @@ def imports_by_package(stage: str, top: int = 6) -> dict[str, float]:
         if match and len(match.group(3)) == 1:  # an import at the outermost level: its cumulative time
             by_package[match.group(4).split(".")[0]] += int(match.group(2)) / 1e6
     ranked = sorted(by_package.items(), key=lambda kv: -kv[1])
-    return {name: round(seconds, 3) for name, seconds in ranked[:top]}
+    return [{"package": name, "seconds": round(seconds, 3)} for name, seconds in ranked[:top]]
 
 
 def measure(runs: int) -> dict[str, Any]:
     from cifar10_pipeline.core.provenance import tree_provenance
 
-    results = {}
+    results = []
     for stage in stages(PROJECT_ROOT / "dvc.yaml"):
         start_seconds(stage)  # warm the page cache: the figures are of a warm machine
         walls = [start_seconds(stage) for _ in range(runs)]
-        results[stage] = {
-            "help_seconds_median": round(statistics.median(walls), 3),
-            "help_seconds_min": round(min(walls), 3),
-            "help_seconds_max": round(max(walls), 3),
-            "imports_by_package_seconds": imports_by_package(stage),
-            "within_target": statistics.median(walls) <= TARGET_SECONDS,
-        }
+        results.append(
+            {
+                "stage": stage,
+                "help_seconds_median": round(statistics.median(walls), 3),
+                "help_seconds_min": round(min(walls), 3),
+                "help_seconds_max": round(max(walls), 3),
+                "imports_by_package_seconds": imports_by_package(stage),
+                "within_target": statistics.median(walls) <= TARGET_SECONDS,
+            }
+        )
     return {
         "machine": machine_info(),
         **tree_provenance(PROJECT_ROOT).fields(),
@@ -108,11 +111,9 @@ def main() -> None:
 
     record = measure(args.runs)
     write_json_atomic(args.record, record)
-    for stage, row in record["stages"].items():
-        top = ", ".join(
-            f"{name} {seconds:.2f}" for name, seconds in row["imports_by_package_seconds"].items()
-        )
-        print(f"{stage:11s} --help {row['help_seconds_median']:.2f} s (imports: {top})")
+    for row in record["stages"]:
+        top = ", ".join(f"{i['package']} {i['seconds']:.2f}" for i in row["imports_by_package_seconds"])
+        print(f"{row['stage']:11s} --help {row['help_seconds_median']:.2f} s (imports: {top})")
     print(f"-> {args.record}")
 
 

@@ -34,6 +34,9 @@ COMMAND_WRITERS = {
     "records/torchrun/runs.json": [BENCHMARKS / "torchrun.py", BENCHMARKS / "cold_start.py", PROVENANCE]
     + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate")],
     "records/stage_start.json": [BENCHMARKS / "stage_start.py", BENCHMARKS / "serving.py", PROVENANCE],
+    # benchmarks/quick_start.py: its timings, the quick run's eval.json and train.json
+    "records/quick_start.json": [BENCHMARKS / "quick_start.py", BENCHMARKS / "serving.py", PROVENANCE]
+    + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate")],
     # benchmarks/cold_start.py: its own timings, each run's train.json
     "records/cold_start.json": [BENCHMARKS / "cold_start.py", PACKAGE / "stages" / "train.py", PROVENANCE],
 }
