@@ -146,6 +146,16 @@ TIERS = ("unit", "data", "model", "integration", "browser", "release")
 # fixture (a sweep, a team server) is built once. Longest first: the tiers that start processes go first, so
 # the unit tests fill the gaps at the end instead of a long module starting last.
 SCHEDULE_ORDER = ("integration", "browser", "model", "data", "unit")
+# The longest units (minutes on 2 cores: module fixtures running sweeps, servers, whole pipelines) go first of
+# all, so none of them starts last and holds one worker alone at the end.
+LONGEST_FIRST = (
+    "integration/test_experiments.py",
+    "integration/test_team_server.py",
+    "integration/test_pipeline.py",
+    "integration/test_faults.py",
+    "integration/test_distributed.py",
+    "integration/test_service_flood.py",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -157,4 +167,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier_of[id(item)]:
             item.add_marker(getattr(pytest.mark, tier_of[id(item)]))
     rank = {tier: i for i, tier in enumerate(SCHEDULE_ORDER)}
-    items.sort(key=lambda item: rank.get(tier_of[id(item)], len(rank)))  # stable within a tier
+    first = {module: i for i, module in enumerate(LONGEST_FIRST)}
+
+    def order(item: pytest.Item) -> tuple[int, int]:
+        module = Path(str(item.path)).resolve().relative_to(tests_dir).as_posix()
+        return (first.get(module, len(first)), rank.get(tier_of[id(item)], len(rank)))
+
+    items.sort(key=order)  # stable within a unit

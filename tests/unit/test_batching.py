@@ -100,7 +100,10 @@ def test_the_queue_never_waits_longer_than_its_bound(
             straggler.leave()
         batcher.close()
     assert result.shape == (1, 10)
-    assert max_wait_s - 0.01 <= batcher.stats.max_hold_s <= max_wait_s + SLACK_S
+    # The bound counts from the oldest request's arrival (its queue wait); the hold, from when the model's
+    # thread took it, is shorter when that thread was late (a loaded machine), never longer.
+    assert max_wait_s - 0.01 <= batcher.stats.max_queue_wait_s <= max_wait_s + SLACK_S
+    assert batcher.stats.max_hold_s <= batcher.stats.max_queue_wait_s + 0.001
     assert elapsed <= max_wait_s + SLACK_S + 1.0  # the bound, plus one forward pass of one image
 
 
