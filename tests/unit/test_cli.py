@@ -293,7 +293,7 @@ def test_16_bit_files_are_classified_like_their_8_bit_copies(capsys, model_dir: 
         assert sixteen["probabilities"] == pytest.approx(eight["probabilities"], abs=1e-6), sixteen["path"]
 
 
-NO_MODEL_ADVICE = ("no trained model at", "dvc exp run -S profile=quick", "dvc pull", "docs/team.md")
+NO_MODEL_ADVICE = ("no trained model at", "dvc exp run -S profile=quick", "cifar10 pull", "docs/team.md")
 
 
 def test_predict_without_a_model_says_in_one_line_how_to_get_one(

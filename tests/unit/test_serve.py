@@ -771,7 +771,7 @@ def test_an_app_without_a_model_says_on_its_page_and_endpoints_how_to_get_one(tm
             detail = ErrorResponse.model_validate(response.json()).detail
             assert "\n" not in detail
             assert detail.startswith(f"no trained model at {tmp_path / 'absent'}: ")
-            assert "dvc exp run -S profile=quick" in detail and "dvc pull" in detail
+            assert "dvc exp run -S profile=quick" in detail and "cifar10 pull" in detail
 
 
 def test_the_server_entry_point_without_a_model_exits_2_in_one_line(
@@ -789,5 +789,5 @@ def test_transformers_pipeline_on_a_missing_folder_is_told_how_to_get_a_model(tm
 
     from cifar10_pipeline.modeling import saved_model_dir
 
-    with pytest.raises(FileNotFoundError, match=r"^no trained model at .*dvc pull \(docs/team\.md\)"):
+    with pytest.raises(FileNotFoundError, match=r"^no trained model at .*cifar10 pull \(docs/team\.md\)"):
         pipeline("image-classification", model=saved_model_dir(tmp_path / "absent"))

@@ -193,7 +193,7 @@ def check_model_folder(model_dir: Path) -> list[Path]:
     if not model_dir.is_dir():
         raise HubModelError(
             f"no model folder at {model_dir}",
-            "train one (dvc exp run -S profile=quick), or fetch the team's with dvc pull",
+            "train one (dvc exp run -S profile=quick), or fetch the team's with cifar10 pull",
         )
     names = {p.name for p in model_dir.iterdir() if p.is_file()}
     missing = [name for name in REQUIRED_MODEL_FILES if name not in names]

@@ -67,7 +67,7 @@ def no_model_message(path: str | Path, flag: str = "--model") -> str:
     return (
         f"no trained model at {path}: train one with the quick profile (dvc exp run -S profile=quick"
         f"{quick_profile_cost()}), "
-        f"fetch the team's with dvc pull (docs/team.md), or point {flag} at a published model (a folder, "
+        f"fetch the team's with cifar10 pull (docs/team.md), or point {flag} at a published model (a folder, "
         "or a Hub id: owner/name@revision)"
     )
 

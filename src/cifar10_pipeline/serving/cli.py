@@ -1,5 +1,6 @@
 """The ``cifar10`` command: ``cifar10 predict PATH...`` classifies images; ``cifar10 serve`` runs the API;
-``cifar10 publish OWNER/NAME`` uploads the trained model with its card to a Hugging Face Hub repository.
+``cifar10 publish OWNER/NAME`` uploads the trained model with its card to a Hugging Face Hub repository;
+``cifar10 pull`` fetches the team's outputs from the DVC remote, saying in one line when it is absent.
 
 Subcommands live in ``COMMANDS`` (name -> how to add its arguments and what to run), so a new one is one
 entry. Heavy imports (torch, transformers) happen inside the commands, so ``cifar10 --help`` is instant.
@@ -331,6 +332,29 @@ def run_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ----------------------------------------------------------------------------------------------------- pull
+
+
+def add_pull_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "targets", nargs="*", metavar="TARGET", help="outputs to fetch, e.g. models/cifar10 (default: all)"
+    )
+    parser.add_argument(
+        "-r", "--remote", help="the DVC remote (default: the configured one, dvc remote list)"
+    )
+    parser.add_argument("--project", type=Path, default=Path("."), help="the checkout (default: .)")
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    from cifar10_pipeline.core.remote import RemoteUnavailable, pull
+
+    try:
+        return pull(args.project, args.remote, args.targets)
+    except RemoteUnavailable as exc:
+        _print_error("pull", exc)
+        return EXIT_USAGE
+
+
 def _print_error(command: str, exc: Exception) -> None:
     """``cifar10 COMMAND: error: ...`` and, when the error carries one, ``cifar10 COMMAND: hint: ...``."""
     print(f"cifar10 {command}: error: {exc}", file=sys.stderr)
@@ -349,6 +373,11 @@ COMMANDS: dict[str, Command] = {
         "upload the trained model and its card to a Hugging Face Hub repository (HF_ENDPOINT, HF_TOKEN)",
         add_publish_arguments,
         run_publish,
+    ),
+    "pull": Command(
+        "fetch the trained model, data and reports from the DVC remote (dvc pull, the remote checked first)",
+        add_pull_arguments,
+        run_pull,
     ),
 }
 
