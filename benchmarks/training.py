@@ -7,7 +7,8 @@ knob choice on a validation hold-out. Not a DVC stage: run it on the machine the
         --grid train.head_lr_scale=0.5,1.0 --grid train.label_smoothing=0.15,0.2 --seeds 6
     python benchmarks/training.py reference ../airbench/airbench94_muon.py --runs 10 \\
         --source https://github.com/KellerJordan/cifar10-airbench@<commit>
-    python benchmarks/training.py vit-throughput
+    python benchmarks/training.py parent-vit --batch-size 512   # the parent model's step, plain and ours
+    python benchmarks/training.py parent-checkpoint DIR         # its architecture, random weights (offline)
     python benchmarks/training.py merge results-from-the-gpu-machine.json
 
 Every entry is written by this script and carries its provenance: machine, device, torch version, git commit
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import itertools
 import json
 import math
@@ -65,10 +67,11 @@ from cifar10_pipeline.reporting.benchmark_records import (
     Candidate,
     Emissions,
     Entry,
+    ParentVitEntry,
     ReferenceEntry,
     SelectionEntry,
+    ThroughputVariant,
     TrainingEntry,
-    VitThroughputEntry,
     read_results,
 )
 from cifar10_pipeline.reporting.docs import BENCHMARK_REPORT, render_benchmark_report
@@ -557,16 +560,50 @@ def with_compile_mode(recipe: Path, scratch: Path, mode: str | None) -> tuple[Pa
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ViT-B/16 cost
+# The parent model (ViT-B/16 at 224 px): what a fine-tune step costs, plain and as the profile trains it
+
+PARENT_PROFILE = "parent_vit"
+# The plain variant and the ones through our loop; the profile's own settings are one of them.
+PARENT_VARIANTS: dict[str, dict[str, Any]] = {
+    "our loop, eager": {"compile": False, "cuda_graphs": False},
+    "our loop, compiled": {"compile": "default", "cuda_graphs": False},
+    "our loop, compiled + CUDA graph (fused AdamW)": {"compile": "default", "cuda_graphs": True},
+}
 
 
-def vit_throughput(origin: dict[str, str], batch_size: int = 128, steps: int = 20) -> VitThroughputEntry:
-    """Training and inference images/s and peak memory of ViT-B/16 at 224 px with random weights."""
-    from transformers import ViTConfig, ViTForImageClassification
+def write_parent_checkpoint(folder: Path) -> Path:
+    """google/vit-base-patch16-224-in21k's architecture and image processor with random weights, saved as
+    a checkpoint the fine-tune path loads like the Hub's (for machines that cannot download the weights)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    device = resolve_device("auto")
     torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(num_labels=10)).to(device)
+    # ViTConfig's defaults are ViT-B/16 at 224 (hidden 768, 12 layers and heads, MLP 3072, patch 16); the
+    # in21k checkpoint's processor normalises with mean = std = 0.5.
+    model = ViTForImageClassification(ViTConfig(num_labels=21843))
+    model.save_pretrained(folder)
+    ViTImageProcessor(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": 224, "width": 224}
+    ).save_pretrained(folder)
+    return folder
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def _plain_eager(
+    checkpoint: Path, batch_size: int, steps: int, device: torch.device
+) -> tuple[float, float, float | None]:
+    """(train images/s, inference images/s, peak GiB) of the plain fine-tune step: the checkpoint's forward
+    with its own loss under bf16 autocast, torch's default AdamW, images already at 224 px."""
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(
+        checkpoint,
+        id2label=dict(enumerate(CLASS_NAMES)),
+        label2id={name: index for index, name in enumerate(CLASS_NAMES)},
+        ignore_mismatched_sizes=True,
+    ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch_size, 3, 224, 224, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
@@ -577,6 +614,11 @@ def vit_throughput(origin: dict[str, str], batch_size: int = 128, steps: int = 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    @torch.no_grad()
+    def infer_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            model(pixel_values=x)
 
     def timed(fn: Callable[[], None], n: int) -> float:
         for _ in range(3):
@@ -590,24 +632,81 @@ def vit_throughput(origin: dict[str, str], batch_size: int = 128, steps: int = 2
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_time = timed(train_step, steps)
-    train_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    train_rate = batch_size * steps / timed(train_step, steps)
+    peak = _peak_gib(device)
     model.eval()
+    infer_rate = batch_size * steps / timed(infer_step, steps)
+    return train_rate, infer_rate, peak
 
-    @torch.no_grad()
-    def infer_step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            model(pixel_values=x)
 
-    infer_time = timed(infer_step, steps)
-    return VitThroughputEntry(
+def _through_loop(
+    params: Params, checkpoint: Path, settings: dict[str, Any], steps: int, device: torch.device
+) -> tuple[float, float, float | None]:
+    """(train images/s after the first epoch, first epoch s, peak GiB) of the train stage's own loop with the
+    profile's params and ``settings``, on CIFAR-sized uint8 images (upsampled to 224 px in the step)."""
+    hp = params.train.model_copy(update={"model": str(checkpoint), "epochs": 3, **settings})
+    generator = torch.Generator().manual_seed(0)
+    n = hp.batch_size * steps
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=generator).numpy()
+    labels = torch.randint(0, 10, (n,), generator=generator).numpy()
+    train = ArraySplit(images, labels, torch.arange(n).numpy())
+    model = build_model(hp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = train_classifier(model, train, None, hp, device, progress=False)
+    later = result.history[1:]
+    rate = sum(hp.batch_size * steps for _ in later) / sum(epoch.seconds for epoch in later)
+    peak = _peak_gib(device)
+    return rate, result.history[0].seconds, peak
+
+
+def parent_vit_throughput(
+    origin: dict[str, str],
+    checkpoint: Path | None,
+    batch_size: int,
+    steps: int,
+    only: list[str] | None = None,
+) -> ParentVitEntry:
+    """The parent model's training images/s and peak memory: plain bf16 eager, then our loop's variants
+    (the profile's settings among them), one after another on one device."""
+    params = load_profile(PARENT_PROFILE, [f"train.batch_size={batch_size}"])
+    device = resolve_device(params.train.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = checkpoint or write_parent_checkpoint(Path(scratch) / "vit-in21k-random")
+        plain_rate, infer_rate, plain_peak = _plain_eager(checkpoint, batch_size, steps, device)
+        variants = [
+            ThroughputVariant(
+                name="plain bf16 eager (the checkpoint's forward and loss, torch's default AdamW)",
+                settings={}, batch_size=batch_size, train_images_per_second=round(plain_rate, 1),
+                first_epoch_seconds=None, train_peak_memory_gib=plain_peak, speedup_over_plain=1.0,
+            )
+        ]  # fmt: skip
+        for name, settings in PARENT_VARIANTS.items():
+            if only and name not in only:
+                continue
+            gc.collect()  # the previous variant's model, optimiser state and CUDA-graph pool
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rate, first, peak = _through_loop(params, checkpoint, settings, steps, device)
+            variants.append(
+                ThroughputVariant(
+                    name=name, settings=settings, batch_size=batch_size,
+                    train_images_per_second=round(rate, 1), first_epoch_seconds=round(first, 1),
+                    train_peak_memory_gib=peak, speedup_over_plain=round(rate / plain_rate, 3),
+                )
+            )  # fmt: skip
+            print(f"{name}: {rate:.0f} images/s ({rate / plain_rate:.2f}x plain), first epoch {first:.1f} s")
+        parameters = sum(
+            p.numel()
+            for p in build_model(params.train.model_copy(update={"model": str(checkpoint)})).parameters()
+        )
+    return ParentVitEntry(
         **origin,
-        model="ViT-B/16 (architecture of google/vit-base-patch16-224-in21k, random weights), 224 px, bf16",
-        parameters=sum(p.numel() for p in model.parameters()),
-        batch_size=batch_size,
-        train_images_per_second=round(batch_size * steps / train_time, 1),
-        inference_images_per_second=round(batch_size * steps / infer_time, 1),
-        train_peak_memory_gib=round(train_peak, 2) if train_peak is not None else None,
+        model="ViT-B/16 at 224 px (google/vit-base-patch16-224-in21k's architecture, random weights), bf16",
+        parameters=parameters,
+        profile=PARENT_PROFILE,
+        variants=variants,
+        inference_images_per_second=round(infer_rate, 1),
     )
 
 
@@ -681,7 +780,21 @@ def _parser() -> argparse.ArgumentParser:
         "the entry's modification; e.g. default, whose compile takes a fraction of max-autotune's)",
     )
 
-    verbs.add_parser("vit-throughput", parents=[common], help="ViT-B/16 at 224 px, random weights")
+    parent = verbs.add_parser(
+        "parent-vit", parents=[common], help="the parent model's fine-tune step: plain bf16 eager and ours"
+    )
+    parent.add_argument("--batch-size", type=int, default=512)
+    parent.add_argument("--steps", type=int, default=20, help="steps timed per variant (ours: per epoch)")
+    parent.add_argument(
+        "--checkpoint", type=Path, help="the parent checkpoint (default: its architecture, random weights)"
+    )
+    parent.add_argument(
+        "--variant", action="append", choices=sorted(PARENT_VARIANTS), help="only these of our variants"
+    )
+    checkpoint = verbs.add_parser(
+        "parent-checkpoint", help="write the parent model's architecture with random weights (offline)"
+    )
+    checkpoint.add_argument("folder", type=Path)
 
     merge = verbs.add_parser("merge", help="merge entries written elsewhere into records/benchmark.json")
     merge.add_argument("files", type=Path, nargs="+")
@@ -749,9 +862,18 @@ def main(argv: list[str] | None = None) -> None:
             provenance(device, command), compile_mode=args.compile_mode,
         )  # fmt: skip
         keep(args.key or f"reference_{args.recipe.stem}")(entry)
+    elif args.verb == "parent-checkpoint":
+        print(f"wrote {write_parent_checkpoint(args.folder)}")
+        return
     else:
-        entry = vit_throughput(provenance(resolve_device("auto"), command))
-        keep("vit_b16_throughput")(entry)
+        entry = parent_vit_throughput(
+            provenance(resolve_device("cuda"), command),
+            args.checkpoint,
+            args.batch_size,
+            args.steps,
+            args.variant,
+        )
+        keep("parent_vit_throughput")(entry)
     print(entry.model_dump_json(indent=2))
 
 

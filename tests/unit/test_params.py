@@ -40,7 +40,7 @@ def _profile_file(profile: str) -> dict:
     return yaml.safe_load((CONF / "profile" / f"{profile}.yaml").read_text()) or {}
 
 
-@pytest.mark.parametrize("profile", ["default", "quick", "gpu_fast", "gpu_accurate"])
+@pytest.mark.parametrize("profile", ["default", "quick", "gpu_fast", "gpu_accurate", "parent_vit"])
 def test_every_profile_composes_to_valid_params(profile: str) -> None:
     params = validate_params(compose([f"profile={profile}"], CONF), source=f"profile {profile}")
     assert params.profile == profile, f"conf/profile/{profile}.yaml must set profile: {profile}"

@@ -116,18 +116,29 @@ class ReferenceEntry(Provenance):
     modification: str | None = None  # what was changed in a copy of the recipe (None: run as published)
 
 
-class VitThroughputEntry(Provenance):
-    kind: Literal["vit_throughput"] = "vit_throughput"
+class ThroughputVariant(_Record):
+    """One way of training the parent model, timed in the same run as the others."""
+
+    name: str
+    settings: dict[str, Any]  # the train params that differ between variants (compile, cuda_graphs, ...)
+    batch_size: int
+    train_images_per_second: float  # after the first epoch (compile and capture excluded)
+    first_epoch_seconds: float | None  # the first epoch, compile and CUDA-graph capture included
+    train_peak_memory_gib: float | None
+    speedup_over_plain: float  # train images/s over the plain bf16 eager variant's
+
+
+class ParentVitEntry(Provenance):
+    kind: Literal["parent_vit_throughput"] = "parent_vit_throughput"
     model: str
     parameters: int
-    batch_size: int
-    train_images_per_second: float
-    inference_images_per_second: float
-    train_peak_memory_gib: float | None
+    profile: str  # the profile whose step is one of the variants
+    variants: list[ThroughputVariant]
+    inference_images_per_second: float  # plain bf16 eager, the first variant's batch
 
 
 Entry = Annotated[
-    TrainingEntry | SelectionEntry | ReferenceEntry | VitThroughputEntry, Field(discriminator="kind")
+    TrainingEntry | SelectionEntry | ReferenceEntry | ParentVitEntry, Field(discriminator="kind")
 ]
 BENCHMARK_FILE = TypeAdapter(dict[str, Entry])
 

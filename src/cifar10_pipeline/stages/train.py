@@ -152,8 +152,22 @@ def train(
         "train_loss": last.train_loss,
         "train_seconds": round(result.train_seconds, 2),
         "train_images_per_second": round(result.images_seen / max(result.train_seconds, 1e-9), 1),
+        # After the first epoch, which pays for torch.compile and the CUDA-graph capture where they are on.
+        "train_images_per_second_after_first_epoch": _rate_after_first_epoch(result, len(train_split)),
     }
+    if device.type == "cuda":
+        summary["train_peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return Trained(model, result, summary)
+
+
+def _rate_after_first_epoch(result: Any, train_images: int) -> float | None:
+    """Training images/s over every epoch but the first (None with a single epoch)."""
+    later = result.history[1:]
+    seconds = sum(epoch.seconds for epoch in later)
+    if not later or seconds <= 0:
+        return None
+    steps = later[-1].step - result.history[0].step
+    return round(steps * result.images_seen / max(result.steps, 1) / seconds, 1)
 
 
 def write_outputs(
