@@ -687,7 +687,11 @@ def parent_vit_throughput(
             gc.collect()  # the previous variant's model, optimiser state and CUDA-graph pool
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rate, first, peak = _through_loop(params, checkpoint, settings, steps, device)
+            try:
+                rate, first, peak = _through_loop(params, checkpoint, settings, steps, device)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:  # one variant failing leaves the others
+                print(f"{name}: failed ({type(exc).__name__}: {str(exc)[:300]})", flush=True)
+                continue
             variants.append(
                 ThroughputVariant(
                     name=name, settings=settings, batch_size=batch_size,

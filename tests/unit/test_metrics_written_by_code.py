@@ -39,6 +39,13 @@ COMMAND_WRITERS = {
     + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate")],
     # benchmarks/cold_start.py: its own timings, each run's train.json
     "records/cold_start.json": [BENCHMARKS / "cold_start.py", PACKAGE / "stages" / "train.py", PROVENANCE],
+    # benchmarks/profile_run.py: a profile through every stage; the stages' own metrics, copied
+    **{
+        f"records/parent_vit/{name}": [BENCHMARKS / "profile_run.py", PROVENANCE]
+        + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate", "emissions")]
+        + [PACKAGE / "tracking" / "emissions.py"]
+        for name in ("run.json", "train.json", "eval.json", "emissions.json")
+    },
 }
 # Validated against the writer's own pydantic models (extra="forbid"), which is stricter than a key scan.
 SCHEMA_READERS = {"records/benchmark.json": read_results}
