@@ -30,8 +30,8 @@ def require_postgres() -> None:
 
 @contextlib.contextmanager
 def team_stack(prefix: str = "team-server-") -> Iterator[Team]:
-    """A started stack, stopped and deleted afterwards. Its home is under /tmp, not pytest's tmp_path: as root,
-    PostgreSQL runs as another user, which must reach its data folder."""
+    """A started stack, stopped and deleted afterwards. Its home is under /tmp, not pytest's tmp_path: as
+    root, PostgreSQL runs as another user, which must reach its data folder."""
     require_postgres()
     home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     ports = [arg for name in PORT_NAMES for arg in ("--port", f"{name}={free_port()}")]

@@ -1,8 +1,8 @@
-"""``team_server backup`` and ``restore`` for real: two stacks (PostgreSQL, SeaweedFS, MLflow) on free loopback
-ports, the first populated through the MLflow client (a run with params, a metric history of several steps,
-an artifact, a registered version under ``champion``) and an object in its DVC bucket; its backup restored
-into the second, fresh stack, and both compared through the MLflow client and S3: the same experiments,
-runs, params, metric histories, artifact bytes (sha256), versions, aliases and bucket objects.
+"""``team_server backup`` and ``restore`` for real: two stacks (PostgreSQL, SeaweedFS, MLflow) on free
+loopback ports, the first populated through the MLflow client (a run with params, a metric history of
+several steps, an artifact, a registered version under ``champion``) and an object in its DVC bucket; its
+backup restored into the second, fresh stack, and both compared through the MLflow client and S3: the same
+experiments, runs, params, metric histories, artifact bytes (sha256), versions, aliases and bucket objects.
 
 A damaged backup (a flipped byte, a missing dump) is refused before anything is written, a non-empty stack
 is refused unless ``--force``.
@@ -206,4 +206,6 @@ def test_a_non_empty_stack_is_refused_unless_forced(source: Team, restored: Team
     assert forced.returncode == 0, forced.stderr
     assert rows(restored) == rows(source)
     for field in ("artifact_bucket", "dvc_bucket"):
-        assert bucket_objects(restored, restored.config[field]) == bucket_objects(source, source.config[field])
+        assert bucket_objects(restored, restored.config[field]) == bucket_objects(
+            source, source.config[field]
+        )
