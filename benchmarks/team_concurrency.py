@@ -311,12 +311,11 @@ def main(argv: list[str] | None = None) -> int:
                                         args.deadline, mirror)  # fmt: skip
         finally:
             server.stop(config)
-    record = {
+    entry = {
         "machine": machine_info(),
         **provenance.fields(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/team_concurrency.py " + " ".join(sys.argv[1:]),
-        "form": args.form,
         "writers": args.writers,
         "what": f"{args.writers} writers started at once against one team server (MLflow on PostgreSQL, "
         "SeaweedFS), each from its own folder; wall time from the first start to the last exit",
@@ -328,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         "champion_version": result["champion_version"],
         "problems": result["problems"],
     }
+    # One entry per form, each with its own machine and commit: a run of one form keeps the other's.
+    record = json.loads(args.record.read_text()) if args.record.is_file() else {"forms": {}}
+    record["forms"][args.form] = entry
     write_json_atomic(args.record, record)
     print(f"{args.writers} {args.form} writers: {result['wall_seconds']:.1f} s, "
           f"{result['runs_per_minute']:.2f} runs/min; problems: {result['problems'] or 'none'}")  # fmt: skip

@@ -29,6 +29,21 @@ def test_set_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
 SETTLE_ROUNDS = 20
 
 
+def set_champion(client: Any, registered_name: str, version: str, attempts: int = 3) -> None:
+    """Point ``champion`` at ``version``. The server inserts the alias when it is missing and updates it
+    otherwise, not atomically: of two writers creating it at once, one gets a unique-key violation on
+    registered_model_aliases. The alias exists then, so the same call again updates it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(registered_name, CHAMPION, version)
+            return
+        except MlflowException as error:
+            if "registered_model_alias" not in str(error) or attempt == attempts - 1:
+                raise
+
+
 def settle_champion(client: Any, registered_name: str, test_set: str) -> str:
     """After moving ``champion``: move it on to the most accurate version scored on ``test_set`` until it
     holds one. Returns the champion's version.
@@ -58,7 +73,7 @@ def settle_champion(client: Any, registered_name: str, test_set: str) -> str:
         best = max(rivals, key=lambda v: (float(v.tags[ACCURACY_TAG]), -int(v.version)))
         if float(best.tags[ACCURACY_TAG]) <= float(champion.tags[ACCURACY_TAG]):
             return version
-        client.set_registered_model_alias(registered_name, CHAMPION, best.version)
+        set_champion(client, registered_name, best.version)
     return version
 
 
@@ -120,7 +135,7 @@ def log_and_register(
     promoted = champion is None or previous is None or accuracy > previous
     champion_version = str(champion.version) if champion is not None else version
     if promoted:
-        client.set_registered_model_alias(registered_name, CHAMPION, version)
+        set_champion(client, registered_name, version)
         champion_version = settle_champion(client, registered_name, test_set)
     return {
         "registered_model": registered_name,
