@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     from cifar10_pipeline.core.provenance import tree_provenance
 
     provenance = tree_provenance(PROJECT_ROOT)
+    load_at_start = os.getloadavg()[0]  # the machine may be shared: how busy it was when this started
     with tempfile.TemporaryDirectory(prefix="team-concurrency-", dir="/tmp") as scratch:
         base = Path(scratch)
         os.chmod(base, 0o755)  # as root, PostgreSQL's own user must reach its data folder
@@ -317,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/team_concurrency.py " + " ".join(sys.argv[1:]),
         "writers": args.writers,
+        "load_average_1min_at_start": round(load_at_start, 2),
         "what": f"{args.writers} writers started at once against one team server (MLflow on PostgreSQL, "
         "SeaweedFS), each from its own folder; wall time from the first start to the last exit",
         "wall_seconds": result["wall_seconds"],
