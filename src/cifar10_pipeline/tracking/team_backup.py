@@ -366,6 +366,7 @@ def _restore(
         )
     uploaded = _upload_objects(stack, source, manifest)
     mlflow_was_running = stack.mlflow_running()
+    same_release = manifest["mlflow_version"] == _mlflow_version()
     try:
         staged = _stage_databases(stack, source, manifest)
     except BaseException:
@@ -380,17 +381,18 @@ def _restore(
         if force:  # the stack now holds what the backup holds, nothing more
             _delete_objects(stack, _objects_not_in(stack, manifest))
     finally:
-        if mlflow_was_running:
+        # On another MLflow release's schema the server would refuse to start: `upgrade` comes first.
+        if mlflow_was_running and same_release:
             stack.server.start(stack.config, ("mlflow",))
     summary: dict[str, Any] = {
         "databases": sorted(staged),
         "objects": {role: len(manifest["buckets"][role]["objects"]) for role in BUCKET_ROLES},
         "seconds": round(time.monotonic() - started, 2),
     }
-    if manifest["mlflow_version"] != _mlflow_version():
+    if not same_release:
         summary["note"] = (
             f"the backup was made with MLflow {manifest['mlflow_version']}, this is {_mlflow_version()}: "
-            "stop mlflow, run `upgrade`, start it"
+            "MLflow is left stopped; run `upgrade`, then `start`"
         )
     return summary
 
