@@ -1,8 +1,9 @@
-"""``team_server backup`` and ``restore``, timed: two team servers in a temporary folder (free loopback ports),
-the first populated through the MLflow client (runs with params, metric histories and an artifact of a given
-size each, a registered version per run, ``champion``) and the DVC bucket with objects; then ``backup`` of
-the first and ``restore`` into the second (fresh) stack, both the real commands, and the two compared through
-the MLflow client and S3 (tests/integration/team_stack.py's snapshot). Writes ``records/team_backup.json``.
+"""``team_server backup`` and ``restore``, timed: two team servers in a temporary folder (free loopback
+ports), the first populated through the MLflow client (runs with params, metric histories and an artifact of
+a given size each, a registered version per run, ``champion``) and the DVC bucket with objects; then
+``backup`` of the first and ``restore`` into the second (fresh) stack, both the real commands, and the two
+compared through the MLflow client and S3 (tests/integration/team_stack.py's snapshot). Writes
+``records/team_backup.json``.
 
     python benchmarks/team_backup.py --runs 20 --artifact-kib 1024
 """
