@@ -37,6 +37,14 @@ COMMAND_WRITERS = {
     # benchmarks/quick_start.py: its timings, the quick run's eval.json and train.json
     "records/quick_start.json": [BENCHMARKS / "quick_start.py", BENCHMARKS / "serving.py", PROVENANCE]
     + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate")],
+    # benchmarks/team_backup.py: its own timings and sizes, the machine from serving.py
+    "records/team_backup.json": [BENCHMARKS / "team_backup.py", BENCHMARKS / "serving.py", PROVENANCE],
+    # benchmarks/team_concurrency.py: one entry per writer form, the machine from serving.py
+    "records/team_concurrency.json": [
+        BENCHMARKS / "team_concurrency.py",
+        BENCHMARKS / "serving.py",
+        PROVENANCE,
+    ],
     # benchmarks/cold_start.py: its own timings, each run's train.json
     "records/cold_start.json": [BENCHMARKS / "cold_start.py", PACKAGE / "stages" / "train.py", PROVENANCE],
     # benchmarks/profile_run.py: a profile through every stage; the stages' own metrics, copied

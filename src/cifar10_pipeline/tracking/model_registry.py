@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,57 @@ def test_set_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     digest.update(np.ascontiguousarray(images).tobytes())
     digest.update(np.ascontiguousarray(labels).tobytes())
     return digest.hexdigest()[:16]
+
+
+SETTLE_ROUNDS = 20
+
+
+def set_champion(client: Any, registered_name: str, version: str, attempts: int = 3) -> None:
+    """Point ``champion`` at ``version``. The server inserts the alias when it is missing and updates it
+    otherwise, not atomically: of two writers creating it at once, one gets a unique-key violation on
+    registered_model_aliases. The alias exists then, so the same call again updates it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(registered_name, CHAMPION, version)
+            return
+        except MlflowException as error:
+            if "registered_model_alias" not in str(error) or attempt == attempts - 1:
+                raise
+
+
+def settle_champion(client: Any, registered_name: str, test_set: str) -> str:
+    """After moving ``champion``: move it on to the most accurate version scored on ``test_set`` until it
+    holds one. Returns the champion's version.
+
+    The alias has no compare-and-set: two writers at once can both read the old champion, and the one whose
+    (worse) version lands last would keep the alias. Every writer that moves the alias re-reads it and the
+    versions' accuracy tags (set before it read the champion) until a read finds the best version there, so
+    the last move is always followed by a read that sees every version tagged before it, and a version
+    tagged later is compared by its own writer: the champion ends on the most accurate version. Ties keep
+    the earlier version, as "must beat" does for one writer. Only versions of the same test set compare by
+    tag; a champion scored on another set is left to the rule above."""
+    from mlflow.exceptions import MlflowException
+
+    version = ""
+    for _ in range(SETTLE_ROUNDS):
+        try:
+            champion = client.get_model_version_by_alias(registered_name, CHAMPION)
+        except MlflowException:
+            return version
+        version = str(champion.version)
+        if champion.tags.get(TEST_SET_TAG) != test_set or ACCURACY_TAG not in champion.tags:
+            return version
+        rivals = [
+            v for v in client.search_model_versions(f"name = '{registered_name}'")
+            if v.tags.get(TEST_SET_TAG) == test_set and ACCURACY_TAG in v.tags
+        ]  # fmt: skip
+        best = max(rivals, key=lambda v: (float(v.tags[ACCURACY_TAG]), -int(v.version)))
+        if float(best.tags[ACCURACY_TAG]) <= float(champion.tags[ACCURACY_TAG]):
+            return version
+        set_champion(client, registered_name, best.version)
+    return version
 
 
 # The pyfunc's code, logged as code (MLflow models-from-code): loading the model runs this file, no pickle.
@@ -81,12 +133,14 @@ def log_and_register(
         else:
             previous = evaluate_champion(f"models:/{registered_name}/{champion.version}")
     promoted = champion is None or previous is None or accuracy > previous
+    champion_version = str(champion.version) if champion is not None else version
     if promoted:
-        client.set_registered_model_alias(registered_name, CHAMPION, version)
+        set_champion(client, registered_name, version)
+        champion_version = settle_champion(client, registered_name, test_set)
     return {
         "registered_model": registered_name,
         "version": version,
-        "champion_version": version if promoted else str(champion.version),
+        "champion_version": champion_version,
         "promoted": promoted,
         "previous_champion_accuracy": previous,
     }

@@ -211,7 +211,16 @@ def _experiment_id(client: Any, name: str, default_store: bool) -> str:
         artifact_root = project_root() / ARTIFACT_ROOT
         artifact_root.mkdir(exist_ok=True)
         artifact_location = artifact_root.as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as error:
+        # Another pipeline created it since the lookup (several writers starting at once on one server).
+        experiment = client.get_experiment_by_name(name)
+        if error.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def _parent_run_id(

@@ -7,6 +7,8 @@
     python -m cifar10_pipeline.tracking.team_server dvc-push    # dvc push --run-cache, run-cache objects too
     python -m cifar10_pipeline.tracking.team_server upgrade     # mlflow db upgrade on the PostgreSQL store
     python -m cifar10_pipeline.tracking.team_server stop
+    python -m cifar10_pipeline.tracking.team_server backup DEST  # PostgreSQL + both buckets: team_backup.py
+    python -m cifar10_pipeline.tracking.team_server restore SRC  # into a fresh stack
 
 Everything lives under one home folder (``--home``, default ``.team-server/``, git-ignored): config.json
 (ports, buckets), secrets/ (the database password as a libpq password file and the S3 keys, mode 0600, never
@@ -617,7 +619,13 @@ def main(argv: list[str] | None = None) -> int:
     remote = sub.add_parser("dvc-remote", help="write the S3 endpoint and keys to .dvc/config.local")
     remote.add_argument("--project", type=Path, default=Path("."))
     remote.add_argument("--remote", default=DVC_REMOTE)
+    # backup and restore; team_backup imports this module, hence the import here.
+    from cifar10_pipeline.tracking import team_backup
+
+    team_backup.add_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("backup", "restore"):
+        return team_backup.run_command(args)
 
     server = TeamServer(args.home)
     components = tuple(getattr(args, "components", None) or COMPONENTS)
