@@ -29,6 +29,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from cifar10_pipeline import CLASS_NAMES
+from cifar10_pipeline.core.errors import PipelineError
 from cifar10_pipeline.core.paths import saved_model_dir
 from cifar10_pipeline.modeling.pooling import max_pool2x2
 
@@ -314,22 +315,28 @@ def build_cifar_convnet(
     return CifarConvNetForImageClassification(config)
 
 
+class CheckpointError(PipelineError, OSError):
+    """The checkpoint train.model names cannot be fine-tuned: not found, unloadable, or no normalisation."""
+
+
 def checkpoint_normalisation(name_or_path: str) -> tuple[list[float], list[float]]:
     """The checkpoint's own image normalisation (``image_mean``, ``image_std``), from its image processor."""
     try:
         processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise OSError(
-            f"could not load the image processor of {name_or_path!r} ({type(exc).__name__}: {exc}).\n"
-            "Fine-tuning needs the normalisation the checkpoint was trained with: give a checkpoint that "
-            "has a preprocessor_config.json, or write one next to its config.json, e.g. "
-            "ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(dir)."
+        raise CheckpointError(
+            f"could not load the image processor of train.model {name_or_path!r} ({type(exc).__name__}: "
+            f"{exc}); fine-tuning needs the normalisation the checkpoint was trained with",
+            hint="give a checkpoint that has a preprocessor_config.json, or write one next to its "
+            "config.json, e.g. ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], "
+            "image_std=[0.5, 0.5, 0.5]).save_pretrained(dir)",
         ) from None
     mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
     if mean is None or std is None:
-        raise OSError(
-            f"the image processor of {name_or_path!r} ({type(processor).__name__}) has no image_mean/"
-            "image_std; add them to its preprocessor_config.json"
+        raise CheckpointError(
+            f"the image processor of train.model {name_or_path!r} ({type(processor).__name__}) has no "
+            "image_mean/image_std",
+            hint="add image_mean and image_std to its preprocessor_config.json",
         )
     return list(mean), list(std)
 
@@ -351,11 +358,12 @@ def build_finetune_model(name_or_path: str, image_size: int, tta_level: int) -> 
             trust_remote_code=False,
         )
     except (OSError, ValueError) as exc:
-        raise OSError(
-            f"could not load the checkpoint {name_or_path!r}: {exc}\n"
-            "Give a Hugging Face Hub id (needs network access or a filled HF cache) or a local directory "
-            "written by save_pretrained, with model.safetensors weights (pickled pytorch_model.bin files are "
-            "refused), or set train.model: cifar_convnet to train the built-in network."
+        raise CheckpointError(
+            f"could not load the checkpoint train.model {name_or_path!r}: {exc}",
+            hint="give a Hugging Face Hub id (needs network access or a filled HF cache) or a local "
+            "directory written by save_pretrained, with model.safetensors weights (pickled "
+            "pytorch_model.bin files are refused), or set train.model: cifar_convnet to train the "
+            "built-in network",
         ) from None
     mean, std = checkpoint_normalisation(name_or_path)
     model.config.image_mean = mean

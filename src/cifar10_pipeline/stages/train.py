@@ -201,12 +201,26 @@ def log_results(run: StageRun, summary: dict[str, Any]) -> None:
     run.log_artifact(MODEL_DIR, "model")
 
 
+def check_settings(hp: TrainParams, ranks: Ranks) -> None:
+    """Refuse the settings a user can get wrong (device, process count, optimiser for the model) before
+    torchrun starts: otherwise every process prints the same error and torchrun adds its own traceback."""
+    from cifar10_pipeline.modeling.architectures import architecture
+    from cifar10_pipeline.training import distributed
+
+    device = resolve_device(hp.device)
+    processes = ranks.world_size if ranks.launched else hp.nproc
+    distributed.check_gpus(device, ranks.local_world_size if ranks.launched else hp.nproc)
+    distributed.check_batch_split(hp.batch_size, processes)
+    architecture(hp.model).check_params(hp)
+
+
 def main() -> None:
     params = load_params()
     from cifar10_pipeline.training import distributed
     from cifar10_pipeline.training.checkpoint import Checkpointer
 
     ranks = distributed.from_environment()
+    check_settings(params.train, ranks)
     if params.train.nproc > 1 and not ranks.launched:
         distributed.exec_torchrun("cifar10_pipeline.stages.train", params.train.nproc)  # does not return
     device = distributed.device_for(ranks, resolve_device(params.train.device))
