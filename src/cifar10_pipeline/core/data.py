@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
-import hashlib
 import io
 import json
 import os
@@ -22,10 +21,10 @@ from PIL import Image
 
 from cifar10_pipeline import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
 from cifar10_pipeline.core.errors import PipelineError
+from cifar10_pipeline.core.hashing import CHECKSUM_FILE, file_digest
 
 SPLITS = ("train", "test")
 PROCESSED_SPLITS = ("train", "val", "test")
-CHECKSUM_FILE = "SHA256SUMS"
 # What the processed arrays' labels may be stored as (save_split writes int64).
 LABEL_DTYPES = (np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32)
 
@@ -52,14 +51,6 @@ def check_file_name(name: str, where: str) -> str:
             "paths, no '..') are allowed"
         )
     return name
-
-
-def file_digest(path: Path, algorithm: str = "sha256", chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_checksums(path: Path) -> dict[str, str]:

@@ -3,7 +3,6 @@ directory, a Hub id or an MLflow registry URI), its description for /health, and
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from cifar10_pipeline import IMAGE_SHAPE, __version__
+from cifar10_pipeline.core.hashing import file_digest
 from cifar10_pipeline.core.hub import parse_hub_id
 from cifar10_pipeline.core.paths import saved_model_dir
 from cifar10_pipeline.serving.batching import MicroBatcher
@@ -58,11 +58,6 @@ def server_git_commit(override: str | None = None) -> str:
 
     # Beside this file, not the working directory: the server may be started from anywhere.
     return head_commit(Path(__file__).resolve().parent)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def download_registry_model(uri: str, scratch: Path) -> tuple[Path, str | None]:
@@ -135,20 +130,13 @@ def load_runtime(settings: ServeSettings) -> Runtime:
         tta_level=config.tta_level,
         parameters=sum(p.numel() for p in model.parameters()),
         weights=[
-            WeightsFile(file=p.name, sha256=_sha256(p), bytes=p.stat().st_size)
+            WeightsFile(file=p.name, sha256=file_digest(p), bytes=p.stat().st_size)
             for p in sorted(model_dir.glob("*.safetensors"))
         ],
     )
     server = ServerInfo(package_version=__version__, git_commit=server_git_commit(settings.git_commit))
-    limits = Limits(
-        max_upload_bytes=settings.max_upload_bytes,
-        max_files=settings.max_files,
-        max_image_pixels=settings.max_image_pixels,
-        max_request_pixels=settings.max_request_pixels,
-        max_concurrent_decodes=settings.max_concurrent_decodes,
-        decode_wait_s=settings.decode_wait_s,
-        max_pending_requests=settings.max_pending_requests,
-    )
+    # /health reports the limits as the settings hold them: every field of Limits is a setting of that name.
+    limits = Limits.model_validate(settings.model_dump(include=set(Limits.model_fields)))
     # One forward pass now, so the first user does not wait for torch's one-off kernel setup.
     predict_logits(model, np.zeros((1, *IMAGE_SHAPE), dtype=np.uint8))
     logger.info("serving %s (%s) from %s", info.name, info.architecture, settings.model)

@@ -34,19 +34,17 @@ def validate(
     """Validate ``raw_dir`` against ``params`` (its split sizes among them); write Data Docs and the metrics
     file only if every expectation passes.
 
-    Raises ``DataValidationError`` (one line per failed expectation) and leaves no outputs on failure.
+    Raises ``DataValidationError`` (one line per failed expectation), having written no outputs.
     """
     docs_dir, metrics_file = Path(docs_dir), Path(metrics_file)
-    # Stale outputs of an earlier run must not survive a failure and pass for this run's result.
+    # Stale outputs of an earlier run must not survive a failure and pass for this run's result. A failure
+    # after this writes nothing (each output appears whole or not at all); one between the two writes leaves
+    # the Data Docs alone, which main()'s stage_run deletes with the other outputs of a failed stage.
     remove_outputs(metrics_file, docs_dir)
     started = time.perf_counter()
-    try:
-        with atomic_output(docs_dir) as staged_docs:
-            summary = check_raw_splits(Path(raw_dir), params, docs_dir=staged_docs)
-        write_json_atomic(metrics_file, summary)
-    except BaseException:
-        remove_outputs(metrics_file, docs_dir)
-        raise
+    with atomic_output(docs_dir) as staged_docs:
+        summary = check_raw_splits(Path(raw_dir), params, docs_dir=staged_docs)
+    write_json_atomic(metrics_file, summary)
     print(
         f"validate: {summary['evaluated']} expectations passed on {', '.join(SPLITS)} "
         f"in {time.perf_counter() - started:.1f} s -> {metrics_file}, {docs_dir / 'index.html'}"
