@@ -23,11 +23,10 @@ from cifar10_pipeline.modeling.architectures import (
     build_model,
     describe_architecture,
 )
-from cifar10_pipeline.modeling.inference import calibration_temperature, predict_logits
+from cifar10_pipeline.modeling.base import FrozenScaleBatchNorm, batchnorm_precision
+from cifar10_pipeline.modeling.inference import predict_logits
 from cifar10_pipeline.modeling.model import (
     CheckpointError,
-    FrozenScaleBatchNorm,
-    batchnorm_precision,
     build_finetune_model,
     load_model,
     register_auto_classes,
@@ -51,20 +50,6 @@ def test_save_and_load_through_auto_classes(tmp_path: Path) -> None:
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(loaded(pixel_values=x).logits, model(pixel_values=x).logits)
     assert loaded.config.tta_level == 2
-
-
-def test_a_model_saved_with_the_old_temperature_key_keeps_its_temperature(tmp_path: Path) -> None:
-    """config.json files written before the key became calibration_temperature (a registered champion of
-    that time) still apply their fitted temperature, and save again."""
-    tiny_convnet().save_pretrained(tmp_path / "old")
-    config = json.loads((tmp_path / "old" / "config.json").read_text())
-    config["temperature"] = 0.5
-    del config["calibration_temperature"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
-    loaded = load_model(tmp_path / "old")
-    assert calibration_temperature(loaded.config) == 0.5
-    loaded.save_pretrained(tmp_path / "again")  # no stray generation parameter named temperature
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["calibration_temperature"] == 0.5
 
 
 def test_load_model_explains_a_missing_checkpoint(tmp_path: Path) -> None:

@@ -34,8 +34,8 @@ from cifar10_pipeline.core.paths import (
     VALIDATION_METRICS,
 )
 from cifar10_pipeline.modeling.architectures import architecture, build_model, describe_architecture
+from cifar10_pipeline.modeling.base import batchnorm_precision
 from cifar10_pipeline.modeling.inference import set_calibration_temperature
-from cifar10_pipeline.modeling.model import batchnorm_precision
 from cifar10_pipeline.reporting.templating import template_environment
 from cifar10_pipeline.stages import model_card
 

@@ -18,11 +18,8 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from cifar10_pipeline.core.params import ParamsError, TrainParams
-from cifar10_pipeline.modeling.model import (
-    build_cifar_convnet,
-    build_finetune_model,
-    register_auto_classes,
-)
+from cifar10_pipeline.modeling.convnet import build_cifar_convnet
+from cifar10_pipeline.modeling.model import build_finetune_model, register_auto_classes
 from cifar10_pipeline.modeling.processor import CifarImageProcessor
 from cifar10_pipeline.modeling.vit import build_cifar_vit, flops_split
 

@@ -102,8 +102,8 @@ def train(
     import torch
 
     from cifar10_pipeline.modeling.architectures import architecture, build_model, describe_architecture
+    from cifar10_pipeline.modeling.base import batchnorm_precision
     from cifar10_pipeline.modeling.inference import resolve_precision
-    from cifar10_pipeline.modeling.model import batchnorm_precision
     from cifar10_pipeline.training import distributed
     from cifar10_pipeline.training.checkpoint import Checkpointer, fingerprint
     from cifar10_pipeline.training.distributed import Ranks
