@@ -1,4 +1,4 @@
-"""core.data.atomic_output under SIGKILL: a real child process killed at chosen points of a write."""
+"""core.io.atomic_output under SIGKILL: a real child process killed at chosen points of a write."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar10_pipeline.core.data import SCRATCH_SUFFIX, atomic_output
+from cifar10_pipeline.core.io import SCRATCH_SUFFIX, atomic_output
 
 from ..conftest import PROJECT_ROOT
 
@@ -21,7 +21,7 @@ CHILD = textwrap.dedent(
     """
     import os, shutil, signal, sys
     from pathlib import Path
-    from cifar10_pipeline.core.data import atomic_output
+    from cifar10_pipeline.core.io import atomic_output
 
     target, point = Path(sys.argv[1]), sys.argv[2]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)

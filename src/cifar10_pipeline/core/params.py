@@ -394,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"{PARAMS_FILE} matches {CONF_DIR}/")
         return 0
-    from cifar10_pipeline.core.data import atomic_output
+    from cifar10_pipeline.core.io import atomic_output
 
     with atomic_output(PARAMS_FILE) as staged:  # a killed rewrite leaves the old params.yaml whole
         staged.write_text(text)

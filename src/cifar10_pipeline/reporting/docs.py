@@ -27,7 +27,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from cifar10_pipeline.core.data import atomic_output
+from cifar10_pipeline.core.io import atomic_output
 from cifar10_pipeline.core.paths import BENCHMARK_RECORD, METRICS_DIR, PARAMS_FILE, RECORDS_DIR
 from cifar10_pipeline.core.provenance import pinned_requirement
 from cifar10_pipeline.reporting.benchmark_records import Entry, read_results

@@ -39,16 +39,15 @@ from tqdm.auto import tqdm
 from cifar10_pipeline.core.data import (
     SPLITS,
     DataError,
-    atomic_output,
     check_file_name,
     read_checksums,
     verify_checksums,
     write_checksums,
-    write_json_atomic,
     write_parquet_split,
 )
 from cifar10_pipeline.core.errors import PipelineError, run_cli
 from cifar10_pipeline.core.hashing import CHECKSUM_FILE, file_digest, raw_data_fingerprint
+from cifar10_pipeline.core.io import atomic_output, write_json_atomic
 from cifar10_pipeline.core.params import DownloadParams, load_params
 from cifar10_pipeline.core.paths import DATA_SOURCE, RAW_DIR
 from cifar10_pipeline.tracking.runs import stage_run

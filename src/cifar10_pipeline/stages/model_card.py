@@ -24,8 +24,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cifar10_pipeline import CALIBRATION_TEMPERATURE
-from cifar10_pipeline.core.data import atomic_output
 from cifar10_pipeline.core.errors import PipelineError, StaleMetricsError, run_cli
+from cifar10_pipeline.core.io import atomic_output
 from cifar10_pipeline.core.params import Params, PreprocessParams, TrainParams, load_params
 from cifar10_pipeline.core.paths import (
     BENCHMARK_RECORD,

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cifar10_pipeline.core.data import atomic_output, load_split, write_json_atomic
+from cifar10_pipeline.core.data import load_split
 from cifar10_pipeline.core.device import describe_device, resolve_device
 from cifar10_pipeline.core.errors import run_cli
+from cifar10_pipeline.core.io import atomic_output, write_json_atomic
 from cifar10_pipeline.core.params import TrainParams, load_params
 from cifar10_pipeline.core.paths import (
     MODEL_DIR,

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cifar10_pipeline.core.data import SPLITS, atomic_output, remove_outputs, write_json_atomic
+from cifar10_pipeline.core.data import SPLITS
 from cifar10_pipeline.core.errors import run_cli
+from cifar10_pipeline.core.io import atomic_output, remove_outputs, write_json_atomic
 from cifar10_pipeline.core.params import ValidateParams, load_params
 from cifar10_pipeline.core.paths import DATA_DOCS_DIR, RAW_DIR, VALIDATION_METRICS
 from cifar10_pipeline.tracking.runs import stage_run

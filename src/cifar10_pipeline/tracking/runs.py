@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cifar10_pipeline.core.data import remove_outputs
 from cifar10_pipeline.core.hashing import CHECKSUM_FILE, file_digest, raw_data_fingerprint
+from cifar10_pipeline.core.io import remove_outputs
 from cifar10_pipeline.core.params import Params
 from cifar10_pipeline.core.paths import PARAMS_FILE, RAW_DIR
 from cifar10_pipeline.core.provenance import head_commit
