@@ -216,7 +216,8 @@ class TrackingParams(_Section):
 class Params(_Section):
     profile: str
     download: DownloadParams
-    validate_: ValidateParams = Field(alias="validate")
+    # params.yaml's `validate` section; not the attribute name: BaseModel.validate is a (deprecated) method.
+    validation: ValidateParams = Field(alias="validate")
     preprocess: PreprocessParams
     train: TrainParams
     evaluate: EvaluateParams
@@ -229,7 +230,7 @@ class Params(_Section):
     @model_validator(mode="after")
     def _splits_fit(self) -> Params:
         # Against the raw split sizes validate expects; the preprocess stage checks again against the data.
-        sizes = self.validate_.split_sizes()
+        sizes = self.validation.split_sizes()
         problems = split_size_problems(self.preprocess, sizes["train"], sizes["test"])
         if problems:
             raise ValueError("\n  ".join(problems))

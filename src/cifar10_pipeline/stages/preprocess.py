@@ -113,7 +113,7 @@ def preprocess(
 def main() -> None:
     params = load_params()
     with stage_run("preprocess", params, outputs=(PROCESSED_DIR, PROCESSED_VALIDATION)) as run:
-        counts = preprocess(params.preprocess, params.validate_)
+        counts = preprocess(params.preprocess, params.validation)
         run.log_metrics({f"images_{name}": n for name, n in counts.items()})
 
 

@@ -69,7 +69,7 @@ def main() -> None:
     params = load_params()
     with stage_run("validate", params, outputs=(DATA_DOCS_DIR, VALIDATION_METRICS)) as run:
         try:
-            summary = validate(params.validate_)
+            summary = validate(params.validation)
         except DataValidationError as exc:
             if exc.summary:
                 run.log_metrics(mlflow_metrics(exc.summary))
