@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from cifar10_pipeline.core.data import DataError
+from cifar10_pipeline.core.data import ArraySplit, DataError, save_split
 from cifar10_pipeline.core.errors import run_cli
 from cifar10_pipeline.core.params import ParamsError
+from cifar10_pipeline.core.paths import MODEL_DIR, PROCESSED_DIR
 
 from ..conftest import PROJECT_ROOT
 from ..helpers import write_params
@@ -123,3 +125,22 @@ def test_train_setting_errors_are_a_message(case: str, tmp_path: Path) -> None:
     assert lines[0].startswith(error) and lines[1] == hint
     assert "torchrun" not in result.stdout  # refused before starting any process
     assert not (tmp_path / "mlflow.db").exists()  # and before the stage opened its run
+
+
+@pytest.mark.slow  # one evaluate stage process, about 10 s
+def test_evaluate_before_any_training_is_a_message(tmp_path: Path) -> None:
+    """The evaluate stage run on a checkout with processed data but no trained model says how to get one."""
+    write_params(tmp_path)
+    (tmp_path / PROCESSED_DIR).mkdir(parents=True)
+    images = np.zeros((20, 32, 32, 3), dtype=np.uint8)
+    test = ArraySplit(images, np.arange(20, dtype=np.int64) % 10, np.arange(20, dtype=np.int64))
+    save_split(tmp_path / PROCESSED_DIR / "test.npz", test)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    command = [sys.executable, "-m", "cifar10_pipeline.stages.evaluate"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"error: no trained model at {MODEL_DIR}: train one with the quick profile")
