@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--mirror", type=Path, default=PROJECT_ROOT.parent / "shared" / "data" / "cifar10")
     parser.add_argument("--record", type=Path, default=PROJECT_ROOT / "records" / "quick_start.json")
     args = parser.parse_args()
-    from cifar10_pipeline.core.data import write_json_atomic
+    from cifar10_pipeline.core.io import write_json_atomic
 
     record = measure(args.mirror)
     write_json_atomic(args.record, record)

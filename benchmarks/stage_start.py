@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--record", type=Path, default=PROJECT_ROOT / "records" / "stage_start.json")
     args = parser.parse_args()
-    from cifar10_pipeline.core.data import write_json_atomic
+    from cifar10_pipeline.core.io import write_json_atomic
 
     record = measure(args.runs)
     write_json_atomic(args.record, record)

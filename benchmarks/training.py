@@ -57,8 +57,10 @@ import torch
 import yaml
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.core.data import ArraySplit, atomic_output, file_digest, load_processed
+from cifar10_pipeline.core.data import ArraySplit, load_processed
 from cifar10_pipeline.core.device import cpu_model_name, describe_device, resolve_device, synchronize
+from cifar10_pipeline.core.hashing import file_digest
+from cifar10_pipeline.core.io import atomic_output
 from cifar10_pipeline.core.params import Params, compose, validate_params
 from cifar10_pipeline.core.paths import BENCHMARK_RECORD, CONF_DIR, DATA_SOURCE, PROCESSED_DIR
 from cifar10_pipeline.core.provenance import tree_provenance

@@ -348,7 +348,7 @@ def expected_quick(raw_params: dict[str, Any]) -> dict[str, Any]:
 
     params = validate_params(raw_params)
     pre = params.preprocess
-    raw = params.validate_.split_sizes()
+    raw = params.validation.split_sizes()
     # Same rule as the preprocess stage (a cap, or the whole split when null), from the params alone.
     kept_train = min(pre.max_train_images or raw["train"], raw["train"])
     return {

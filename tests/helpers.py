@@ -17,7 +17,7 @@ import yaml
 
 from cifar10_pipeline.core.data import ArraySplit, save_split
 from cifar10_pipeline.core.params import TrainParams, validate_params
-from cifar10_pipeline.modeling.model import build_cifar_convnet
+from cifar10_pipeline.modeling.convnet import build_cifar_convnet
 
 from .conftest import PROJECT_ROOT
 

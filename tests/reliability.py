@@ -116,7 +116,7 @@ class Collector:
         return list(self.cases.values())
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        from cifar10_pipeline.core.data import write_json_atomic
+        from cifar10_pipeline.core.io import write_json_atomic
         from cifar10_pipeline.core.provenance import tree_provenance
 
         cases = self.results()

@@ -110,7 +110,7 @@ class StageNeeds:
 class ParamsSchema:
     """What params.py defines: the sections of Params, their fields and properties."""
 
-    attr_to_section: dict[str, str]  # Params attribute -> params.yaml key (validate_ -> validate)
+    attr_to_section: dict[str, str]  # Params attribute -> params.yaml key (validation -> validate)
     top_level: frozenset[str]  # Params attributes that are plain values (profile)
     class_to_section: dict[str, str]  # TrainParams -> train
     fields: dict[str, frozenset[str]]  # section -> its keys

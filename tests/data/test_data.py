@@ -13,7 +13,6 @@ from PIL import Image
 
 from cifar10_pipeline.core.data import (
     DataError,
-    atomic_output,
     decode_image,
     decode_png,
     decode_split,
@@ -21,6 +20,7 @@ from cifar10_pipeline.core.data import (
     read_raw_split,
     verify_checksums,
 )
+from cifar10_pipeline.core.io import atomic_output
 from cifar10_pipeline.stages.download import write_parquet_split
 
 from ..conftest import synthetic_images

@@ -264,7 +264,7 @@ def test_corruption_fails_with_one_line_and_no_outputs(
 
 def test_the_committed_params_expect_the_full_splits(raw_dir: Path, tmp_path: Path) -> None:
     docs, metrics = outputs(tmp_path)
-    committed = load_params(PROJECT_ROOT / "params.yaml").validate_
+    committed = load_params(PROJECT_ROOT / "params.yaml").validation
     assert committed.split_sizes() == {"train": 50_000, "test": 10_000}  # CIFAR-10's
     with pytest.raises(DataValidationError) as failure:
         validate(committed, raw_dir=raw_dir, docs_dir=docs, metrics_file=metrics)
@@ -562,7 +562,7 @@ def test_processed_empty_val_and_known_overlap() -> None:
 @pytest.mark.integration
 def test_real_mirror_passes(real_mirror: Path, tmp_path: Path) -> None:
     """The whole mirror (50,000 + 10,000 images) against the committed params; takes ~30 s on 2 busy cores."""
-    params = load_params(PROJECT_ROOT / "params.yaml").validate_
+    params = load_params(PROJECT_ROOT / "params.yaml").validation
     docs, metrics = outputs(tmp_path)
     summary = validate(params, raw_dir=real_mirror, docs_dir=docs, metrics_file=metrics)
     assert summary["success"], summary

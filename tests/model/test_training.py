@@ -237,8 +237,9 @@ def test_muon_recipe_learns_an_easy_task(splits) -> None:
 
 
 def test_model_card_names_muon_when_it_updated_the_filters() -> None:
-    from cifar10_pipeline.stages.model_card import _optimiser_rows
+    from cifar10_pipeline.reporting.templating import template_environment
 
-    assert "Muon" not in _optimiser_rows(small(), "speed_run")
-    rows = _optimiser_rows(small(filter_optimizer="muon", muon_lr=0.3), "speed_run")
+    say = template_environment().get_template("model_card_sentences.md.j2").module  # the card's macros
+    assert "Muon" not in say.optimiser_rows(small(), "speed_run")
+    rows = say.optimiser_rows(small(filter_optimizer="muon", muon_lr=0.3), "speed_run")
     assert "| conv filters | Muon" in rows and "learning rate 0.3" in rows

@@ -1,7 +1,8 @@
-"""core.data.atomic_output under SIGKILL: a real child process killed at chosen points of a write."""
+"""core.io.atomic_output under SIGKILL: a real child process killed at chosen points of a write."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cifar10_pipeline.core.data import SCRATCH_SUFFIX, atomic_output
+from cifar10_pipeline.core.errors import PipelineError
+from cifar10_pipeline.core.io import SCRATCH_SUFFIX, DiskFullError, atomic_output
 
 from ..conftest import PROJECT_ROOT
 
@@ -21,7 +23,7 @@ CHILD = textwrap.dedent(
     """
     import os, shutil, signal, sys
     from pathlib import Path
-    from cifar10_pipeline.core.data import atomic_output
+    from cifar10_pipeline.core.io import atomic_output
 
     target, point = Path(sys.argv[1]), sys.argv[2]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -109,3 +111,24 @@ def test_a_file_replaces_a_file_in_one_rename(tmp_path: Path) -> None:
         staged.write_text("new")
     assert target.read_text() == "new" and target.parent.stat().st_ino == inode_dir
     assert sorted(p.name for p in target.parent.iterdir()) == ["eval.json"]
+
+
+@pytest.mark.parametrize(
+    "full",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        # safetensors' Rust writer reports it only in its message
+        Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space "
+                  "left on device\" })"),
+    ],
+    ids=["errno", "message only"],
+)  # fmt: skip
+def test_a_full_disk_is_named_and_leaves_nothing(tmp_path: Path, full: Exception) -> None:
+    target = tmp_path / "models" / "cifar10"
+    expected = r"no space left on the device .* Free some space there"
+    with pytest.raises(DiskFullError, match=expected) as error, atomic_output(target) as staged:
+        staged.mkdir()
+        (staged / "model.safetensors").write_bytes(b"half of the weights")
+        raise full
+    assert isinstance(error.value, PipelineError)  # printed as error:/hint: by the stages, no traceback
+    assert list((tmp_path / "models").iterdir()) == []  # neither the target nor its scratch folder

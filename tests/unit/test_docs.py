@@ -4,12 +4,15 @@ typed."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import tomllib
 from pathlib import Path
 
 import jinja2
 import pytest
 
+from cifar10_pipeline.core.provenance import pinned_requirement
 from cifar10_pipeline.reporting import docs
 
 from ..conftest import PROJECT_ROOT
@@ -73,3 +76,14 @@ def test_a_document_without_blocks_is_refused(tmp_path: Path) -> None:
 def test_torch_versions_other_than_the_pin_are_flagged() -> None:
     assert docs.torch_label("2.13.0+cpu") == "2.13.0+cpu"
     assert docs.torch_label("2.11.0+cu130") == "2.11.0+cu130 (not the pinned 2.13.0)"
+
+
+def test_the_torch_pin_has_one_source() -> None:
+    """pyproject.toml pins torch and transformers; the package reads those pins from its installed metadata,
+    and the Makefile and CI, which install torch first from a CPU wheel index, repeat the same torch pin."""
+    dependencies = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = {dependency for dependency in dependencies if dependency.startswith(("torch==", "transformers=="))}
+    assert {pinned_requirement("torch"), pinned_requirement("transformers")} == pins
+    for path in ("Makefile", ".github/workflows/ci.yml"):
+        repeated = set(re.findall(r"torch==[\w.+]+", (PROJECT_ROOT / path).read_text()))
+        assert repeated == {pinned_requirement("torch")}, path

@@ -12,6 +12,7 @@ import copy
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import pytest
@@ -33,8 +34,9 @@ from cifar10_pipeline.core.paths import (
     VALIDATION_METRICS,
 )
 from cifar10_pipeline.modeling.architectures import architecture, build_model, describe_architecture
+from cifar10_pipeline.modeling.base import batchnorm_precision
 from cifar10_pipeline.modeling.inference import set_calibration_temperature
-from cifar10_pipeline.modeling.model import batchnorm_precision
+from cifar10_pipeline.reporting.templating import template_environment
 from cifar10_pipeline.stages import model_card
 
 from ..conftest import PROJECT_ROOT
@@ -280,9 +282,17 @@ def test_committed_selection_record_describes_gpu_fast(tmp_path: Path) -> None:
     assert "final model trained on all 50,000 training images" in card
 
 
+def card_sentences() -> Any:
+    """The card's sentence macros (model_card_sentences.md.j2), callable one by one."""
+    return template_environment().get_template("model_card_sentences.md.j2").module
+
+
 def test_fp32_training_and_a_network_without_batch_norm(tmp_path: Path) -> None:
-    assert model_card.precision_row("fp32", "fp32") == "fp32 (no autocast); batch norm in fp32"
-    assert model_card.precision_row("bf16", None) == "bf16 autocast"  # e.g. a fine-tuned Hub checkpoint
+    say = card_sentences()
+    assert say.precision_row("fp32", "fp32") == "fp32 (no autocast); batch norm in fp32"
+    assert say.precision_row("bf16", None) == "bf16 autocast"  # e.g. a fine-tuned Hub checkpoint
+    with pytest.raises(jinja2.UndefinedError):  # a batch-norm precision the card has no words for
+        say.precision_row("bf16", "fp16")
 
 
 def test_stale_temperature_facts_stop_the_card(tmp_path: Path) -> None:

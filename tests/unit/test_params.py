@@ -142,7 +142,7 @@ def test_profile_holds_the_values_chosen_on_validation(raw: dict, name: str, sel
     params = validate_params(compose([f"profile={selection.profile}"], CONF))
     for key, chosen in selection.chosen.items():
         section, _, field = key.partition(".")
-        value = getattr(params, section if section != "validate" else "validate_").model_dump()[field]
+        value = getattr(params, section if section != "validate" else "validation").model_dump()[field]
         assert value == chosen, (
             f"conf/profile/{selection.profile}.yaml {key} is {value}, {name} chose {chosen}"
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar10_pipeline.core.data import write_json_atomic
+from cifar10_pipeline.core.io import write_json_atomic
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.tracking.runs import stage_run
 
@@ -93,7 +93,7 @@ def test_sigterm_closes_the_run_killed(project: Path) -> None:
     script = f"""
 import time
 from pathlib import Path
-from cifar10_pipeline.core.data import write_json_atomic
+from cifar10_pipeline.core.io import write_json_atomic
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.tracking.runs import stage_run
 

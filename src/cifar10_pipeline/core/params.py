@@ -216,7 +216,8 @@ class TrackingParams(_Section):
 class Params(_Section):
     profile: str
     download: DownloadParams
-    validate_: ValidateParams = Field(alias="validate")
+    # params.yaml's `validate` section; not the attribute name: BaseModel.validate is a (deprecated) method.
+    validation: ValidateParams = Field(alias="validate")
     preprocess: PreprocessParams
     train: TrainParams
     evaluate: EvaluateParams
@@ -229,7 +230,7 @@ class Params(_Section):
     @model_validator(mode="after")
     def _splits_fit(self) -> Params:
         # Against the raw split sizes validate expects; the preprocess stage checks again against the data.
-        sizes = self.validate_.split_sizes()
+        sizes = self.validation.split_sizes()
         problems = split_size_problems(self.preprocess, sizes["train"], sizes["test"])
         if problems:
             raise ValueError("\n  ".join(problems))
@@ -394,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"{PARAMS_FILE} matches {CONF_DIR}/")
         return 0
-    from cifar10_pipeline.core.data import atomic_output
+    from cifar10_pipeline.core.io import atomic_output
 
     with atomic_output(PARAMS_FILE) as staged:  # a killed rewrite leaves the old params.yaml whole
         staged.write_text(text)

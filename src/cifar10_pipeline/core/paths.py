@@ -6,6 +6,8 @@ that DVC does not track. ``saved_model_dir`` checks, without importing torch, th
 
 from pathlib import Path
 
+from cifar10_pipeline.core.errors import PipelineError
+
 PARAMS_FILE = Path("params.yaml")
 # Hydra's config folder and its primary config (conf/config.yaml), composed into params.yaml.
 CONF_DIR = Path("conf")
@@ -43,8 +45,9 @@ EMISSIONS_REPORT = REPORTS_DIR / "emissions.md"
 MODEL_CARD = REPORTS_DIR / "model_card.md"
 
 
-class NoModelError(FileNotFoundError):
-    """No saved model where one was asked for; the message says, in one line, how to get one."""
+class NoModelError(PipelineError, FileNotFoundError):
+    """No saved model where one was asked for; the message says, in one line, how to get one (a stage
+    prints it as ``error: ...``, the CLI and the server as their own one-line error)."""
 
 
 QUICK_START_RECORD = RECORDS_DIR / "quick_start.json"  # written by `python benchmarks/quick_start.py`

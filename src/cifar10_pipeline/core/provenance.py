@@ -9,16 +9,33 @@ the commit on its first line, ``dirty`` or ``clean`` on its second. That file wi
     python -m cifar10_pipeline.core.provenance > .devrun/COMMIT   # what device_job.sh copies to DEVICE_COMMIT
 
 Every record writer puts ``fields()`` into its record; tests/unit/test_records_commits.py checks that each
-named commit is in the history.
+named commit is in the history. ``pinned_requirement`` gives the versions pyproject.toml pins (for the
+registered model's requirements and the docs' torch labels), so no module types a version by hand.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import subprocess
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 DEVICE_COMMIT = "DEVICE_COMMIT"
+DISTRIBUTION = "cifar10-pipeline"  # this project's name in pyproject.toml
+
+
+@functools.cache
+def pinned_requirement(package: str) -> str:
+    """The requirement pyproject.toml's ``[project] dependencies`` pin for ``package`` (``torch==2.13.0``),
+    read from this project's installed metadata. pyproject.toml is where a version is pinned; the Makefile
+    and CI only repeat torch's pin to install it first from a CPU wheel index."""
+    for requirement in metadata.requires(DISTRIBUTION) or []:
+        name, _, marker = requirement.partition(";")
+        if re.split(r"[\s=<>!~\[]", name, maxsplit=1)[0].lower() == package.lower() and "extra" not in marker:
+            return name.strip()
+    raise LookupError(f"{DISTRIBUTION}'s metadata pins no {package!r} (is the project installed? make setup)")
 
 
 @dataclass(frozen=True)

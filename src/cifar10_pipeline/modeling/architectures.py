@@ -17,12 +17,9 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from cifar10_pipeline.core.params import TrainParams
-from cifar10_pipeline.modeling.model import (
-    build_cifar_convnet,
-    build_finetune_model,
-    register_auto_classes,
-)
+from cifar10_pipeline.core.params import ParamsError, TrainParams
+from cifar10_pipeline.modeling.convnet import build_cifar_convnet
+from cifar10_pipeline.modeling.model import build_finetune_model, register_auto_classes
 from cifar10_pipeline.modeling.processor import CifarImageProcessor
 from cifar10_pipeline.modeling.vit import build_cifar_vit, flops_split
 
@@ -87,9 +84,10 @@ class Architecture:
 
     def check_params(self, hp: TrainParams) -> None:
         if hp.filter_optimizer == "muon" and not self.recipe.muon:
-            raise ValueError(
-                f"filter_optimizer: muon is part of the cifar_convnet recipe; {hp.model!r} trains with "
-                f"{self.recipe.name} (set train.filter_optimizer: sgd)"
+            raise ParamsError(
+                f"train.filter_optimizer: muon is part of the cifar_convnet recipe; train.model {hp.model!r} "
+                f"trains with {self.recipe.name}",
+                hint="set train.filter_optimizer: sgd (or train.model: cifar_convnet)",
             )
 
 

@@ -19,13 +19,13 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
-from cifar10_pipeline.modeling.model import (
+from cifar10_pipeline.modeling.base import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     ConvGroup,
     WhitenedImageClassifier,
+    label_maps,
     loading_hint,
-    read_legacy_temperature,
     whitening_layer,
 )
 
@@ -52,7 +52,6 @@ class CifarViTConfig(PreTrainedConfig):
     loading_hint: str = loading_hint(model_type)  # saved in config.json for readers without the import
 
     def __post_init__(self, **kwargs):
-        read_legacy_temperature(self, kwargs)
         self.tokenizer_widths = list(self.tokenizer_widths)
         self.image_mean = list(self.image_mean)
         self.image_std = list(self.image_std)
@@ -149,8 +148,6 @@ def flops_split(config: CifarViTConfig) -> dict[str, float]:
 def build_cifar_vit(
     tokenizer_widths: list[int], dim: int, depth: int, heads: int, mlp_ratio: float, tta_level: int
 ) -> CifarViTForImageClassification:
-    from cifar10_pipeline.modeling.model import label_maps
-
     id2label, label2id = label_maps()
     config = CifarViTConfig(
         tokenizer_widths=tokenizer_widths,

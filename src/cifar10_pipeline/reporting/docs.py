@@ -27,8 +27,9 @@ from typing import Any
 import jinja2
 import yaml
 
-from cifar10_pipeline.core.data import atomic_output
+from cifar10_pipeline.core.io import atomic_output
 from cifar10_pipeline.core.paths import BENCHMARK_RECORD, METRICS_DIR, PARAMS_FILE, RECORDS_DIR
+from cifar10_pipeline.core.provenance import pinned_requirement
 from cifar10_pipeline.reporting.benchmark_records import Entry, read_results
 from cifar10_pipeline.reporting.templating import template_environment
 
@@ -36,7 +37,6 @@ DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"), Path("docs/team.md"))
 BENCHMARK_REPORT = Path("reports/benchmark.md")
 RELIABILITY_RECORD = Path("reliability_suite.json")  # in records/
 RELIABILITY_REPORT = Path("reports/reliability.md")
-PINNED_TORCH = "2.13.0"  # pyproject.toml's pin: figures from another torch say so
 BLOCK = re.compile(
     r"(?P<open><!-- generated:(?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)"
     r"(?P<close><!-- /generated:(?P=name) -->)",
@@ -55,7 +55,9 @@ def pm(values: dict[str, Any], mean: str = "accuracy_mean", std: str = "accuracy
 
 def torch_label(version: str) -> str:
     """The torch version, flagged where it is not the project's pinned one."""
-    return version if version.startswith(PINNED_TORCH) else f"{version} (not the pinned {PINNED_TORCH})"
+    # pyproject.toml's pin: figures from another torch say so.
+    pinned = pinned_requirement("torch").partition("==")[2]
+    return version if version.startswith(pinned) else f"{version} (not the pinned {pinned})"
 
 
 def commit_label(record: Any) -> str:

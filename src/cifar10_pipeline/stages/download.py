@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import importlib
 import os
 import pickle
@@ -38,19 +37,17 @@ import requests
 from tqdm.auto import tqdm
 
 from cifar10_pipeline.core.data import (
-    CHECKSUM_FILE,
     SPLITS,
     DataError,
-    atomic_output,
     check_file_name,
-    file_digest,
     read_checksums,
     verify_checksums,
     write_checksums,
-    write_json_atomic,
     write_parquet_split,
 )
 from cifar10_pipeline.core.errors import PipelineError, run_cli
+from cifar10_pipeline.core.hashing import CHECKSUM_FILE, file_digest, raw_data_fingerprint
+from cifar10_pipeline.core.io import atomic_output, write_json_atomic
 from cifar10_pipeline.core.params import DownloadParams, load_params
 from cifar10_pipeline.core.paths import DATA_SOURCE, RAW_DIR
 from cifar10_pipeline.tracking.runs import stage_run
@@ -326,7 +323,7 @@ def _archive_members(tar: tarfile.TarFile, where: str, staging: Path) -> dict[st
 def fetch_url(params: DownloadParams, staging: Path) -> dict:
     archive = staging / "cifar-10-python.tar.gz"
     _download_url(params.url, archive)
-    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    md5 = file_digest(archive, "md5")
     if md5 != params.url_md5:
         raise SourceUnavailable(
             f"checksum mismatch for {params.url}: expected md5 {params.url_md5}, got {md5}"
@@ -393,17 +390,12 @@ def download(params: DownloadParams, out_dir: Path = RAW_DIR, source_file: Path 
     )
 
 
-def data_fingerprint(raw_dir: Path = RAW_DIR) -> str:
-    """One hash that names the exact raw data (hash of its SHA256SUMS)."""
-    return hashlib.sha256((Path(raw_dir) / CHECKSUM_FILE).read_bytes()).hexdigest()[:16]
-
-
 def main() -> None:
     params = load_params()
     with stage_run("download", params, outputs=(RAW_DIR, DATA_SOURCE)) as run:
         info = download(params.download)
         run.log_params({"data.source": info["source"], "data.location": info["location"]})
-        run.set_tags({"data.sha256sums": data_fingerprint()})
+        run.set_tags({"data.sha256sums": raw_data_fingerprint(RAW_DIR)})
 
 
 if __name__ == "__main__":

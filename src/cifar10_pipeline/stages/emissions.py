@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cifar10_pipeline.core.data import DataError, atomic_output, write_json_atomic
+from cifar10_pipeline.core.data import DataError
 from cifar10_pipeline.core.errors import run_cli
+from cifar10_pipeline.core.io import atomic_output, write_json_atomic
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.core.paths import EMISSIONS_METRICS, EMISSIONS_REPORT, STAGE_EMISSIONS_DIR
 from cifar10_pipeline.reporting.templating import template_environment

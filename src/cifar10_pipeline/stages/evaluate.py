@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cifar10_pipeline import CLASS_NAMES
-from cifar10_pipeline.core.data import ArraySplit, atomic_output, load_split, write_json_atomic
+from cifar10_pipeline.core.data import ArraySplit, load_split
 from cifar10_pipeline.core.device import describe_device, resolve_device, synchronize
 from cifar10_pipeline.core.errors import run_cli
+from cifar10_pipeline.core.io import atomic_output, write_json_atomic
 from cifar10_pipeline.core.params import EvaluateParams, load_params
 from cifar10_pipeline.core.paths import (
     CONFUSION_PAIRS,

@@ -15,15 +15,9 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from cifar10_pipeline import NUM_CLASSES
-from cifar10_pipeline.core.data import (
-    ArraySplit,
-    atomic_output,
-    decode_split,
-    read_raw_split,
-    save_split,
-    write_json_atomic,
-)
+from cifar10_pipeline.core.data import ArraySplit, decode_split, read_raw_split, save_split
 from cifar10_pipeline.core.errors import run_cli
+from cifar10_pipeline.core.io import atomic_output, write_json_atomic
 from cifar10_pipeline.core.params import (
     ParamsError,
     PreprocessParams,
@@ -119,7 +113,7 @@ def preprocess(
 def main() -> None:
     params = load_params()
     with stage_run("preprocess", params, outputs=(PROCESSED_DIR, PROCESSED_VALIDATION)) as run:
-        counts = preprocess(params.preprocess, params.validate_)
+        counts = preprocess(params.preprocess, params.validation)
         run.log_metrics({f"images_{name}": n for name, n in counts.items()})
 
 

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cifar10_pipeline.core.data import atomic_output, load_split, write_json_atomic
+from cifar10_pipeline.core.data import load_split
 from cifar10_pipeline.core.device import describe_device, resolve_device
 from cifar10_pipeline.core.errors import run_cli
+from cifar10_pipeline.core.io import atomic_output, write_json_atomic
 from cifar10_pipeline.core.params import TrainParams, load_params
 from cifar10_pipeline.core.paths import (
     MODEL_DIR,
@@ -102,8 +103,8 @@ def train(
     import torch
 
     from cifar10_pipeline.modeling.architectures import architecture, build_model, describe_architecture
+    from cifar10_pipeline.modeling.base import batchnorm_precision
     from cifar10_pipeline.modeling.inference import resolve_precision
-    from cifar10_pipeline.modeling.model import batchnorm_precision
     from cifar10_pipeline.training import distributed
     from cifar10_pipeline.training.checkpoint import Checkpointer, fingerprint
     from cifar10_pipeline.training.distributed import Ranks
@@ -215,12 +216,26 @@ def log_results(run: StageRun, summary: dict[str, Any]) -> None:
     run.log_artifact(MODEL_DIR, "model")
 
 
+def check_settings(hp: TrainParams, ranks: Ranks) -> None:
+    """Refuse the settings a user can get wrong (device, process count, optimiser for the model) before
+    torchrun starts: otherwise every process prints the same error and torchrun adds its own traceback."""
+    from cifar10_pipeline.modeling.architectures import architecture
+    from cifar10_pipeline.training import distributed
+
+    device = resolve_device(hp.device)
+    processes = ranks.world_size if ranks.launched else hp.nproc
+    distributed.check_gpus(device, ranks.local_world_size if ranks.launched else hp.nproc)
+    distributed.check_batch_split(hp.batch_size, processes)
+    architecture(hp.model).check_params(hp)
+
+
 def main() -> None:
     params = load_params()
     from cifar10_pipeline.training import distributed
     from cifar10_pipeline.training.checkpoint import Checkpointer
 
     ranks = distributed.from_environment()
+    check_settings(params.train, ranks)
     if params.train.nproc > 1 and not ranks.launched:
         distributed.exec_torchrun("cifar10_pipeline.stages.train", params.train.nproc)  # does not return
     device = distributed.device_for(ranks, resolve_device(params.train.device))

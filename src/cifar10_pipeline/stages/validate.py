@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cifar10_pipeline.core.data import SPLITS, atomic_output, remove_outputs, write_json_atomic
+from cifar10_pipeline.core.data import SPLITS
 from cifar10_pipeline.core.errors import run_cli
+from cifar10_pipeline.core.io import atomic_output, remove_outputs, write_json_atomic
 from cifar10_pipeline.core.params import ValidateParams, load_params
 from cifar10_pipeline.core.paths import DATA_DOCS_DIR, RAW_DIR, VALIDATION_METRICS
 from cifar10_pipeline.tracking.runs import stage_run
@@ -34,19 +35,17 @@ def validate(
     """Validate ``raw_dir`` against ``params`` (its split sizes among them); write Data Docs and the metrics
     file only if every expectation passes.
 
-    Raises ``DataValidationError`` (one line per failed expectation) and leaves no outputs on failure.
+    Raises ``DataValidationError`` (one line per failed expectation), having written no outputs.
     """
     docs_dir, metrics_file = Path(docs_dir), Path(metrics_file)
-    # Stale outputs of an earlier run must not survive a failure and pass for this run's result.
+    # Stale outputs of an earlier run must not survive a failure and pass for this run's result. A failure
+    # after this writes nothing (each output appears whole or not at all); one between the two writes leaves
+    # the Data Docs alone, which main()'s stage_run deletes with the other outputs of a failed stage.
     remove_outputs(metrics_file, docs_dir)
     started = time.perf_counter()
-    try:
-        with atomic_output(docs_dir) as staged_docs:
-            summary = check_raw_splits(Path(raw_dir), params, docs_dir=staged_docs)
-        write_json_atomic(metrics_file, summary)
-    except BaseException:
-        remove_outputs(metrics_file, docs_dir)
-        raise
+    with atomic_output(docs_dir) as staged_docs:
+        summary = check_raw_splits(Path(raw_dir), params, docs_dir=staged_docs)
+    write_json_atomic(metrics_file, summary)
     print(
         f"validate: {summary['evaluated']} expectations passed on {', '.join(SPLITS)} "
         f"in {time.perf_counter() - started:.1f} s -> {metrics_file}, {docs_dir / 'index.html'}"
@@ -70,7 +69,7 @@ def main() -> None:
     params = load_params()
     with stage_run("validate", params, outputs=(DATA_DOCS_DIR, VALIDATION_METRICS)) as run:
         try:
-            summary = validate(params.validate_)
+            summary = validate(params.validation)
         except DataValidationError as exc:
             if exc.summary:
                 run.log_metrics(mlflow_metrics(exc.summary))

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from cifar10_pipeline.core.data import write_json_atomic
+from cifar10_pipeline.core.io import write_json_atomic
 
 STAGE_FIELDS = (
     "emissions_kg",

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from cifar10_pipeline import __version__
+from cifar10_pipeline.core.provenance import pinned_requirement
 
 CHAMPION = "champion"
 ACCURACY_TAG = "test_accuracy"
@@ -115,7 +116,11 @@ def log_and_register(
             signature=signature,
             input_example=example_images[:2],
             # Explicit requirements: inferring them would load the model again in a subprocess.
-            pip_requirements=[f"cifar10-pipeline=={__version__}", "torch==2.13.0", "transformers==5.24.0"],
+            pip_requirements=[
+                f"cifar10-pipeline=={__version__}",
+                pinned_requirement("torch"),  # as pyproject.toml pins them
+                pinned_requirement("transformers"),
+            ],
             registered_model_name=registered_name,
         )
     version = str(info.registered_model_version)

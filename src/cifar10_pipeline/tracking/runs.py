@@ -20,7 +20,6 @@ store, tags its runs ``pipeline.offline_for`` and says how to copy them to the s
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import signal
@@ -31,7 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cifar10_pipeline.core.data import remove_outputs
+from cifar10_pipeline.core.hashing import CHECKSUM_FILE, file_digest, raw_data_fingerprint
+from cifar10_pipeline.core.io import remove_outputs
 from cifar10_pipeline.core.params import Params
 from cifar10_pipeline.core.paths import PARAMS_FILE, RAW_DIR
 from cifar10_pipeline.core.provenance import head_commit
@@ -153,9 +153,7 @@ def pipeline_key() -> str:
     name = os.environ.get("DVC_EXP_NAME")
     if name:
         return name
-    params_hash = (
-        hashlib.sha256(PARAMS_FILE.read_bytes()).hexdigest()[:8] if PARAMS_FILE.is_file() else "none"
-    )
+    params_hash = file_digest(PARAMS_FILE)[:8] if PARAMS_FILE.is_file() else "none"
     return f"repro-{head_commit()[:8]}-{params_hash}"
 
 
@@ -240,8 +238,8 @@ def _parent_run_id(
         "mlflow.source.git.commit": commit,
         "profile": params.profile,
     }
-    if (RAW_DIR / "SHA256SUMS").is_file():
-        tags["data.sha256sums"] = hashlib.sha256((RAW_DIR / "SHA256SUMS").read_bytes()).hexdigest()[:16]
+    if (RAW_DIR / CHECKSUM_FILE).is_file():
+        tags["data.sha256sums"] = raw_data_fingerprint(RAW_DIR)
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
     if offline_for:

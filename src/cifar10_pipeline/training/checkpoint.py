@@ -23,19 +23,12 @@ from typing import Any
 import torch
 
 import cifar10_pipeline
+from cifar10_pipeline.core.hashing import file_digest
 from cifar10_pipeline.core.params import TrainParams
 
 CHECKPOINT_FILE = "last.pt"
 # Source folders whose code decides what a checkpoint's state means.
 FINGERPRINTED_CODE = ("training", "modeling")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint(hp: TrainParams, data_files: list[Path], world_size: int) -> str:
@@ -44,9 +37,9 @@ def fingerprint(hp: TrainParams, data_files: list[Path], world_size: int) -> str
     parts: dict[str, Any] = {
         "params": hp.model_dump(mode="json", exclude={"resume", "checkpoint_every"}),
         "world_size": world_size,
-        "data": {Path(f).name: _sha256_file(Path(f)) for f in data_files},
+        "data": {Path(f).name: file_digest(Path(f)) for f in data_files},
         "code": {
-            str(f.relative_to(package)): _sha256_file(f)
+            str(f.relative_to(package)): file_digest(f)
             for folder in FINGERPRINTED_CODE
             for f in sorted((package / folder).rglob("*.py"))
         },

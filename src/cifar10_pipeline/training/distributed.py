@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cifar10_pipeline.core.device import DeviceError
+from cifar10_pipeline.core.params import ParamsError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -76,15 +79,29 @@ def exec_torchrun(module: str, nproc: int) -> None:
     os.execv(sys.executable, [*args, "-m", module, *sys.argv[1:]])
 
 
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """Each rank trains on an equal shard of the global batch, so the processes must divide it."""
+    if batch_size % world_size:
+        raise ParamsError(
+            f"train.batch_size ({batch_size}) is the global batch and must divide evenly between the "
+            f"{world_size} processes (train.nproc or torchrun's process count)",
+            hint=f"set train.batch_size to a multiple of {world_size}, or change train.nproc",
+        )
+
+
+def check_gpus(device: torch.device, local_processes: int) -> None:
+    """One GPU per local process: refuse more processes than this machine has GPUs."""
+    if device.type == "cuda" and local_processes > (count := torch.cuda.device_count()):
+        raise DeviceError(
+            f"{local_processes} processes on this machine need one GPU each, but it has {count}",
+            hint=f"set train.nproc (or torchrun's --nproc-per-node) to {count} or fewer",
+        )
+
+
 def device_for(ranks: Ranks, device: torch.device) -> torch.device:
     """Each rank on a machine takes its own GPU; CPU ranks share the cores between them."""
     if device.type == "cuda":
-        if ranks.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"rank {ranks.rank} needs GPU {ranks.local_rank} but this machine has "
-                f"{torch.cuda.device_count()}: set train.nproc (or torchrun's --nproc-per-node) "
-                "to that or fewer"
-            )
+        check_gpus(device, ranks.local_rank + 1)
         return torch.device("cuda", ranks.local_rank)
     if ranks.launched and ranks.local_world_size > 1:
         # torchrun sets OMP_NUM_THREADS=1 for every worker; give each its share of the cores instead.

@@ -40,7 +40,7 @@ from cifar10_pipeline.modeling.inference import autocast, fit_input_size, normal
 from cifar10_pipeline.training import distributed
 from cifar10_pipeline.training.checkpoint import Checkpointer
 from cifar10_pipeline.training.cuda_graphs import CapturedStep
-from cifar10_pipeline.training.distributed import Ranks
+from cifar10_pipeline.training.distributed import Ranks, check_batch_split
 from cifar10_pipeline.training.optim import Lookahead, make_optimizers, param_groups, set_learning_rate
 from cifar10_pipeline.training.state import EpochRecord, TrainingResult, capture_state, restore_state
 
@@ -112,11 +112,7 @@ class Schedule:
     @classmethod
     def of(cls, hp: TrainParams, train_images: int, world_size: int) -> Schedule:
         batch_size = min(hp.batch_size, train_images)
-        if batch_size % world_size:
-            raise ValueError(
-                f"train.batch_size ({batch_size}) is the global batch and must divide evenly between the "
-                f"{world_size} processes (train.nproc or torchrun's process count); pick a multiple"
-            )
+        check_batch_split(batch_size, world_size)
         steps_per_epoch = train_images // batch_size
         total_steps = max(1, math.ceil(hp.epochs * steps_per_epoch))
         return cls(
