@@ -161,11 +161,12 @@ def test_a_sigkilled_mlflow_leaves_no_orphan_and_start_checks_its_port(stack: Te
     assert "stopped: mlflow" in stack.cli("stop", "mlflow")
     assert not set(group) & set(home_processes(stack.home.resolve()))
     port = stack.config["ports"]["mlflow"]
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); "
-         "s.listen(); print('ready', flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # SO_REUSEADDR: the stopped server's connections may still sit in TIME_WAIT on the port.
+    listen = (
+        "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+        f"s.bind(('127.0.0.1', {port})); s.listen(); print('ready', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", listen], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         done = subprocess.run(
