@@ -454,11 +454,17 @@ def _stage_tags(stage: str, key: str, parent_id: str, offline_for: str | None) -
 
 
 def _open_stage_run(
-    client: Any, stage: str, params: Params, default_store: bool, offline_for: str | None = None
+    client: Any,
+    stage: str,
+    params: Params,
+    default_store: bool,
+    offline_for: str | None = None,
+    fallback: Callable[[StageRun, BaseException, float], None] | None = None,
 ) -> StageRun:
     """Create (or find) the parent, create the child and log the params; a failure on the way closes the
     runs already created (FAILED, or KILLED when interrupted) instead of leaving them RUNNING; not when the
-    server stopped answering (each try would cost the outage bound again; the next stage closes them)."""
+    server stopped answering (each try would cost the outage bound again; the next stage closes them).
+    ``fallback`` is the run's move to the local store, from the moment the child exists."""
     experiment_id = _experiment_id(client, params.mlflow.experiment, default_store)
     _close_dead_runs(client, experiment_id)
     key = pipeline_key()
@@ -469,6 +475,7 @@ def _open_stage_run(
         child = client.create_run(experiment_id, run_name=stage, tags=tags)
         opened.insert(0, child.info.run_id)
         run = StageRun(client, child.info.run_id, parent_id, experiment_id)
+        run.fallback = fallback
         run.log_params(params.as_flat_dict(), to_parent=True)
     except BaseException as exc:
         if not is_outage(exc):
@@ -552,11 +559,12 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
         run: StageRun | None = None
         try:
             try:
-                run = _open_stage_run(client, stage, params, default_store, offline_for)
+                fallback = _move_offline(stage, params, uri) if offline_for is None else None
+                run = _open_stage_run(client, stage, params, default_store, offline_for, fallback)
             except Exception as exc:
                 if offline_for is not None or not is_outage(exc):
                     raise
-                # Gone between the check and the opening: open in the local store, nothing computed yet.
+                # Gone between the check and the stage's run (nothing computed yet): open in the local store.
                 offline_for, uri = uri, local_store_uri()
                 print(
                     f"{stage}: the MLflow tracking server at {offline_for} stopped answering while the "
@@ -568,9 +576,7 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
                 mlflow.set_registry_uri(uri)
                 client = MlflowClient(tracking_uri=uri, registry_uri=uri)
                 run = _open_stage_run(client, stage, params, True, offline_for)
-            if offline_for is None:
-                run.fallback = _move_offline(stage, params, uri)
-            else:
+            if run.offline_for is None:
                 run.offline_for = offline_for
             yield run
         except BaseException as exc:
