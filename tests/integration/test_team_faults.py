@@ -46,8 +46,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ALIAS = "team-alias.example"  # the operator's extra name for the MLflow server
 STAGE = "emissions"
 STAGE_OUTPUTS = ("metrics/emissions.json", "reports/emissions.md")
-# A killed server refuses connections, and one whose database or object store is gone answers 5xx at
-# once: giving up on it costs MLflow's retry backoff only (runs.HTTP_ENV), not the timeout.
+# A killed server refuses connections, and one whose database is gone answers 5xx at once: giving up on
+# it costs MLflow's retry backoff only (runs.HTTP_ENV), not the timeout (runs.OUTAGE_BOUND_S).
 DEAD_SERVER_S = 10.0
 
 
@@ -219,9 +219,12 @@ def stage_with_fault(
         password=team.secret("db_password"), dbname="mlflow",
     )  # fmt: skip
     connection.autocommit = True
+    # The child run with its first params: the stage has its run id (a run row alone may mean that the
+    # stage has not read the server's answer yet).
     query = (
         "SELECT 1 FROM runs r JOIN tags k ON k.run_uuid = r.run_uuid JOIN tags s ON s.run_uuid = r.run_uuid"
         " WHERE r.status = 'RUNNING' AND k.key = 'pipeline.key' AND k.value = %s AND s.key = 'stage'"
+        " AND EXISTS (SELECT 1 FROM params p WHERE p.run_uuid = r.run_uuid)"
     )
     try:
         deadline = time.monotonic() + 120
@@ -271,16 +274,19 @@ def server_runs(team: Team, name: str) -> list:
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.`pipeline.key` = '{name}'")
 
 
-def check_offline_then_synced(team: Team, clone: Path, name: str, result: StageResult, scratch: Path) -> None:
-    """The stage finished on the local store within the bound, printed the sync command, and after the
-    stack's restart and the sync the server holds one closed run per stage with all its data."""
+def check_offline_then_synced(
+    team: Team, clone: Path, name: str, result: StageResult, scratch: Path, bound: float = OUTAGE_BOUND_S
+) -> None:
+    """The stage gave up on the server within ``bound`` seconds, finished on the local store and printed
+    the sync command; after the stack's restart and the sync the server holds one closed run per stage
+    with all its data."""
     out = result.output
     assert result.returncode == 0, out
     assert "Traceback" not in out, out
     assert "stopped answering mid-stage" in out, out
     gave_up = float(re.search(r"gave up after ([\d.]+) s", out).group(1))
     print(f"{name}: gave up on the server after {gave_up:.1f} s; stage exit {result.seconds:.1f} s after")
-    assert gave_up <= DEAD_SERVER_S <= OUTAGE_BOUND_S, out
+    assert gave_up <= bound <= OUTAGE_BOUND_S, out
     assert result.seconds <= OUTAGE_BOUND_S, out
     sync = f"python -m cifar10_pipeline.tracking.offline --to {team.tracking_uri}"
     assert sync in out, out
@@ -326,7 +332,7 @@ def check_offline_then_synced(team: Team, clone: Path, name: str, result: StageR
 
 def test_a_tracking_server_killed_mid_stage_costs_seconds(stack: Team, clone: Path, tmp_path: Path) -> None:
     result = stage_with_fault(stack, clone, "fault-mlflow", lambda: kill_group(stack.home / "mlflow.pid"))
-    check_offline_then_synced(stack, clone, "fault-mlflow", result, tmp_path)
+    check_offline_then_synced(stack, clone, "fault-mlflow", result, tmp_path, bound=DEAD_SERVER_S)
 
 
 def test_postgresql_killed_mid_stage(stack: Team, clone: Path, tmp_path: Path) -> None:
@@ -340,11 +346,14 @@ def test_postgresql_killed_mid_stage(stack: Team, clone: Path, tmp_path: Path) -
             time.sleep(0.05)
 
     result = stage_with_fault(stack, clone, "fault-postgres", kill_postgres)
-    check_offline_then_synced(stack, clone, "fault-postgres", result, tmp_path)
+    # The MLflow server answers 500 at once without its database.
+    check_offline_then_synced(stack, clone, "fault-postgres", result, tmp_path, bound=DEAD_SERVER_S)
 
 
 def test_the_s3_gateway_killed_mid_stage(stack: Team, clone: Path, tmp_path: Path) -> None:
     result = stage_with_fault(stack, clone, "fault-s3", lambda: kill_group(stack.home / "seaweedfs.pid"))
+    # The artifact upload fails: the MLflow server retries the S3 gateway (boto3's retries) before it
+    # answers 500, so each of the client's tries takes seconds; the bound holds all the same.
     check_offline_then_synced(stack, clone, "fault-s3", result, tmp_path)
 
 
