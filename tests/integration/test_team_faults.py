@@ -128,61 +128,84 @@ def test_mlflow_answers_the_listed_names_and_the_machines_addresses(stack: Team)
     assert api_status(stack, exported.removeprefix("http://")) == 200, exported
 
 
+def test_seaweedfs_logs_in_the_stacks_logs_folder(stack: Team) -> None:
+    # glog names its files weed.<host>.<user>.log.<LEVEL>.<date>.<pid>: the running server's are in logs/.
+    pid = (stack.home / "seaweedfs.pid").read_text().split()[0]
+    ours = [p.name for p in (stack.home / "logs").glob("weed.*.log.INFO.*") if p.name.endswith(f".{pid}")]
+    assert ours, sorted(p.name for p in (stack.home / "logs").iterdir())
+
+
+def test_dvc_remote_without_a_home_says_to_pass_one(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cifar10_pipeline.tracking.team_server", "--home", str(tmp_path / "none"),
+         "dvc-remote", "--project", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env=clean_env(PYTHONPATH=str(PROJECT_ROOT / "src")),
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "--home" in done.stderr and "CIFAR10_TEAM_HOME" in done.stderr, done.stderr
+    assert "server's home" in done.stderr, done.stderr
+
+
 def mlflow_group(team: Team) -> list[int]:
     pgid = int((team.home / "mlflow.pid").read_text().split()[0])
     return [pid for pid in home_processes(team.home.resolve()) if os.getpgid(pid) == pgid]
 
 
 def test_a_sigkilled_mlflow_leaves_no_orphan_and_start_checks_its_port(stack: Team) -> None:
-    leader = int((stack.home / "mlflow.pid").read_text().split()[0])
-    workers = [pid for pid in mlflow_group(stack) if pid != leader]
-    assert workers, "MLflow's server runs its uvicorn worker in its process group"
-    os.kill(leader, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while leader in home_processes(stack.home.resolve()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    code, state = status(stack)
-    assert code == 1 and not state["mlflow"]["running"] and state["mlflow"]["pid"] is None
-    assert state["mlflow"]["pid_file"] == str(stack.home / "mlflow.pid")
-    assert set(workers) <= set(state["mlflow"]["processes"]), state["mlflow"]
-    assert str(leader) in state["mlflow"]["problem"]
-
-    # `start` stops the orphaned worker (it still serves the port) and starts a server of its own.
-    out = stack.cli("start", "mlflow")
-    assert "orphaned processes" in out
-    alive = home_processes(stack.home.resolve())
-    assert not set(workers) & set(alive), "the orphaned worker outlived start"
-    code, state = status(stack)
-    assert code == 0 and state["mlflow"]["pid"] not in (None, leader)
-    assert state["postgres"]["pid"] and state["seaweedfs"]["pid"], state
-
-    # `stop` reaches the whole group; a foreign process on the port makes `start` fail, naming it.
-    group = mlflow_group(stack)
-    assert "stopped: mlflow" in stack.cli("stop", "mlflow")
-    assert not set(group) & set(home_processes(stack.home.resolve()))
-    port = stack.config["ports"]["mlflow"]
-    # SO_REUSEADDR: the stopped server's connections may still sit in TIME_WAIT on the port.
-    listen = (
-        "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-        f"s.bind(('127.0.0.1', {port})); s.listen(); print('ready', flush=True); time.sleep(120)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", listen], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        done = subprocess.run(
-            [sys.executable, "-m", "cifar10_pipeline.tracking.team_server", "--home", str(stack.home),
-             "start", "mlflow"],
-            capture_output=True, text=True, timeout=120, check=False,
-            env=clean_env(PYTHONPATH=str(PROJECT_ROOT / "src")),
-        )  # fmt: skip
-        assert done.returncode == 1, done.stdout + done.stderr
-        assert f"port {port} (mlflow)" in done.stderr and f"[{holder.pid}]" in done.stderr, done.stderr
-        assert "Traceback" not in done.stderr
-    finally:
-        holder.kill()
-        holder.wait()
-    stack.cli("start", "mlflow")
-    assert status(stack)[0] == 0
+        leader = int((stack.home / "mlflow.pid").read_text().split()[0])
+        workers = [pid for pid in mlflow_group(stack) if pid != leader]
+        assert workers, "MLflow's server runs its uvicorn worker in its process group"
+        os.kill(leader, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while leader in home_processes(stack.home.resolve()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        code, state = status(stack)
+        assert code == 1 and not state["mlflow"]["running"] and state["mlflow"]["pid"] is None
+        assert state["mlflow"]["pid_file"] == str(stack.home / "mlflow.pid")
+        assert set(workers) <= set(state["mlflow"]["processes"]), state["mlflow"]
+        assert str(leader) in state["mlflow"]["problem"]
+
+        # `start` stops the orphaned worker (it still serves the port) and starts a server of its own.
+        out = stack.cli("start", "mlflow")
+        assert "orphaned processes" in out
+        alive = home_processes(stack.home.resolve())
+        assert not set(workers) & set(alive), "the orphaned worker outlived start"
+        code, state = status(stack)
+        assert code == 0 and state["mlflow"]["pid"] not in (None, leader)
+        assert state["postgres"]["pid"] and state["seaweedfs"]["pid"], state
+
+        # `stop` reaches the whole group; a foreign process on the port makes `start` fail, naming it.
+        group = mlflow_group(stack)
+        assert "stopped: mlflow" in stack.cli("stop", "mlflow")
+        assert not set(group) & set(home_processes(stack.home.resolve()))
+        port = stack.config["ports"]["mlflow"]
+        # SO_REUSEADDR: the stopped server's connections may still sit in TIME_WAIT on the port.
+        listen = (
+            "import socket, time; s = socket.socket(); "
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            f"s.bind(('127.0.0.1', {port})); s.listen(); print('ready', flush=True); time.sleep(120)"
+        )
+        holder = subprocess.Popen([sys.executable, "-c", listen], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+            done = subprocess.run(
+                [sys.executable, "-m", "cifar10_pipeline.tracking.team_server", "--home", str(stack.home),
+                 "start", "mlflow"],
+                capture_output=True, text=True, timeout=120, check=False,
+                env=clean_env(PYTHONPATH=str(PROJECT_ROOT / "src")),
+            )  # fmt: skip
+            assert done.returncode == 1, done.stdout + done.stderr
+            assert f"port {port} (mlflow)" in done.stderr and f"[{holder.pid}]" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr
+        finally:
+            holder.kill()
+            holder.wait()
+        stack.cli("start", "mlflow")
+        assert status(stack)[0] == 0
+    finally:  # the stack up again for the other tests, whatever failed here
+        stack.cli("start")
 
 
 @pytest.fixture(scope="module")
