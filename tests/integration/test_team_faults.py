@@ -4,7 +4,9 @@ it reads the committed per-stage energy records, so a fresh clone runs it at onc
 metrics and an artifact) run in a clone of the project against it.
 
 - MLflow answers the names the operator lists (``--allowed-host``) and the machine's own addresses, and
-  refuses any other Host header with 403.
+  refuses any other Host header with 403; on 0.0.0.0 the URL ``env`` hands out is one of those names, not
+  ``localhost``. SeaweedFS's log files land in the home's logs/; ``dvc-remote`` without a server home says
+  to pass ``--home``.
 - SIGKILL of the pid in ``mlflow.pid``: ``status`` names the orphaned worker, ``start`` replaces it, ``stop``
   reaches every process of the group; a foreign process on the port makes ``start`` fail with a clear error.
 - A stage whose tracking server dies mid-stage (the MLflow server, its PostgreSQL, or the S3 gateway
@@ -145,6 +147,19 @@ def test_dvc_remote_without_a_home_says_to_pass_one(tmp_path: Path) -> None:
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "--home" in done.stderr and "CIFAR10_TEAM_HOME" in done.stderr, done.stderr
     assert "server's home" in done.stderr, done.stderr
+
+
+def test_a_server_on_every_interface_hands_out_a_url_it_accepts() -> None:
+    from cifar10_pipeline.tracking.team_server import Config
+
+    for extra, expected in (([], None), ([ALIAS, "other.example:7000"], ALIAS)):
+        config = Config(host="0.0.0.0", extra_allowed_hosts=extra)
+        host = config.tracking_uri.removeprefix("http://")
+        assert host in config.allowed_hosts, (host, config.allowed_hosts)
+        assert not host.startswith(("localhost", "127.", "0.0.0.0")), host  # a teammate must reach it
+        assert expected is None or host == f"{expected}:{config.ports['mlflow']}", host
+        assert config.s3_endpoint == f"http://{host.rsplit(':', 1)[0]}:{config.ports['s3']}"
+    assert "other.example:7000" in config.allowed_hosts  # a name given with its port keeps it
 
 
 def mlflow_group(team: Team) -> list[int]:

@@ -12,6 +12,9 @@ Everything lives under one home folder (``--home``, default ``.team-server/``, g
 (ports, buckets), secrets/ (the database password as a libpq password file and the S3 keys, mode 0600, never
 on a command line), postgres/, seaweedfs/, logs/ and one pid file per server. ``start`` creates what is
 missing and starts what is not running; the ports given to the first ``start`` are kept in config.json.
+Each server runs in its own session and process group (pgid = the pid in its pid file): ``stop`` and
+``status`` act on the whole group, so a worker left behind by a SIGKILL of its parent is found and ended, and
+``start`` refuses a port some other process holds and checks that its own process group serves it.
 
 The MLflow server runs in proxied mode (``--artifacts-destination s3://...``): clients send artifacts to it
 and need only MLFLOW_TRACKING_URI, never S3 keys. PostgreSQL listens on loopback only (only the MLflow server
