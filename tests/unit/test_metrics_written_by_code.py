@@ -39,6 +39,13 @@ COMMAND_WRITERS = {
     + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate")],
     # benchmarks/cold_start.py: its own timings, each run's train.json
     "records/cold_start.json": [BENCHMARKS / "cold_start.py", PACKAGE / "stages" / "train.py", PROVENANCE],
+    # benchmarks/team_faults.py: the fault tests' timings, the harness's MLflow HTTP settings
+    "records/team_faults.json": [
+        BENCHMARKS / "team_faults.py",
+        BENCHMARKS / "serving.py",
+        PROVENANCE,
+        PACKAGE / "tracking" / "runs.py",
+    ],
 }
 # Validated against the writer's own pydantic models (extra="forbid"), which is stricter than a key scan.
 SCHEMA_READERS = {"records/benchmark.json": read_results}
