@@ -78,8 +78,9 @@ PROBE_TIMEOUT_S = 5.0
 # MLflow's HTTP client, by default, retries a failing request 7 times with a 2 s exponential backoff and
 # waits 120 s for each answer: a server that dies mid-stage froze the stage for about 12 minutes. The stage
 # harness sets MLflow's own knobs for its process (whatever the user's environment says) so that one failing
-# request costs at most OUTAGE_BOUND_S; a dead server (refused connection) or one answering 5xx (its
-# database or object store gone) costs the backoff only, about 2 s.
+# request costs at most OUTAGE_BOUND_S; a dead server (refused connection) or one answering 500 at once (its
+# database gone) costs the backoff only, about 2 s; with its object store gone, the server itself retries
+# S3 for seconds before each 500 (records/team_faults.json).
 HTTP_MAX_RETRIES = 2
 HTTP_TIMEOUT_S = 15  # per attempt, connect and each read; a proxied model upload answers within it
 HTTP_BACKOFF_FACTOR = 1  # urllib3 sleeps 0 s before the first retry, then factor * 2**(n-1) s
