@@ -26,10 +26,11 @@ sys.path.insert(0, str(PROJECT_ROOT / "src"))
 from benchmarks.serving import machine_info  # noqa: E402
 
 TEST_MODULE = "tests/integration/test_team_faults.py"
-# printed by test_team_faults.check_offline_then_synced, one line per fault
+# printed by test_team_faults.check_offline_then_synced, one line per fault (after pytest's progress dots)
 FAULT_LINE = re.compile(
-    r"^(fault-[\w-]+): gave up on the server after ([\d.]+) s; stage exit ([\d.]+) s after", re.M
+    r"(fault-[\w-]+): gave up on the server after ([\d.]+) s; stage exit ([\d.]+) s after"
 )
+FAULTS = 3  # the MLflow server, PostgreSQL, the S3 gateway
 
 
 def measure() -> dict[str, Any]:
@@ -58,13 +59,18 @@ def measure() -> dict[str, Any]:
         raise SystemExit(
             f"the fault tests failed ({done.returncode}):\n{done.stdout[-6000:]}{done.stderr[-2000:]}"
         )
+    found = FAULT_LINE.findall(done.stdout)
+    if len(found) != FAULTS:
+        raise SystemExit(
+            f"expected {FAULTS} fault lines in the tests' output, found {found}:\n{done.stdout[-6000:]}"
+        )
     faults = [
         {
             "fault": name,
             "gave_up_seconds": float(gave_up),
             "stage_exit_after_resume_seconds": float(exit_after),
         }
-        for name, gave_up, exit_after in FAULT_LINE.findall(done.stdout)
+        for name, gave_up, exit_after in found
     ]
     return {
         "machine": machine_info(),
