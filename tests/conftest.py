@@ -152,6 +152,7 @@ LONGEST_FIRST = (
     "integration/test_experiments.py",
     "integration/test_team_server.py",
     "integration/test_pipeline.py",
+    "integration/test_team_faults.py",  # one team stack, restarted after each of its kills
     "integration/test_faults.py",
     "integration/test_distributed.py",
     "integration/test_service_flood.py",

@@ -54,6 +54,13 @@ COMMAND_WRITERS = {
         + [PACKAGE / "tracking" / "emissions.py"]
         for name in ("run.json", "train.json", "eval.json", "emissions.json")
     },
+    # benchmarks/team_faults.py: the fault tests' timings, the harness's MLflow HTTP settings
+    "records/team_faults.json": [
+        BENCHMARKS / "team_faults.py",
+        BENCHMARKS / "serving.py",
+        PROVENANCE,
+        PACKAGE / "tracking" / "runs.py",
+    ],
 }
 # Validated against the writer's own pydantic models (extra="forbid"), which is stricter than a key scan.
 SCHEMA_READERS = {"records/benchmark.json": read_results}

@@ -7,7 +7,10 @@ Such runs live in the project's local store (``sqlite:///mlflow.db``) with the t
 (the server that did not answer). Each one not yet copied is recreated on the target with its name, tags,
 params, full metric histories, artifacts, status and times, children under their (copied or already
 present) pipeline parent; the local run is then tagged ``pipeline.synced_to`` with the new run's id, so
-running the command again copies nothing twice. Model registry entries are not copied (a registered
+running the command again copies nothing twice. A local run that continues a server run the server stopped
+answering for mid-stage (tag ``pipeline.resumes``) is written into that server run instead (its params,
+metrics, tags and artifacts added, its status and end time set), so the server keeps one complete run per
+stage and none is left RUNNING. Model registry entries are not copied (a registered
 version points at an artifact of the local store): with the server up, ``dvc repro -f evaluate`` registers
 the model there.
 """
@@ -20,7 +23,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cifar10_pipeline.tracking.runs import KEY_TAG, OFFLINE_TAG, PARENT_ROLE, ROLE_TAG, local_store_uri
+from cifar10_pipeline.tracking.runs import (
+    KEY_TAG,
+    OFFLINE_TAG,
+    PARENT_ROLE,
+    RESUMES_TAG,
+    ROLE_TAG,
+    local_store_uri,
+)
 
 SYNCED_TAG = "pipeline.synced_to"
 PARENT_TAG = "mlflow.parentRunId"
@@ -32,18 +42,38 @@ def _target_experiment(target: Any, name: str) -> str:
     return experiment.experiment_id if experiment is not None else target.create_experiment(name)
 
 
+def _resumed(target: Any, run: Any) -> str | None:
+    """The server run ``run`` continues (``RESUMES_TAG``), if the target holds it."""
+    from mlflow.exceptions import MlflowException
+
+    resumed = run.data.tags.get(RESUMES_TAG)
+    if resumed is None:
+        return None
+    try:
+        return target.get_run(resumed).info.run_id
+    except MlflowException:
+        return None
+
+
 def _copy_run(source: Any, target: Any, run: Any, experiment_id: str, parent_id: str | None) -> str:
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
 
     tags = {k: v for k, v in run.data.tags.items() if k != PARENT_TAG}
     tags["pipeline.synced_from"] = run.info.run_id
     if parent_id is not None:
         tags[PARENT_TAG] = parent_id
-    copy = target.create_run(
-        experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name
-    )
-    new_id = copy.info.run_id
-    params = [Param(k, v) for k, v in run.data.params.items()]
+    new_id = _resumed(target, run)
+    if new_id is None:
+        copy = target.create_run(
+            experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name
+        )
+        new_id = copy.info.run_id
+        existing_params: dict[str, str] = {}
+    else:  # the server's own run: add what it lacks (the params it has are the same values)
+        tags.pop(PARENT_TAG, None)
+        target.log_batch(new_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        existing_params = target.get_run(new_id).data.params
+    params = [Param(k, v) for k, v in run.data.params.items() if k not in existing_params]
     for start in range(0, len(params), 100):
         target.log_batch(new_id, params=params[start : start + 100])
     metrics = [

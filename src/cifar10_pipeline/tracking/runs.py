@@ -15,6 +15,13 @@ Default store: ``sqlite:///mlflow.db`` in the project root (git-ignored), artifa
 naming the URI, unless params.yaml says ``tracking.required: false``: then the stage logs to the default
 store, tags its runs ``pipeline.offline_for`` and says how to copy them to the server later
 (``python -m cifar10_pipeline.tracking.offline --to URI``).
+
+A server that stops answering *during* a stage (killed, its database or object store gone) costs the stage
+at most ``OUTAGE_BOUND_S`` seconds on one request (MLflow's own retry and timeout settings, set here for the
+stage's process: ``HTTP_ENV``); the stage then goes on logging to the local store, whatever
+``tracking.required`` says (the compute is under way), and prints the sync command. Its local runs are tagged
+``pipeline.resumes`` with the server's run ids, and the sync command completes and closes those server
+runs instead of copying new ones.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from cifar10_pipeline.core.hashing import CHECKSUM_FILE, file_digest, raw_data_fingerprint
@@ -44,6 +52,9 @@ OFFLINE_TAG = "pipeline.offline_for"  # runs logged to the local store while thi
 # by the next stage that opens a run in the same process space (machine, boot and PID namespace).
 HOST_TAG = "pipeline.host"
 PID_TAG = "pipeline.pid"
+# A local run that goes on with a server run the server stopped answering for (its id): the sync command
+# writes the local run's data into that run and closes it, rather than copying a new one.
+RESUMES_TAG = "pipeline.resumes"
 DEFAULT_STORE = Path("mlflow.db")
 ARTIFACT_ROOT = Path("mlartifacts")
 
@@ -63,6 +74,57 @@ def tracking_uri() -> str:
 
 
 PROBE_TIMEOUT_S = 5.0
+
+# MLflow's HTTP client, by default, retries a failing request 7 times with a 2 s exponential backoff and
+# waits 120 s for each answer: a server that dies mid-stage froze the stage for about 12 minutes. The stage
+# harness sets MLflow's own knobs for its process (whatever the user's environment says) so that one failing
+# request costs at most OUTAGE_BOUND_S; a dead server (refused connection) or one answering 500 at once (its
+# database gone) costs the backoff only, about 2 s; with its object store gone, the server itself retries
+# S3 for seconds before each 500 (records/team_faults.json).
+HTTP_MAX_RETRIES = 2
+HTTP_TIMEOUT_S = 15  # per attempt, connect and each read; a proxied model upload answers within it
+HTTP_BACKOFF_FACTOR = 1  # urllib3 sleeps 0 s before the first retry, then factor * 2**(n-1) s
+HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(HTTP_MAX_RETRIES),
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_TIMEOUT_S),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(HTTP_BACKOFF_FACTOR),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+}
+OUTAGE_BOUND_S = (HTTP_MAX_RETRIES + 1) * HTTP_TIMEOUT_S + sum(
+    HTTP_BACKOFF_FACTOR * 2 ** (n - 1) for n in range(2, HTTP_MAX_RETRIES + 1)
+)
+
+
+@contextlib.contextmanager
+def bounded_http() -> Iterator[None]:
+    """MLflow's HTTP retry and timeout settings of ``HTTP_ENV`` inside the block (its child processes, such
+    as torchrun's ranks, inherit them), the previous values restored afterwards."""
+    before = {key: os.environ.get(key) for key in HTTP_ENV}
+    os.environ.update(HTTP_ENV)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the tracking server is gone or failing (no answer, a timeout, 5xx after MLflow's
+    retries), as opposed to a request it refused (a bad value, a missing run), which is a real error."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, requests.exceptions.RequestException):
+        return True
+    if isinstance(exc, MlflowException):
+        return str(exc.message).startswith("API request to") or exc.error_code in (
+            "INTERNAL_ERROR",
+            "TEMPORARILY_UNAVAILABLE",
+        )
+    return False
 
 
 def unreachable_reason(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
@@ -157,24 +219,47 @@ def pipeline_key() -> str:
     return f"repro-{head_commit()[:8]}-{params_hash}"
 
 
+T = TypeVar("T")
+
+
 class StageRun:
-    """A stage's child run, with its parent, both written through one MlflowClient."""
+    """A stage's child run, with its parent, both written through one MlflowClient.
+
+    Every write goes through ``_tracked``: when the tracking server stops answering (``is_outage``), the
+    run moves to the local store (``fallback``, set by ``stage_run``) and the write is done there."""
 
     def __init__(self, client: Any, run_id: str, parent_id: str, experiment_id: str):
         self.client = client
         self.run_id = run_id
         self.parent_id = parent_id
         self.experiment_id = experiment_id
+        self.offline_for: str | None = None  # the server it stopped logging to, once moved
+        self.fallback: Callable[[StageRun, BaseException, float], None] | None = None
+
+    def _tracked(self, operation: Callable[[], T]) -> T:
+        started = time.monotonic()
+        try:
+            return operation()
+        except Exception as exc:
+            if self.fallback is None or not is_outage(exc):
+                raise
+            fallback, self.fallback = self.fallback, None  # once: the local store's errors are real
+            fallback(self, exc, time.monotonic() - started)
+            return operation()
 
     def log_params(self, params: dict[str, Any], to_parent: bool = False) -> None:
         from mlflow.entities import Param
 
         entries = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for run_id in (self.run_id, self.parent_id) if to_parent else (self.run_id,):
-            existing = self.client.get_run(run_id).data.params
-            fresh = [p for p in entries if p.key not in existing]
-            if fresh:
-                self.client.log_batch(run_id, params=fresh)
+
+        def write() -> None:
+            for run_id in (self.run_id, self.parent_id) if to_parent else (self.run_id,):
+                existing = self.client.get_run(run_id).data.params
+                fresh = [p for p in entries if p.key not in existing]
+                if fresh:
+                    self.client.log_batch(run_id, params=fresh)
+
+        self._tracked(write)
 
     def log_metrics(
         self, metrics: dict[str, float], step: int | None = None, to_parent: bool = False
@@ -184,20 +269,40 @@ class StageRun:
 
         now = get_current_time_millis()
         entries = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        for run_id in (self.run_id, self.parent_id) if to_parent else (self.run_id,):
-            self.client.log_batch(run_id, metrics=entries)
+
+        def write() -> None:
+            for run_id in (self.run_id, self.parent_id) if to_parent else (self.run_id,):
+                self.client.log_batch(run_id, metrics=entries)
+
+        self._tracked(write)
 
     def set_tags(self, tags: dict[str, str], to_parent: bool = False) -> None:
-        for run_id in (self.run_id, self.parent_id) if to_parent else (self.run_id,):
-            for key, value in tags.items():
-                self.client.set_tag(run_id, key, value)
+        def write() -> None:
+            for run_id in (self.run_id, self.parent_id) if to_parent else (self.run_id,):
+                for key, value in tags.items():
+                    self.client.set_tag(run_id, key, value)
+
+        self._tracked(write)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+        def write() -> None:
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            elif path.is_file():
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+        self._tracked(write)
+
+    def close(self, status: str, error: BaseException | None) -> None:
+        """Close the child and its parent with ``status`` (see ``_terminate``)."""
+        try:
+            self._tracked(lambda: _terminate(self.client, (self.run_id, self.parent_id), status, None))
+        except Exception as exc:
+            if error is None:
+                raise
+            logging.getLogger(__name__).warning("could not mark MLflow runs %s: %s", status, exc)
 
 
 def _experiment_id(client: Any, name: str, default_store: bool) -> str:
@@ -304,7 +409,9 @@ def process_space() -> str:
 
 def _close_dead_runs(client: Any, experiment_id: str) -> list[str]:
     """Mark KILLED the stage runs of this machine still RUNNING whose process no longer exists: a SIGKILL
-    cannot be caught, so the killed stage could not close its own run. Returns their ids."""
+    cannot be caught, so the killed stage could not close its own run. Their parents go with them (a
+    SIGKILLed `dvc exp run`, re-run under another name, would never come back to close its parent), unless
+    another stage of theirs still runs. Returns the ids closed."""
     import psutil
 
     host = process_space()
@@ -313,12 +420,25 @@ def _close_dead_runs(client: Any, experiment_id: str) -> list[str]:
         filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
         max_results=1000,
     )
-    closed = []
+    closed, parents = [], set()
     for run in stale:
         pid = int(run.data.tags.get(PID_TAG, "0") or 0)
         if pid and pid != os.getpid() and not psutil.pid_exists(pid):
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
+            if parent := run.data.tags.get("mlflow.parentRunId"):
+                parents.add(parent)
+    for parent_id in sorted(parents):
+        if client.get_run(parent_id).info.status != "RUNNING":
+            continue
+        running = client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{parent_id}'",
+            max_results=1,
+        )
+        if not running:
+            client.set_terminated(parent_id, "KILLED")
+            closed.append(parent_id)
     if closed:
         logging.getLogger(__name__).warning(
             "closed %d MLflow run(s) left RUNNING by a killed stage as KILLED: %s", len(closed), closed
@@ -326,36 +446,88 @@ def _close_dead_runs(client: Any, experiment_id: str) -> list[str]:
     return closed
 
 
+def _stage_tags(stage: str, key: str, parent_id: str, offline_for: str | None) -> dict[str, str]:
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        KEY_TAG: key,
+        ROLE_TAG: "stage",
+        "stage": stage,
+        "mlflow.source.git.commit": head_commit(),
+        HOST_TAG: process_space(),
+        PID_TAG: str(os.getpid()),
+    }
+    if offline_for:
+        tags[OFFLINE_TAG] = offline_for
+    return tags
+
+
 def _open_stage_run(
-    client: Any, stage: str, params: Params, default_store: bool, offline_for: str | None = None
+    client: Any,
+    stage: str,
+    params: Params,
+    default_store: bool,
+    offline_for: str | None = None,
+    fallback: Callable[[StageRun, BaseException, float], None] | None = None,
 ) -> StageRun:
     """Create (or find) the parent, create the child and log the params; a failure on the way closes the
-    runs already created (FAILED, or KILLED when interrupted) instead of leaving them RUNNING."""
+    runs already created (FAILED, or KILLED when interrupted) instead of leaving them RUNNING; not when the
+    server stopped answering (each try would cost the outage bound again; the next stage closes them).
+    ``fallback`` is the run's move to the local store, from the moment the child exists."""
     experiment_id = _experiment_id(client, params.mlflow.experiment, default_store)
     _close_dead_runs(client, experiment_id)
     key = pipeline_key()
     parent_id = _parent_run_id(client, experiment_id, key, params, offline_for)
     opened = [parent_id]
     try:
-        tags = {
-            "mlflow.parentRunId": parent_id,
-            KEY_TAG: key,
-            ROLE_TAG: "stage",
-            "stage": stage,
-            "mlflow.source.git.commit": head_commit(),
-            HOST_TAG: process_space(),
-            PID_TAG: str(os.getpid()),
-        }
-        if offline_for:
-            tags[OFFLINE_TAG] = offline_for
+        tags = _stage_tags(stage, key, parent_id, offline_for)
         child = client.create_run(experiment_id, run_name=stage, tags=tags)
         opened.insert(0, child.info.run_id)
         run = StageRun(client, child.info.run_id, parent_id, experiment_id)
+        run.fallback = fallback
         run.log_params(params.as_flat_dict(), to_parent=True)
     except BaseException as exc:
-        _terminate(client, opened, run_status(exc), exc)
+        if not is_outage(exc):
+            _terminate(client, opened, run_status(exc), exc)
         raise
     return run
+
+
+def _move_offline(
+    stage: str, params: Params, server_uri: str
+) -> Callable[[StageRun, BaseException, float], None]:
+    """What a stage's run does when the server stops answering mid-stage: the same child and parent are
+    opened in the local store, tagged with the server run they continue (``RESUMES_TAG``), with the params,
+    and the run's later writes go there."""
+
+    def move(run: StageRun, exc: BaseException, waited: float) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        local = local_store_uri()
+        reason = str(getattr(exc, "message", exc)).splitlines()[0][:300]
+        print(
+            f"{stage}: the MLflow tracking server at {server_uri} stopped answering mid-stage (gave up after "
+            f"{waited:.1f} s, bound {OUTAGE_BOUND_S} s: {reason}); this stage goes on logging to the local "
+            f"store {local}.",
+            flush=True,
+        )
+        # Also the fluent API's URIs (the evaluate stage's model logging and registration use them).
+        mlflow.set_tracking_uri(local)
+        mlflow.set_registry_uri(local)
+        client = MlflowClient(tracking_uri=local, registry_uri=local)
+        experiment_id = _experiment_id(client, params.mlflow.experiment, default_store=True)
+        key = pipeline_key()
+        parent_id = _parent_run_id(client, experiment_id, key, params, offline_for=server_uri)
+        parent_tags = client.get_run(parent_id).data.tags
+        if RESUMES_TAG not in parent_tags and "pipeline.synced_to" not in parent_tags:
+            client.set_tag(parent_id, RESUMES_TAG, run.parent_id)
+        tags = {**_stage_tags(stage, key, parent_id, server_uri), RESUMES_TAG: run.run_id}
+        child = client.create_run(experiment_id, run_name=stage, tags=tags)
+        run.client, run.run_id, run.parent_id = client, child.info.run_id, parent_id
+        run.experiment_id, run.offline_for = experiment_id, server_uri
+        run.log_params(params.as_flat_dict(), to_parent=True)
+
+    return move
 
 
 @contextlib.contextmanager
@@ -370,9 +542,11 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
     outs) are deleted first, so a failed stage leaves nothing DVC or a reader could take for its result.
     Deleting on failure cannot change a successful result, which is why this module stays out of the
     stages' dvc.yaml deps; the outputs themselves are written by the stage (core.data's atomic helpers).
+    A server that stops answering after the check moves the runs to the local store (the module's
+    docstring) within ``OUTAGE_BOUND_S``.
     """
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    with stage_lock(stage), _sigterm_raises():
+    with stage_lock(stage), _sigterm_raises(), bounded_http():
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -392,17 +566,37 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
         client = MlflowClient()
         run: StageRun | None = None
         try:
-            run = _open_stage_run(client, stage, params, default_store, offline_for)
+            try:
+                fallback = _move_offline(stage, params, uri) if offline_for is None else None
+                run = _open_stage_run(client, stage, params, default_store, offline_for, fallback)
+            except Exception as exc:
+                if offline_for is not None or not is_outage(exc):
+                    raise
+                # Gone between the check and the stage's run (nothing computed yet): open in the local store.
+                offline_for, uri = uri, local_store_uri()
+                print(
+                    f"{stage}: the MLflow tracking server at {offline_for} stopped answering while the "
+                    f"stage's run was opened ({str(getattr(exc, 'message', exc)).splitlines()[0][:300]}); "
+                    f"this stage logs to the local store {uri}.",
+                    flush=True,
+                )
+                mlflow.set_tracking_uri(uri)
+                mlflow.set_registry_uri(uri)
+                client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                run = _open_stage_run(client, stage, params, True, offline_for)
+            if run.offline_for is None:
+                run.offline_for = offline_for
             yield run
         except BaseException as exc:
             remove_outputs(*outputs)
             if run is not None:  # None: the opening failed and closed the runs it had created
-                _terminate(client, (run.run_id, run.parent_id), run_status(exc), exc)
+                run.close(run_status(exc), exc)
             raise
         # The parent ends with its latest stage (a later stage of the same pipeline run re-closes it).
-        _terminate(client, (run.run_id, run.parent_id), "FINISHED", None)
-        if offline_for is not None:
+        run.close("FINISHED", None)
+        if run.offline_for is not None:
             print(
-                f"{stage}: logged to the local store {uri}, not to {offline_for}. Once that server answers, "
-                f"copy the runs to it with: {offline_hint(offline_for)}"
+                f"{stage}: logged to the local store {local_store_uri()}, not to {run.offline_for}. Once "
+                f"that server answers, copy the runs to it with: {offline_hint(run.offline_for)}",
+                flush=True,
             )

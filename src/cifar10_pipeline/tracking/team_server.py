@@ -14,6 +14,9 @@ Everything lives under one home folder (``--home``, default ``.team-server/``, g
 (ports, buckets), secrets/ (the database password as a libpq password file and the S3 keys, mode 0600, never
 on a command line), postgres/, seaweedfs/, logs/ and one pid file per server. ``start`` creates what is
 missing and starts what is not running; the ports given to the first ``start`` are kept in config.json.
+Each server runs in its own session and process group (pgid = the pid in its pid file): ``stop`` and
+``status`` act on the whole group, so a worker left behind by a SIGKILL of its parent is found and ended, and
+``start`` refuses a port some other process holds and checks that its own process group serves it.
 
 The MLflow server runs in proxied mode (``--artifacts-destination s3://...``): clients send artifacts to it
 and need only MLFLOW_TRACKING_URI, never S3 keys. PostgreSQL listens on loopback only (only the MLflow server
@@ -77,6 +80,9 @@ class Config:
     # MLflow 3's job runner (GenAI scorers, trace roll-ups) adds 8 processes and about 1 GB; the pipeline
     # logs runs and models only, so it is off unless asked for.
     mlflow_jobs: bool = False
+    # Extra names clients may use for the MLflow server (`--allowed-host`: an alias, a DNS name of a proxy),
+    # besides this machine's own names and addresses, which are always allowed (see allowed_hosts).
+    extra_allowed_hosts: list[str] = field(default_factory=list)
 
     @property
     def advertised_host(self) -> str:
@@ -84,12 +90,39 @@ class Config:
         return socket.getfqdn() if self.host in ("0.0.0.0", "::") else self.host
 
     @property
+    def client_host(self) -> str:
+        """The host in the URLs `env` and `dvc-remote` hand out: one the MLflow server accepts (it is in
+        allowed_hosts) and a teammate can reach: the operator's first alias, else this machine's DNS name,
+        else its first non-loopback address (getfqdn() is often just "localhost")."""
+        if self.host not in ("0.0.0.0", "::"):
+            return self.host
+        if self.extra_allowed_hosts and self.extra_allowed_hosts[0] != "*":
+            return _without_port(self.extra_allowed_hosts[0])
+        fqdn = socket.getfqdn()
+        if not fqdn.startswith("localhost") and "." in fqdn:
+            return fqdn
+        outward = [a for a in local_addresses() if not a.startswith("127.") and ":" not in a]
+        return outward[0] if outward else socket.gethostname()
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        """The Host headers the MLflow server answers (its --allowed-hosts): this machine's names (hostname,
+        FQDN, localhost) and every local interface address, each with the MLflow port, plus the operator's
+        extra names (a name without a port gets the MLflow port). MLflow refuses any other Host with 403
+        "Invalid Host header" (its guard against DNS rebinding), except on /health."""
+        port = self.ports["mlflow"]
+        names = ["localhost", socket.gethostname(), socket.getfqdn(), *local_addresses()]
+        hosts = [f"[{n}]:{port}" if ":" in n else f"{n}:{port}" for n in names]
+        hosts += [n if n == "*" or _has_port(n) else f"{n}:{port}" for n in self.extra_allowed_hosts]
+        return list(dict.fromkeys(hosts))
+
+    @property
     def tracking_uri(self) -> str:
-        return f"http://{self.advertised_host}:{self.ports['mlflow']}"
+        return f"http://{self.client_host}:{self.ports['mlflow']}"
 
     @property
     def s3_endpoint(self) -> str:
-        return f"http://{self.advertised_host}:{self.ports['s3']}"
+        return f"http://{self.client_host}:{self.ports['s3']}"
 
     @property
     def backend_store_uri(self) -> str:
@@ -112,11 +145,18 @@ class TeamServer:
     def config_file(self) -> Path:
         return self.home / "config.json"
 
-    def load_config(self) -> Config:
+    def load_config(self, command: str = "") -> Config:
         if not self.config_file.is_file():
-            raise TeamServerError(
-                f"no team server in {self.home} (no config.json): run `start` first, or pass --home"
+            where = (
+                "`dvc-remote` reads the server's S3 keys from its home folder: from a clone, pass "
+                "--home (before the command) or set CIFAR10_TEAM_HOME to the server's home, e.g. "
+                "`--home /srv/cifar10/.team-server dvc-remote`; on another machine, set the remote by "
+                "hand (docs/team.md)"
+                if command == "dvc-remote"
+                else "pass --home DIR (or set CIFAR10_TEAM_HOME) if the server lives elsewhere, else run "
+                "`start`"
             )
+            raise TeamServerError(f"no team server in {self.home} (no config.json): {where}")
         raw = json.loads(self.config_file.read_text())
         raw["ports"] = {**DEFAULT_PORTS, **raw.get("ports", {})}
         return Config(**raw)
@@ -166,20 +206,38 @@ class TeamServer:
     # --- processes -----------------------------------------------------------------------------------
 
     def pid_file(self, name: str) -> Path:
+        """``name``'s pid file: the pid of the process ``start`` spawned, which leads its own process group
+        and session (pgid = pid), so the group outlives a SIGKILL of that one process."""
         return self.home / f"{name}.pid"
 
-    def running_pid(self, name: str) -> int | None:
-        """The pid in ``name``'s pid file if that process is alive and ours: it runs in our home folder (a
-        recycled pid belongs to somebody else's process, which must never be signalled)."""
-        path = self.pid_file(name)
-        if not path.is_file():
-            return None
+    def recorded_pid(self, name: str) -> int | None:
         try:
-            pid = int(path.read_text().split()[0])
-            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
-        except (ValueError, IndexError, OSError):
+            return int(self.pid_file(name).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
             return None
-        return pid if cwd == self.home and _alive(pid) else None
+
+    def group_members(self, name: str) -> list[int]:
+        """The live processes of ``name``'s process group that run in our home folder (a recycled pgid
+        belongs to somebody else's processes, which must never be signalled): the recorded leader and
+        its workers (MLflow's uvicorn worker, which a SIGKILL of the leader leaves serving the port)."""
+        pgid = self.recorded_pid(name)
+        if pgid is None:
+            return []
+        members = []
+        for pid in _group_pids(pgid):
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(f"/proc/{pid}/cwd")) == self.home:
+                    members.append(pid)
+        return members
+
+    def running_pid(self, name: str) -> int | None:
+        """The recorded pid if that process (the group's leader) is alive and ours."""
+        pid = self.recorded_pid(name)
+        return pid if pid is not None and pid in self.group_members(name) else None
+
+    def orphans(self, name: str) -> list[int]:
+        """Members of ``name``'s group left alive after their leader died (it was SIGKILLed)."""
+        return [] if self.running_pid(name) is not None else self.group_members(name)
 
     def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> int:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -193,22 +251,66 @@ class TeamServer:
         return process.pid
 
     def terminate(self, name: str, timeout: float = 30.0) -> bool:
-        pid = self.running_pid(name)
-        if pid is None:
+        """Stop ``name``'s whole process group (its leader and any orphaned workers): SIGTERM, then SIGKILL
+        after ``timeout``. False when nothing of it was running."""
+        pgid = self.recorded_pid(name)
+        if pgid is None or not self.group_members(name):
             self.pid_file(name).unlink(missing_ok=True)
             return False
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         # The whole group: MLflow's workers may outlive their parent for a moment, holding the port.
-        while _group_alive(pid):
+        killed = False
+        while self.group_members(name):
             if time.monotonic() > deadline:
+                if killed:
+                    raise TeamServerError(f"{name}'s processes {self.group_members(name)} survived SIGKILL")
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                break
+                    os.killpg(pgid, signal.SIGKILL)
+                killed, deadline = True, time.monotonic() + 10
             time.sleep(0.2)
         self.pid_file(name).unlink(missing_ok=True)
         return True
+
+    def _clear_orphans(self, name: str) -> None:
+        """A group whose leader was killed (SIGKILL of the pid in its pid file) may still serve the port:
+        stop what is left of it before starting a new one."""
+        if orphans := self.orphans(name):
+            print(
+                f"team_server: {name}'s recorded process is gone; stopping its orphaned processes {orphans}"
+            )
+            self.terminate(name)
+
+    def _check_ports_free(self, name: str, config: Config, ports: list[str]) -> None:
+        """Refuse to start ``name`` while another process holds one of its ports: it would die on "address
+        already in use" while that process answers its health check in its place."""
+        for port_name in ports:
+            port = config.ports[port_name]
+            bind = "127.0.0.1" if port_name == "postgres" else config.host
+            with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no holder
+                try:
+                    probe.bind((bind, port))
+                except OSError as error:
+                    holders = _listeners(port)
+                    who = f"process(es) {holders}" if holders else "another process (of another user)"
+                    raise TeamServerError(
+                        f"cannot start {name}: port {port} ({port_name}) on {bind} is taken by {who} "
+                        f"({error.strerror}). Stop that process, or pick another port on the first start "
+                        f"(--port {port_name}=NUMBER)"
+                    ) from None
+
+    def _check_listener(self, name: str, config: Config, port_name: str) -> None:
+        """The process answering on ``name``'s port must belong to the group ``start`` spawned."""
+        port = config.ports[port_name]
+        members = set(self.group_members(name))
+        holders = _listeners(port)
+        if not members & set(holders):
+            raise TeamServerError(
+                f"{name} started (process group {self.recorded_pid(name)}) but port {port} is served by "
+                f"{holders or 'a process of another user'}, not by it: stop that process and start again"
+            )
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.logs / f"{name}.log"
@@ -339,6 +441,10 @@ class TeamServer:
     def start_seaweedfs(self, config: Config) -> None:
         if self.running_pid("seaweedfs") is not None:
             return
+        self._clear_orphans("seaweedfs")
+        self._check_ports_free(
+            "seaweedfs", config, [n for n in DEFAULT_PORTS if n not in ("mlflow", "postgres")]
+        )
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         if not Path(weed).is_file():
             raise TeamServerError(
@@ -347,8 +453,11 @@ class TeamServer:
         (self.weed_dir / "master").mkdir(parents=True, exist_ok=True)
         p = config.ports
         bind = config.host
+        self.logs.mkdir(parents=True, exist_ok=True)
         command = [
-            weed, "server", f"-dir={self.weed_dir}", f"-master.dir={self.weed_dir / 'master'}",
+            # -logdir (a global flag, before the command): its glog files go to logs/, not /tmp/weed.*
+            weed, f"-logdir={self.logs}", "server",
+            f"-dir={self.weed_dir}", f"-master.dir={self.weed_dir / 'master'}",
             f"-ip={config.advertised_host if bind in ('0.0.0.0', '::') else bind}", f"-ip.bind={bind}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
@@ -362,6 +471,7 @@ class TeamServer:
         ]  # fmt: skip
         self.spawn("seaweedfs", command)
         self._wait_for_buckets(config)
+        self._check_listener("seaweedfs", config, "s3")
 
     def s3_client(self, config: Config):
         import boto3
@@ -400,7 +510,10 @@ class TeamServer:
 
     def start_mlflow(self, config: Config) -> None:
         if self.running_pid("mlflow") is not None:
+            self._check_listener("mlflow", config, "mlflow")
             return
+        self._clear_orphans("mlflow")
+        self._check_ports_free("mlflow", config, ["mlflow"])
         command = [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", config.backend_store_uri,
@@ -409,15 +522,16 @@ class TeamServer:
             "--host", config.host, "--port", str(config.ports["mlflow"]),
             "--workers", str(config.mlflow_workers),
         ]  # fmt: skip
-        if config.host not in ("127.0.0.1", "localhost"):
-            # MLflow 3 answers only requests addressed to localhost unless told the names clients use.
-            command += ["--allowed-hosts", f"{config.advertised_host}:{config.ports['mlflow']},localhost:*"]
+        # MLflow 3 answers only the Host names it is told (else localhost and private IPs): every name of
+        # this machine and the operator's aliases, also when bound to loopback (an SSH tunnel's alias).
+        command += ["--allowed-hosts", ",".join(config.allowed_hosts)]
         env = {
             **self.mlflow_env(config),
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(config.mlflow_jobs).lower(),
         }
         self.spawn("mlflow", command, env=env)
         self._wait_healthy("mlflow", f"http://127.0.0.1:{config.ports['mlflow']}/health", timeout=180)
+        self._check_listener("mlflow", config, "mlflow")
 
     def _wait_healthy(self, name: str, url: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -432,7 +546,7 @@ class TeamServer:
 
     def upgrade(self, config: Config) -> str:
         """`mlflow db upgrade` on the PostgreSQL store (after upgrading MLflow; stop the server first)."""
-        if self.running_pid("mlflow") is not None:
+        if self.group_members("mlflow"):
             raise TeamServerError("stop the MLflow server first: `stop mlflow`, then `upgrade`, then `start`")
         done = subprocess.run(
             [sys.executable, "-m", "mlflow", "db", "upgrade", config.backend_store_uri],
@@ -462,9 +576,18 @@ class TeamServer:
         return stopped
 
     def status(self, config: Config) -> dict[str, dict]:
+        """Per server: running (its recorded process is alive and its port answers), where clients reach
+        it, its pid file and pid, and the processes of its group (orphans: alive after their leader died)."""
         p = config.ports
-        return {
-            "postgres": {"running": self.postgres_running(config), "url": config.backend_store_uri},
+        pg_pid_file = self.pg_data / "postmaster.pid"  # PostgreSQL's own; pg_ctl supervises it
+        pg_running = self.postgres_running(config)
+        state = {
+            "postgres": {
+                "running": pg_running,
+                "url": config.backend_store_uri,
+                "pid_file": str(pg_pid_file),
+                "pid": _first_int(pg_pid_file) if pg_running else None,
+            },
             "seaweedfs": {
                 "running": self.running_pid("seaweedfs") is not None
                 and _http_ok(f"http://127.0.0.1:{p['s3']}/healthz"),
@@ -475,8 +598,21 @@ class TeamServer:
                 "running": self.running_pid("mlflow") is not None
                 and _http_ok(f"http://127.0.0.1:{p['mlflow']}/health"),
                 "url": config.tracking_uri,
+                "allowed_hosts": config.allowed_hosts,
             },
         }
+        for name in ("seaweedfs", "mlflow"):
+            state[name].update(
+                pid_file=str(self.pid_file(name)),
+                pid=self.running_pid(name),
+                processes=self.group_members(name),
+            )
+            if orphans := self.orphans(name):
+                state[name]["problem"] = (
+                    f"its recorded process {self.recorded_pid(name)} is gone but its group's processes "
+                    f"{orphans} still run: `stop {name}` ends them, `start` replaces them"
+                )
+        return state
 
     def configure_dvc_remote(self, config: Config, project: Path, remote: str = DVC_REMOTE) -> None:
         """Point the project's S3 remote at this object store and make it this clone's default: endpoint,
@@ -532,24 +668,61 @@ def push_with_run_cache(project: Path, remote: str | None = None) -> int:
     return sent
 
 
-def _alive(pid: int) -> bool:
-    """Running, not a zombie waiting for its parent to collect it."""
-    try:
-        return not Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1].startswith("Z")
-    except OSError:
-        return False
+def _has_port(name: str) -> bool:
+    """``name:1234`` or ``[::1]:1234``, not a bare name or IPv6 address."""
+    head, sep, port = name.rpartition(":")
+    return bool(sep) and port.isdigit() and (not head.count(":") or head.endswith("]"))
 
 
-def _group_alive(pgid: int) -> bool:
-    """Any live process left in process group ``pgid`` (field 5 of /proc/PID/stat)."""
+def _without_port(name: str) -> str:
+    return name.rpartition(":")[0] if _has_port(name) else name
+
+
+def local_addresses() -> list[str]:
+    """Every IPv4 and IPv6 address of this machine's interfaces (loopback included), IPv6 link-local ones
+    left out (a Host header cannot carry their zone)."""
+    import psutil
+
+    found = []
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            family_ok = entry.family in (socket.AF_INET, socket.AF_INET6)
+            if family_ok and "%" not in entry.address and not entry.address.lower().startswith("fe80"):
+                found.append(entry.address)
+    return list(dict.fromkeys(found))
+
+
+def _group_pids(pgid: int) -> list[int]:
+    """The live processes (not zombies) of process group ``pgid`` (field 5 of /proc/PID/stat)."""
+    pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(") ", 1)[-1].split()
         except OSError:
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
+
+
+def _listeners(port: int) -> list[int]:
+    """The pids listening on TCP ``port`` (any address) that this user may see."""
+    import psutil
+
+    return sorted(
+        {
+            c.pid
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
+        }
+    )
+
+
+def _first_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _http_ok(url: str) -> bool:
@@ -607,6 +780,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=NUMBER",
         help=f"a port, NAME one of {', '.join(DEFAULT_PORTS)} (kept in config.json)",
     )
+    start.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="NAME[:PORT]",
+        help="another name clients use for MLflow (an alias, a proxy's name); repeat for several; replaces "
+        "the list kept in config.json. This machine's names and addresses are always allowed",
+    )
     start.add_argument("--pg-os-user", help="as root: the user PostgreSQL runs as (default postgres)")
     stop = sub.add_parser("stop", help="stop the servers (all by default)")
     stop.add_argument("components", nargs="*", metavar="COMPONENT", help=f"any of {', '.join(COMPONENTS)}")
@@ -639,6 +820,8 @@ def main(argv: list[str] | None = None) -> int:
             config.ports.update(_parse_ports(args.port))
             config.host = args.host or config.host
             config.pg_os_user = args.pg_os_user or config.pg_os_user
+            if args.allowed_host is not None:
+                config.extra_allowed_hosts = list(dict.fromkeys(args.allowed_host))
             server.start(config, components)
             print(json.dumps(server.status(config), indent=2))
             print(f"export MLFLOW_TRACKING_URI={config.tracking_uri}")
@@ -647,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
             sent = push_with_run_cache(args.project, args.remote)
             print(f"dvc push --run-cache done, and {sent} object(s) the run cache needs")
             return 0
-        config = server.load_config()
+        config = server.load_config(args.command)
         if args.command == "stop":
             stopped = server.stop(config, components)
             print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
