@@ -558,6 +558,11 @@ class TeamServer:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as error:
+            if error.code == 404:
+                raise TeamServerError(
+                    "the MLflow server runs without its authentication app (no --app-name basic-auth): "
+                    "restart it with `stop mlflow` and `start`"
+                ) from None
             detail = error.read().decode(errors="replace")[:500]
             raise TeamServerError(f"MLflow's auth API {method} {path}: {error.code} {detail}") from None
         except (urllib.error.URLError, OSError) as error:
