@@ -178,6 +178,35 @@ def test_anonymous_requests_get_401(stack: Stack) -> None:
     assert http_status(f"{api}/experiments/search?max_results=1", auth=admin) == 200
 
 
+def test_users_role_makes_a_reader_an_editor_and_back(users: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    stack = users
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    for name, value in stack.login("admin").items():
+        monkeypatch.setenv(name, value)
+    experiment_id = MlflowClient(stack.uri).create_experiment("roles-check")  # owned by the admin
+    stack.cli("users", "add", "pat", "--role", "reader")
+    for name, value in stack.login("pat").items():
+        monkeypatch.setenv(name, value)
+    client = MlflowClient(stack.uri)
+
+    def may_create_a_run() -> bool:
+        try:
+            client.create_run(experiment_id)
+        except MlflowException as refused:
+            assert refused.error_code == "PERMISSION_DENIED", refused
+            return False
+        return True
+
+    assert not may_create_a_run()
+    stack.cli("users", "role", "pat", "--role", "editor")
+    assert may_create_a_run()
+    stack.cli("users", "role", "pat", "--role", "reader")
+    assert not may_create_a_run()
+
+
 def test_an_editor_runs_the_pipeline_and_a_reader_only_reads(
     stack: Stack, pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -451,7 +451,7 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
                 raise TrackingLoginRefused(
                     f"{stage}: the MLflow tracking server at {uri} does not let "
                     f"{USERNAME_VAR}={os.environ.get(USERNAME_VAR)} create runs (403). Nothing was computed.",
-                    "ask its operator for the editor role (team_server users add NAME --role editor)",
+                    "ask its operator for the editor role (team_server users role NAME --role editor)",
                 ) from None
             remove_outputs(*outputs)
             if run is not None:  # None: the opening failed and closed the runs it had created

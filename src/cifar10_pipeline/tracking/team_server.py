@@ -342,6 +342,7 @@ class TeamServer:
     def start_postgres(self, config: Config) -> None:
         self.init_postgres(config)
         if self.postgres_running(config):
+            self._create_database(config)  # a home made before the auth database existed gets it too
             return
         settings = self.pg_data / "team_server.conf"
         # TCP on loopback only, no Unix socket (its default folder is often missing or not writable).
@@ -609,6 +610,23 @@ class TeamServer:
             )
         return path
 
+    def set_role(self, config: Config, name: str, role: str) -> None:
+        """Make an existing login (made here by `users add`) a reader or an editor."""
+        if role not in ROLES:
+            raise TeamServerError(f"--role {role!r}: pick one of {', '.join(ROLES)}")
+        self.password_of(name)  # only users made here: their password file says they exist
+        role_id = self._editor_role_id(config)
+        held = self._auth_api(config, "GET", f"/api/3.0/mlflow/users/roles/list?username={name}")
+        is_editor = any(int(r["id"]) == role_id for r in held.get("roles", []))
+        if role == "editor" and not is_editor:
+            self._auth_api(
+                config, "POST", "/api/3.0/mlflow/roles/assign", {"username": name, "role_id": role_id}
+            )
+        elif role == "reader" and is_editor:
+            self._auth_api(
+                config, "DELETE", "/api/3.0/mlflow/roles/unassign", {"username": name, "role_id": role_id}
+            )
+
     def configure_dvc_remote(
         self, config: Config, project: Path, remote: str = DVC_REMOTE, access: str = "read"
     ) -> None:
@@ -755,6 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     add = users_sub.add_parser("add", help="create a login with a generated password (a 0600 file)")
     add.add_argument("name")
     add.add_argument("--role", choices=ROLES, required=True, help="reader: READ; editor: runs the pipeline")
+    role = users_sub.add_parser("role", help="make a login a reader or an editor")
+    role.add_argument("name")
+    role.add_argument("--role", choices=ROLES, required=True)
     sub.add_parser("upgrade", help="mlflow db upgrade on the PostgreSQL store (MLflow server stopped)")
     push = sub.add_parser("dvc-push", help="dvc push --run-cache, run-cache outputs included")
     push.add_argument("--project", type=Path, default=Path("."))
@@ -804,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"export MLFLOW_TRACKING_PASSWORD={shlex.quote(password)}")
             else:  # a comment: the output stays safe to eval
                 print("# and a login: MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (env --user NAME)")
+        elif args.command == "users" and args.users_command == "role":
+            server.set_role(config, args.name, args.role)
+            print(f"MLflow user {args.name!r} is now a{'n' if args.role == 'editor' else ''} {args.role}")
         elif args.command == "users":
             path = server.add_user(config, args.name, args.role)
             print(f"MLflow user {args.name!r} ({args.role}) created; the password is in {path} (0600).")
