@@ -8,6 +8,13 @@ moving ``champion``; a stage started without a login, or with a wrong one, stops
 ``error:`` line naming the variable. S3: the DVC reader's key pulls but cannot push, neither DVC key reads
 the artifact bucket, and anonymous requests are refused. Secrets: no password or secret key in any server
 process's command line or in the stack's logs.
+
+Each check was seen failing once with its guard removed: `mlflow server` without ``--app-name basic-auth``
+(anonymous gets 200); ``default_permission = EDIT`` (the reader creates a run, and its train stage trains);
+the DVC reader's key given Write (its ``dvc push`` succeeds); every key given every bucket (the DVC writer
+lists the artifact bucket); the database password in the backend-store URI (found in the MLflow server's
+command line); no login check in ``stage_run`` and no 403 conversion (tracebacks instead of one ``error:``
+line); ``users role`` not assigning the role (the promoted reader still refused).
 """
 
 from __future__ import annotations
