@@ -151,6 +151,7 @@ SCHEDULE_ORDER = ("integration", "browser", "model", "data", "unit")
 LONGEST_FIRST = (
     "integration/test_experiments.py",
     "integration/test_team_server.py",
+    "integration/test_team_auth.py",
     "integration/test_pipeline.py",
     "integration/test_team_faults.py",  # one team stack, restarted after each of its kills
     "integration/test_faults.py",

@@ -61,6 +61,7 @@ def stages_run(dvc_output: str) -> list[str]:
 
 
 REGISTERED_MODEL = "cifar10-classifier"
+EDITOR = "team-test"  # an MLflow login with the editor role (tests/integration/test_team_auth.py: the roles)
 PORT_NAMES = ("mlflow", "s3", "postgres", "s3_grpc", "master", "master_grpc", "volume", "volume_grpc")
 PORT_NAMES += ("filer", "filer_grpc")
 
@@ -95,7 +96,14 @@ class Team:
 
     def cli(self, *args: str, timeout: float = 300) -> str:
         command = [sys.executable, "-m", "cifar10_pipeline.tracking.team_server", "--home", str(self.home)]
-        return run([*command, *args], PROJECT_ROOT, clean_env(PYTHONPATH=str(PROJECT_ROOT / "src")), timeout)
+        # The caller's PYTHONPATH stays after src/: where the servers' packages may be installed.
+        path = os.pathsep.join(filter(None, [str(PROJECT_ROOT / "src"), os.environ.get("PYTHONPATH")]))
+        return run([*command, *args], PROJECT_ROOT, clean_env(PYTHONPATH=path), timeout)
+
+    def login(self) -> dict[str, str]:
+        """The MLflow login of the editor the fixture made (the server runs MLflow's auth app)."""
+        password = self.secret(f"users/{EDITOR}")
+        return {"MLFLOW_TRACKING_USERNAME": EDITOR, "MLFLOW_TRACKING_PASSWORD": password}
 
     def secret(self, name: str) -> str:
         return (self.home / "secrets" / name).read_text().strip()
@@ -145,7 +153,12 @@ def team() -> Iterator[Team]:
         team.config = json.loads((home / "config.json").read_text())
         team.tracking_uri = f"http://127.0.0.1:{team.config['ports']['mlflow']}"
         team.s3_endpoint = f"http://127.0.0.1:{team.config['ports']['s3']}"
-        yield team
+        team.cli("users", "add", EDITOR, "--role", "editor")
+        # The in-process MLflow clients of the checks log in the MLflow way too.
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in team.login().items():
+                patch.setenv(name, value)
+            yield team
     finally:
         with_log = ""
         try:
@@ -172,7 +185,7 @@ def git_clone(source: Path, target: Path) -> Path:
 
 
 def clone_env(clone: Path, team: Team) -> dict[str, str]:
-    return clean_env(PYTHONPATH=str(clone / "src"), MLFLOW_TRACKING_URI=team.tracking_uri)
+    return clean_env(PYTHONPATH=str(clone / "src"), MLFLOW_TRACKING_URI=team.tracking_uri, **team.login())
 
 
 @pytest.fixture(scope="module")
@@ -407,12 +420,12 @@ def assert_same_results(first: Path, second: Path, validate_ran_again: bool = Fa
 
 def test_dvc_push_pull_and_repro_from_the_run_cache(team: Team, pipeline: Pipeline, tmp_path: Path) -> None:
     first = pipeline.clone
-    team.cli("dvc-remote", "--project", str(first))
+    team.cli("dvc-remote", "--project", str(first), "--access", "write")  # this clone pushes
     # The keys went to .dvc/config.local, which git ignores: nothing to commit but the run's results.
     local = (first / ".dvc/config.local").read_text()
     assert (
-        team.secret("s3_secret_key") in local
-        and team.secret("s3_secret_key") not in (first / ".dvc/config").read_text()
+        team.secret("s3_dvc_write_secret_key") in local
+        and team.secret("s3_dvc_write_secret_key") not in (first / ".dvc/config").read_text()
     )
     run(["git", "add", "-A"], first, pipeline.env)
     assert ".dvc/config" not in run(["git", "diff", "--cached", "--name-only"], first, pipeline.env)

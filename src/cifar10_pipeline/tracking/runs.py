@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from cifar10_pipeline.core.errors import PipelineError
 from cifar10_pipeline.core.hashing import CHECKSUM_FILE, file_digest, raw_data_fingerprint
 from cifar10_pipeline.core.io import remove_outputs
 from cifar10_pipeline.core.params import Params
@@ -160,6 +161,61 @@ def _unreachable_message(stage: str, uri: str, reason: str) -> str:
         "`-S tracking.required=false` (dvc exp run) or tracking.required: false in conf/config.yaml, "
         "and copy the runs to it later with python -m cifar10_pipeline.tracking.offline --to URI."
     )
+
+
+USERNAME_VAR, PASSWORD_VAR = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+LOGIN_HINT = (
+    f"export {USERNAME_VAR} and {PASSWORD_VAR} with your login on that server (on the team server, its "
+    "operator makes one with `python -m cifar10_pipeline.tracking.team_server users add NAME --role "
+    "editor` and prints it with `... team_server env --user NAME`)"
+)
+
+
+class TrackingLoginRefused(PipelineError):
+    """The tracking server answers 401: the MLflow login (MLFLOW_TRACKING_USERNAME/PASSWORD) is missing
+    or wrong. Never a reason to fall back to the local store: the server is up, the login is the fault."""
+
+
+def login_refused(stage: str, uri: str, timeout: float = PROBE_TIMEOUT_S) -> TrackingLoginRefused | None:
+    """The error to stop ``stage`` with when the server at ``uri`` refuses this process's MLflow login
+    (401), else None (a local store, a server without authentication, or a login it accepts). One request
+    with the credentials the MLflow client would send, no retries: the client itself would first run the
+    stage's setup and then fail on its first call."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return None
+    username, password = os.environ.get(USERNAME_VAR), os.environ.get(PASSWORD_VAR)
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    headers = {}
+    if username and password:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+    elif token:
+        headers["Authorization"] = f"Bearer {token}"
+    probe = urllib.request.Request(
+        f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers
+    )
+    try:
+        with urllib.request.urlopen(probe, timeout=timeout):
+            return None
+    except urllib.error.HTTPError as exc:
+        if exc.code != 401:
+            return None  # any other answer is for the MLflow client to report
+    except (urllib.error.URLError, OSError, ValueError):
+        return None  # reachability is unreachable_reason's business
+    where = f"{stage}: the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) asks for a login"
+    if not username:
+        problem = f"{USERNAME_VAR} is not set"
+    elif not password:
+        problem = f"{PASSWORD_VAR} is not set (for {USERNAME_VAR}={username})"
+    else:
+        problem = (
+            f"it refused {USERNAME_VAR}={username} with this {PASSWORD_VAR} (401): a wrong password "
+            "or no such user"
+        )
+    return TrackingLoginRefused(f"{where}: {problem}. Nothing was computed.", LOGIN_HINT)
 
 
 def offline_hint(uri: str) -> str:
@@ -554,6 +610,8 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
         default_store = "MLFLOW_TRACKING_URI" not in os.environ
         uri, offline_for = tracking_uri(), None
         reason = unreachable_reason(uri)
+        if reason is None and (refused := login_refused(stage, uri)) is not None:
+            raise refused
         if reason is not None:
             if params.tracking.required:
                 raise TrackingUnreachable(_unreachable_message(stage, uri, reason))
@@ -588,6 +646,13 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
                 run.offline_for = offline_for
             yield run
         except BaseException as exc:
+            if run is None and getattr(exc, "error_code", None) == "PERMISSION_DENIED":
+                # A reader's login: refused before any compute, so the old outputs stay.
+                raise TrackingLoginRefused(
+                    f"{stage}: the MLflow tracking server at {uri} does not let "
+                    f"{USERNAME_VAR}={os.environ.get(USERNAME_VAR)} create runs (403). Nothing was computed.",
+                    "ask its operator for the editor role (team_server users role NAME --role editor)",
+                ) from None
             remove_outputs(*outputs)
             if run is not None:  # None: the opening failed and closed the runs it had created
                 run.close(run_status(exc), exc)

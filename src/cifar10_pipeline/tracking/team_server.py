@@ -2,8 +2,9 @@
 
     python -m cifar10_pipeline.tracking.team_server start      # PostgreSQL, SeaweedFS (S3), mlflow server
     python -m cifar10_pipeline.tracking.team_server status
-    eval "$(python -m cifar10_pipeline.tracking.team_server env)"   # MLFLOW_TRACKING_URI for the pipeline
-    python -m cifar10_pipeline.tracking.team_server dvc-remote  # S3 endpoint + keys into .dvc/config.local
+    python -m cifar10_pipeline.tracking.team_server users add NAME --role editor   # an MLflow login
+    eval "$(python -m cifar10_pipeline.tracking.team_server env --user NAME)"   # MLFLOW_TRACKING_* for NAME
+    python -m cifar10_pipeline.tracking.team_server dvc-remote --access read  # S3 endpoint + a DVC key
     python -m cifar10_pipeline.tracking.team_server dvc-push    # dvc push --run-cache, run-cache objects too
     python -m cifar10_pipeline.tracking.team_server upgrade     # mlflow db upgrade on the PostgreSQL store
     python -m cifar10_pipeline.tracking.team_server stop
@@ -19,7 +20,13 @@ Each server runs in its own session and process group (pgid = the pid in its pid
 ``start`` refuses a port some other process holds and checks that its own process group serves it.
 
 The MLflow server runs in proxied mode (``--artifacts-destination s3://...``): clients send artifacts to it
-and need only MLFLOW_TRACKING_URI, never S3 keys. PostgreSQL listens on loopback only (only the MLflow server
+and need only MLFLOW_TRACKING_URI and their login, never S3 keys. It runs MLflow's own authentication app
+(``--app-name basic-auth``, its user and permission store in a second PostgreSQL database): an admin whose
+password ``start`` generates, and users made by ``users add`` as readers (the READ default permission) or
+editors (an MLflow role with EDIT on every experiment and registered model). SeaweedFS knows four S3
+identities, each a key pair in secrets/: the operator's (admin: bucket creation), the MLflow server's
+(the artifact bucket only), a DVC writer and a DVC reader (the DVC bucket only); anonymous requests are
+refused. PostgreSQL listens on loopback only (only the MLflow server
 talks to it); ``--host`` decides where MLflow and the S3 gateway listen (DVC clients talk to S3 directly).
 
 A Python module rather than a shell script: the integration test drives exactly these commands, and the
@@ -33,6 +40,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -46,6 +54,13 @@ from pathlib import Path
 
 DEFAULT_HOME = Path(".team-server")
 DATABASE = "mlflow"
+AUTH_DATABASE = "mlflow_auth"  # MLflow's auth app: users, roles, permissions
+ADMIN_USER = "admin"
+ROLES = ("reader", "editor")
+EDITOR_GRANTS = (("experiment", "EDIT"), ("registered_model", "EDIT"))  # on "*": every one of them
+# S3 identities -> the actions SeaweedFS grants them (Action:bucket limits an action to one bucket).
+S3_IDENTITIES = ("admin", "mlflow", "dvc_write", "dvc_read")
+DVC_ACCESS = {"read": "dvc_read", "write": "dvc_write"}
 DB_USER = "mlflow"
 # Every port a server listens on; the SeaweedFS ones are internal to its single `weed server` process.
 DEFAULT_PORTS = {
@@ -130,6 +145,17 @@ class Config:
         # +psycopg2: SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3, which is not installed.
         return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{self.ports['postgres']}/{DATABASE}"
 
+    @property
+    def auth_database_uri(self) -> str:
+        return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{self.ports['postgres']}/{AUTH_DATABASE}"
+
+    def s3_actions(self, identity: str) -> list[str]:
+        bucket = {"mlflow": self.artifact_bucket}.get(identity, self.dvc_bucket)
+        if identity == "admin":
+            return ["Admin", "Read", "Write", "List", "Tagging"]
+        actions = ["Read", "List"] if identity == "dvc_read" else ["Read", "Write", "List", "Tagging"]
+        return [f"{action}:{bucket}" for action in actions]
+
 
 class TeamServer:
     def __init__(self, home: Path):
@@ -177,26 +203,67 @@ class TeamServer:
     def db_password(self) -> str:
         return self._secret("db_password", secrets.token_urlsafe(24))
 
-    def s3_keys(self) -> tuple[str, str]:
-        access = self._secret("s3_access_key", "team" + secrets.token_hex(8))
-        return access, self._secret("s3_secret_key", secrets.token_urlsafe(30))
+    def s3_keys(self, identity: str = "admin") -> tuple[str, str]:
+        """The access and secret key of one of S3_IDENTITIES (admin's files keep their first names)."""
+        prefix = "s3" if identity == "admin" else f"s3_{identity}"
+        access = self._secret(f"{prefix}_access_key", identity.replace("_", "") + secrets.token_hex(8))
+        return access, self._secret(f"{prefix}_secret_key", secrets.token_urlsafe(30))
 
-    def pgpass_file(self, config: Config) -> Path:
-        """A libpq password file for the MLflow server and `mlflow db upgrade` (libpq insists on 0600)."""
-        path = self.secrets / "pgpass"
-        line = f"127.0.0.1:{config.ports['postgres']}:{DATABASE}:{DB_USER}:{self.db_password()}\n"
-        self.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def admin_password(self) -> str:
+        return self._secret("mlflow_admin_password", secrets.token_urlsafe(24))
+
+    def user_password_file(self, name: str) -> Path:
+        return self.secrets / "users" / name
+
+    def password_of(self, name: str) -> str:
+        """An MLflow login's password, from its 0600 file (the admin's or one `users add` made)."""
+        path = self.secrets / "mlflow_admin_password" if name == ADMIN_USER else self.user_password_file(name)
+        if not path.is_file():
+            raise TeamServerError(
+                f"no MLflow user {name!r} made here ({path} is missing): `users add {name}`"
+            )
+        return path.read_text().strip()
+
+    def _write_private(self, path: Path, text: str) -> Path:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
-            out.write(line)
+            out.write(text)
         return path
 
+    def pgpass_file(self, config: Config) -> Path:
+        """A libpq password file for the MLflow server, its auth app and `mlflow db upgrade` (libpq
+        insists on 0600)."""
+        lines = "".join(
+            f"127.0.0.1:{config.ports['postgres']}:{name}:{DB_USER}:{self.db_password()}\n"
+            for name in (DATABASE, AUTH_DATABASE)
+        )
+        return self._write_private(self.secrets / "pgpass", lines)
+
+    def auth_config_file(self, config: Config) -> Path:
+        """MLflow's basic_auth.ini (MLFLOW_AUTH_CONFIG_PATH): users start as readers, the store is on
+        PostgreSQL, and the admin's password is read from here (0600) when the auth app first creates the
+        admin, so it is never on a command line or in the environment."""
+        text = (
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {config.auth_database_uri}\n"
+            f"admin_username = {ADMIN_USER}\n"
+            f"admin_password = {self.admin_password()}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        return self._write_private(self.secrets / "basic_auth.ini", text)
+
     def mlflow_env(self, config: Config) -> dict[str, str]:
-        """What the MLflow server (and `mlflow db upgrade`) needs: the database password file and S3 keys."""
-        access, secret = self.s3_keys()
+        """What the MLflow server (and `mlflow db upgrade`) needs: the database password file, the auth
+        app's config and the MLflow identity's S3 keys (the artifact bucket only)."""
+        access, secret = self.s3_keys("mlflow")
         return {
             **os.environ,
             "PGPASSFILE": str(self.pgpass_file(config)),
+            "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config_file(config)),
+            # Signs the auth app's sessions and CSRF tokens; the same for every worker.
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self._secret("flask_secret_key", secrets.token_urlsafe(32)),
             "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{config.ports['s3']}",
             "AWS_ACCESS_KEY_ID": access,
             "AWS_SECRET_ACCESS_KEY": secret,
@@ -379,6 +446,7 @@ class TeamServer:
     def start_postgres(self, config: Config) -> None:
         self.init_postgres(config)
         if self.postgres_running(config):
+            self._create_database(config)  # a home made before the auth database existed gets it too
             return
         settings = self.pg_data / "team_server.conf"
         # TCP on loopback only, no Unix socket (its default folder is often missing or not writable).
@@ -407,9 +475,10 @@ class TeamServer:
         connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
         try:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-                if cursor.fetchone() is None:
-                    cursor.execute(f'CREATE DATABASE "{DATABASE}"')
+                for name in (DATABASE, AUTH_DATABASE):
+                    cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                    if cursor.fetchone() is None:
+                        cursor.execute(f'CREATE DATABASE "{name}"')
         finally:
             connection.close()
 
@@ -421,22 +490,18 @@ class TeamServer:
 
     # --- SeaweedFS (S3) ------------------------------------------------------------------------------
 
-    def s3_config_file(self) -> Path:
-        access, secret = self.s3_keys()
-        identities = {
-            "identities": [
-                {
-                    "name": "team",
-                    "credentials": [{"accessKey": access, "secretKey": secret}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
-            ]
-        }
-        path = self.secrets / "s3.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(identities, out)
-        return path
+    def s3_config_file(self, config: Config) -> Path:
+        """SeaweedFS's identities (weed s3 -config): one key pair each, actions scoped to a bucket; no
+        identity named "anonymous", so a request without a valid signature is refused."""
+        identities = []
+        for name in S3_IDENTITIES:
+            access, secret = self.s3_keys(name)
+            identities.append({
+                "name": name,
+                "credentials": [{"accessKey": access, "secretKey": secret}],
+                "actions": config.s3_actions(name),
+            })  # fmt: skip
+        return self._write_private(self.secrets / "s3.json", json.dumps({"identities": identities}))
 
     def start_seaweedfs(self, config: Config) -> None:
         if self.running_pid("seaweedfs") is not None:
@@ -463,7 +528,7 @@ class TeamServer:
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
-            f"-s3.config={self.s3_config_file()}",
+            f"-s3.config={self.s3_config_file(config)}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",  # catalogs nobody here uses: two ports fewer
             "-master.telemetry=false",  # it would report to seaweedfs.com
             # Small volumes on one disk (the default reserves 30 GB each), and a quick stop.
@@ -521,6 +586,8 @@ class TeamServer:
             "--artifacts-destination", f"s3://{config.artifact_bucket}",
             "--host", config.host, "--port", str(config.ports["mlflow"]),
             "--workers", str(config.mlflow_workers),
+            # MLflow's authentication app: logins and permissions (MLFLOW_AUTH_CONFIG_PATH, mlflow_env).
+            "--app-name", "basic-auth",
         ]  # fmt: skip
         # MLflow 3 answers only the Host names it is told (else localhost and private IPs): every name of
         # this machine and the operator's aliases, also when bound to loopback (an SSH tunnel's alias).
@@ -614,11 +681,99 @@ class TeamServer:
                 )
         return state
 
-    def configure_dvc_remote(self, config: Config, project: Path, remote: str = DVC_REMOTE) -> None:
+    # --- MLflow users ---------------------------------------------------------------------------------
+
+    def _auth_api(self, config: Config, method: str, path: str, body: dict | None = None) -> dict:
+        """One call to the auth app's REST API as the admin, on loopback."""
+        import base64
+
+        login = base64.b64encode(f"{ADMIN_USER}:{self.admin_password()}".encode()).decode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{config.ports['mlflow']}{path}", method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Basic {login}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                raise TeamServerError(
+                    "the MLflow server runs without its authentication app (no --app-name basic-auth): "
+                    "restart it with `stop mlflow` and `start`"
+                ) from None
+            detail = error.read().decode(errors="replace")[:500]
+            raise TeamServerError(f"MLflow's auth API {method} {path}: {error.code} {detail}") from None
+        except (urllib.error.URLError, OSError) as error:
+            raise TeamServerError(f"the MLflow server does not answer ({error}): run `start` first") from None
+
+    def _editor_role_id(self, config: Config) -> int:
+        """The MLflow role editors hold, created on first use: EDIT on every experiment and model."""
+        listed = self._auth_api(config, "GET", "/api/3.0/mlflow/roles/list?workspace=default")
+        for role in listed.get("roles", []):
+            if role["name"] == "editor":
+                return int(role["id"])
+        role = self._auth_api(
+            config, "POST", "/api/3.0/mlflow/roles/create",
+            {"workspace": "default", "name": "editor", "description": "runs the pipeline: EDIT on all"},
+        )["role"]  # fmt: skip
+        for resource_type, permission in EDITOR_GRANTS:
+            self._auth_api(
+                config, "POST", "/api/3.0/mlflow/roles/permissions/add",
+                {"role_id": role["id"], "resource_type": resource_type, "resource_pattern": "*",
+                 "permission": permission},
+            )  # fmt: skip
+        return int(role["id"])
+
+    def add_user(self, config: Config, name: str, role: str) -> Path:
+        """Create MLflow login ``name`` with a generated password (kept in a 0600 file, returned) and
+        ``role``: a reader has MLflow's default READ permission only; an editor also holds the editor
+        role. The password goes to the server in a request body, never on a command line."""
+        if role not in ROLES:
+            raise TeamServerError(f"--role {role!r}: pick one of {', '.join(ROLES)}")
+        if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise TeamServerError(f"user name {name!r}: letters, digits, '-', '_' and '.' only")
+        path = self.user_password_file(name)
+        if name == ADMIN_USER or path.exists():
+            raise TeamServerError(f"user {name!r} exists already ({path})")
+        password = secrets.token_urlsafe(18)
+        role_id = self._editor_role_id(config) if role == "editor" else None
+        self._auth_api(
+            config, "POST", "/api/2.0/mlflow/users/create", {"username": name, "password": password}
+        )
+        self._write_private(path, password + "\n")
+        if role_id is not None:
+            self._auth_api(
+                config, "POST", "/api/3.0/mlflow/roles/assign", {"username": name, "role_id": role_id}
+            )
+        return path
+
+    def set_role(self, config: Config, name: str, role: str) -> None:
+        """Make an existing login (made here by `users add`) a reader or an editor."""
+        if role not in ROLES:
+            raise TeamServerError(f"--role {role!r}: pick one of {', '.join(ROLES)}")
+        self.password_of(name)  # only users made here: their password file says they exist
+        role_id = self._editor_role_id(config)
+        held = self._auth_api(config, "GET", f"/api/3.0/mlflow/users/roles/list?username={name}")
+        is_editor = any(int(r["id"]) == role_id for r in held.get("roles", []))
+        if role == "editor" and not is_editor:
+            self._auth_api(
+                config, "POST", "/api/3.0/mlflow/roles/assign", {"username": name, "role_id": role_id}
+            )
+        elif role == "reader" and is_editor:
+            self._auth_api(
+                config, "DELETE", "/api/3.0/mlflow/roles/unassign", {"username": name, "role_id": role_id}
+            )
+
+    def configure_dvc_remote(
+        self, config: Config, project: Path, remote: str = DVC_REMOTE, access: str = "read"
+    ) -> None:
         """Point the project's S3 remote at this object store and make it this clone's default: endpoint,
         keys and the default go to .dvc/config.local (git-ignored by DVC's .dvc/.gitignore), never to the
-        committed .dvc/config."""
-        access, secret = self.s3_keys()
+        committed .dvc/config. ``access``: the DVC reader's key (pull only) or the writer's (push too)."""
+        if access not in DVC_ACCESS:
+            raise TeamServerError(f"--access {access!r}: pick one of {', '.join(DVC_ACCESS)}")
+        access, secret = self.s3_keys(DVC_ACCESS[access])
         for args in (
             ("modify", "--local", remote, "endpointurl", config.s3_endpoint),
             ("modify", "--local", remote, "access_key_id", access),
@@ -792,7 +947,18 @@ def main(argv: list[str] | None = None) -> int:
     stop = sub.add_parser("stop", help="stop the servers (all by default)")
     stop.add_argument("components", nargs="*", metavar="COMPONENT", help=f"any of {', '.join(COMPONENTS)}")
     sub.add_parser("status", help="what runs, where (JSON); exit 1 unless all run")
-    sub.add_parser("env", help="print `export MLFLOW_TRACKING_URI=...` for eval in a shell")
+    env = sub.add_parser("env", help="print `export MLFLOW_TRACKING_URI=...` for eval in a shell")
+    env.add_argument(
+        "--user", help=f"also that login's MLFLOW_TRACKING_USERNAME/PASSWORD ({ADMIN_USER}: the admin)"
+    )
+    users = sub.add_parser("users", help="MLflow logins")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    add = users_sub.add_parser("add", help="create a login with a generated password (a 0600 file)")
+    add.add_argument("name")
+    add.add_argument("--role", choices=ROLES, required=True, help="reader: READ; editor: runs the pipeline")
+    role = users_sub.add_parser("role", help="make a login a reader or an editor")
+    role.add_argument("name")
+    role.add_argument("--role", choices=ROLES, required=True)
     sub.add_parser("upgrade", help="mlflow db upgrade on the PostgreSQL store (MLflow server stopped)")
     push = sub.add_parser("dvc-push", help="dvc push --run-cache, run-cache outputs included")
     push.add_argument("--project", type=Path, default=Path("."))
@@ -800,6 +966,10 @@ def main(argv: list[str] | None = None) -> int:
     remote = sub.add_parser("dvc-remote", help="write the S3 endpoint and keys to .dvc/config.local")
     remote.add_argument("--project", type=Path, default=Path("."))
     remote.add_argument("--remote", default=DVC_REMOTE)
+    remote.add_argument(
+        "--access", choices=sorted(DVC_ACCESS), default="read",
+        help="hand out the DVC reader's key (default: pull only) or the writer's (push too)",
+    )  # fmt: skip
     # backup and restore; team_backup imports this module, hence the import here.
     from cifar10_pipeline.tracking import team_backup
 
@@ -840,11 +1010,27 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if all(item["running"] for item in state.values()) else 1
         elif args.command == "env":
             print(f"export MLFLOW_TRACKING_URI={config.tracking_uri}")
+            if args.user:
+                password = server.password_of(args.user)
+                print(f"export MLFLOW_TRACKING_USERNAME={shlex.quote(args.user)}")
+                print(f"export MLFLOW_TRACKING_PASSWORD={shlex.quote(password)}")
+            else:  # a comment: the output stays safe to eval
+                print("# and a login: MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (env --user NAME)")
+        elif args.command == "users" and args.users_command == "role":
+            server.set_role(config, args.name, args.role)
+            print(f"MLflow user {args.name!r} is now a{'n' if args.role == 'editor' else ''} {args.role}")
+        elif args.command == "users":
+            path = server.add_user(config, args.name, args.role)
+            print(f"MLflow user {args.name!r} ({args.role}) created; the password is in {path} (0600).")
+            print(f"Its login, for a shell: team_server env --user {args.name}")
         elif args.command == "upgrade":
             print(server.upgrade(config))
         elif args.command == "dvc-remote":
-            server.configure_dvc_remote(config, args.project, args.remote)
-            print(f"DVC remote {args.remote!r}: endpoint {config.s3_endpoint}, keys in .dvc/config.local")
+            server.configure_dvc_remote(config, args.project, args.remote, args.access)
+            print(
+                f"DVC remote {args.remote!r}: endpoint {config.s3_endpoint}, the DVC {args.access} key in "
+                ".dvc/config.local"
+            )
         return 0
     except TeamServerError as error:
         print(f"team_server: {error}", file=sys.stderr)
