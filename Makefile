@@ -29,8 +29,10 @@ repro: $(STAMP)
 # a module fixture (a sweep, a team server) is built once (a class is a unit of its own: test_faults.py's kill
 # cases are two, so they run on both workers; tests/conftest.py orders the units). The release tier (tests/release: the long forms of
 # checks this suite runs in a cheap form) is `make test-release`; CI runs both.
+# --no-loadscope-reorder: xdist 3.8 otherwise re-sorts the units by their number of tests (its default),
+# which ignored tests/conftest.py's order and started the few-test, minutes-long modules last.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadscope -m "not release"
+	$(BIN)/python -m pytest -n auto --dist loadscope --no-loadscope-reorder -m "not release"
 
 test-release: $(STAMP)
 	$(BIN)/python -m pytest tests/release

@@ -147,17 +147,32 @@ TIERS = ("unit", "data", "model", "integration", "browser", "release")
 # the unit tests fill the gaps at the end instead of a long module starting last.
 SCHEDULE_ORDER = ("integration", "browser", "model", "data", "unit")
 # The longest units (minutes on 2 cores: module fixtures running sweeps, servers, whole pipelines) go first of
-# all, so none of them starts last and holds one worker alone at the end.
+# all, so none of them starts last and holds one worker alone at the end. A unit is a module's functions
+# (named by the module) or one class (`module::Class`); a class not named here ranks with the other units.
 LONGEST_FIRST = (
     "integration/test_experiments.py",
     "integration/test_team_server.py",
     "integration/test_team_auth.py",
-    "integration/test_pipeline.py",
+    "integration/test_faults.py::TestKillModelStages",
     "integration/test_team_faults.py",  # one team stack, restarted after each of its kills
+    "integration/test_pipeline.py",
+    "integration/test_faults.py::TestKillDataAndReportStages",
+    "integration/test_team_concurrency.py",
+    "integration/test_team_backup.py",
     "integration/test_faults.py",
     "integration/test_distributed.py",
     "integration/test_service_flood.py",
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist 3.8's loadscope re-sorts the units by their number of tests unless told not to, which throws the
+    # order below away (the minutes-long modules have few tests, so they started last): refuse that run.
+    if config.getoption("dist", "no") == "loadscope" and config.getoption("loadscopereorder", False):
+        raise pytest.UsageError(
+            "--dist loadscope without --no-loadscope-reorder: xdist would reorder the units by their number "
+            "of tests and start the longest modules last; add --no-loadscope-reorder (as `make test` does)"
+        )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -169,10 +184,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier_of[id(item)]:
             item.add_marker(getattr(pytest.mark, tier_of[id(item)]))
     rank = {tier: i for i, tier in enumerate(SCHEDULE_ORDER)}
-    first = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    first = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
 
     def order(item: pytest.Item) -> tuple[int, int]:
         module = Path(str(item.path)).resolve().relative_to(tests_dir).as_posix()
-        return (first.get(module, len(first)), rank.get(tier_of[id(item)], len(rank)))
+        unit = f"{module}::{item.cls.__name__}" if item.cls is not None else module
+        return (first.get(unit, len(first)), rank.get(tier_of[id(item)], len(rank)))
 
     items.sort(key=order)  # stable within a unit

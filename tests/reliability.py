@@ -3,8 +3,8 @@
 Every test marked ``@pytest.mark.reliability(case, outcome)`` is one fault or hostile input tried (``case``)
 and the promise it checks (``outcome``). With ``--reliability-report`` the session writes, at its end,
 ``records/reliability_suite.json`` (or the path given): the date, the machine, the command line, the counts
-and each case with its result (passed, failed or skipped), from which ``python -m
-cifar10_pipeline.reporting.docs`` renders reports/reliability.md. Without the option nothing is written,
+and each case with its result (passed, failed or skipped), from which ``python
+scripts/reliability_report.py`` renders reports/reliability.md. Without the option nothing is written,
 so an ordinary or partial run never overwrites the record; a run that deselects some marked tests (``-k``)
 says so in the record (``deselected``), and the report says it was a sample.
 

@@ -164,68 +164,72 @@ def effective(params, dotted: str) -> Any:
     return params.model_dump(by_alias=True)[section][key]
 
 
-def test_committed_params_yaml_is_what_conf_composes() -> None:
-    # Plain `dvc repro` reads params.yaml as committed: it must be conf/'s default composition, byte for byte
-    # (as `dvc exp run` would write it), holding resolved values only.
-    from cifar10_pipeline.core.params import composed_yaml
+# A class: a unit of its own under `make test` (xdist loadscope), so these hundred quick cases run on the
+# other worker while this module's sweep runs, instead of after it on the same one.
+class TestEveryKnobThroughDvcSet:
+    def test_committed_params_yaml_is_what_conf_composes(self) -> None:
+        # Plain `dvc repro` reads params.yaml as committed: it must be conf/'s default composition, byte for
+        # byte (as `dvc exp run` would write it), holding resolved values only.
+        from cifar10_pipeline.core.params import composed_yaml
 
-    committed = (PROJECT_ROOT / "params.yaml").read_text()
-    assert committed == composed_yaml([], PROJECT_ROOT / "conf"), (
-        "params.yaml is not what conf/ composes: run `python -m cifar10_pipeline.core.params` and commit"
-    )
-    assert "profiles" not in yaml.safe_load(committed)
+        committed = (PROJECT_ROOT / "params.yaml").read_text()
+        assert committed == composed_yaml([], PROJECT_ROOT / "conf"), (
+            "params.yaml is not what conf/ composes: run `python -m cifar10_pipeline.core.params` and commit"
+        )
+        assert "profiles" not in yaml.safe_load(committed)
 
+    def test_every_knob_has_a_changed_value(self) -> None:
+        keys = leaf_keys(default_raw_params())
+        assert set(keys) == set(CHANGED), (
+            "params.yaml and CHANGED disagree: give every new knob a valid changed value here "
+            f"(missing {sorted(set(keys) - set(CHANGED))}, stale {sorted(set(CHANGED) - set(keys))})"
+        )
 
-def test_every_knob_has_a_changed_value() -> None:
-    keys = leaf_keys(default_raw_params())
-    assert set(keys) == set(CHANGED), (
-        "params.yaml and CHANGED disagree: give every new knob a valid changed value here "
-        f"(missing {sorted(set(keys) - set(CHANGED))}, stale {sorted(set(CHANGED) - set(keys))})"
-    )
+    @pytest.mark.parametrize("key", leaf_keys(default_raw_params()))
+    def test_dvc_set_param_reaches_every_knob(self, key: str, tmp_path: Path) -> None:
+        if key not in CHANGED:
+            pytest.fail(f"{key} is new in params.yaml: add a valid changed value for it to CHANGED")
+        text = CHANGED[key]
+        raw_before = default_raw_params()
+        value = yaml.safe_load(text)
+        section, _, name = key.rpartition(".")
+        current = raw_before[section][name] if section else raw_before[name]
+        assert current != value, f"{key}: pick a value that differs from the committed {current!r}"
+        params = validate_params(
+            set_params(tmp_path, f"{key}={text}"), source=f"params.yaml after -S {key}={text}"
+        )
+        assert effective(params, key) == value
 
+    @pytest.mark.parametrize("key", profile_keys())
+    def test_an_explicit_set_param_wins_over_every_profile_value(self, key: str, tmp_path: Path) -> None:
+        profile, dotted = key.split(":")
+        profile_value = compose([f"profile={profile}"], PROJECT_ROOT / "conf")
+        section, name = dotted.split(".")
+        current = profile_value[section][name]
+        text = CHANGED[dotted] if yaml.safe_load(CHANGED[dotted]) != current else ALTERNATIVE[dotted]
+        assert current != yaml.safe_load(text), f"{key}: CHANGED holds the profile's own value {current!r}"
+        # Whatever the order on the command line, the explicit value wins and the profile's other values stay.
+        for overrides in (
+            [f"profile={profile}", f"{dotted}={text}"],
+            [f"{dotted}={text}", f"profile={profile}"],
+        ):
+            params = validate_params(
+                set_params(tmp_path, *overrides), source=f"params.yaml after -S {overrides}"
+            )
+            assert effective(params, dotted) == yaml.safe_load(text), overrides
+            assert params.profile == profile
 
-@pytest.mark.parametrize("key", leaf_keys(default_raw_params()))
-def test_dvc_set_param_reaches_every_knob(key: str, tmp_path: Path) -> None:
-    if key not in CHANGED:
-        pytest.fail(f"{key} is new in params.yaml: add a valid changed value for it to CHANGED")
-    text = CHANGED[key]
-    raw_before = default_raw_params()
-    value = yaml.safe_load(text)
-    section, _, name = key.rpartition(".")
-    current = raw_before[section][name] if section else raw_before[name]
-    assert current != value, f"{key}: pick a value that differs from the committed {current!r}"
-    params = validate_params(
-        set_params(tmp_path, f"{key}={text}"), source=f"params.yaml after -S {key}={text}"
-    )
-    assert effective(params, key) == value
+    def test_dvc_set_param_refuses_a_typo_and_validation_refuses_a_bad_value(self, tmp_path: Path) -> None:
+        from hydra.errors import ConfigCompositionException
 
-
-@pytest.mark.parametrize("key", profile_keys())
-def test_an_explicit_set_param_wins_over_every_profile_value(key: str, tmp_path: Path) -> None:
-    profile, dotted = key.split(":")
-    profile_value = compose([f"profile={profile}"], PROJECT_ROOT / "conf")
-    section, name = dotted.split(".")
-    current = profile_value[section][name]
-    text = CHANGED[dotted] if yaml.safe_load(CHANGED[dotted]) != current else ALTERNATIVE[dotted]
-    assert current != yaml.safe_load(text), f"{key}: CHANGED holds the profile's own value {current!r}"
-    # Whatever the order on the command line, the explicit value wins and the profile's other values stay.
-    for overrides in ([f"profile={profile}", f"{dotted}={text}"], [f"{dotted}={text}", f"profile={profile}"]):
-        params = validate_params(set_params(tmp_path, *overrides), source=f"params.yaml after -S {overrides}")
-        assert effective(params, dotted) == yaml.safe_load(text), overrides
-        assert params.profile == profile
-
-
-def test_dvc_set_param_refuses_a_typo_and_validation_refuses_a_bad_value(tmp_path: Path) -> None:
-    from hydra.errors import ConfigCompositionException
-
-    with pytest.raises(ConfigCompositionException, match=r"train\.epoch"):
-        set_params(tmp_path, "train.epoch=3")  # not a key of conf/config.yaml: Hydra itself refuses it
-    with pytest.raises(ParamsError, match=r"Could not override 'train\.epoch'"):
-        compose(["train.epoch=3"], PROJECT_ROOT / "conf")
-    with pytest.raises(ParamsError, match=r"profile=NAME, NAME one of \[.*'quick'"):
-        compose(["profile=quik"], PROJECT_ROOT / "conf")
-    with pytest.raises(ParamsError, match=r"train\.tta_level"):
-        validate_params(set_params(tmp_path, "train.tta_level=5"))
+        with pytest.raises(ConfigCompositionException, match=r"train\.epoch"):
+            set_params(tmp_path, "train.epoch=3")  # not a key of conf/config.yaml: Hydra itself refuses it
+        with pytest.raises(ParamsError, match=r"Could not override 'train\.epoch'"):
+            compose(["train.epoch=3"], PROJECT_ROOT / "conf")
+        with pytest.raises(ParamsError, match=r"profile=NAME, NAME one of \[.*'quick'"):
+            compose(["profile=quik"], PROJECT_ROOT / "conf")
+        with pytest.raises(ParamsError, match=r"train\.tta_level"):
+            validate_params(set_params(tmp_path, "train.tta_level=5"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,6 +243,9 @@ TINY = {
     "preprocess.val_size": "100",
     "preprocess.max_test_images": "300",
     "train.epochs": "2",  # two points per training curve in the PR report
+    # A narrow net: the sweep checks what DVC and MLflow record, not accuracy; the quick profile's full
+    # widths made train and evaluate most of each experiment's minute on 2 cores.
+    "train.widths": "[16,32,32]",
     "evaluate.robustness_images": "100",
     "download.sources": "[mirror]",
 }
@@ -361,7 +368,10 @@ def mlflow_server(store_uri: str, cwd: Path):
         "--workers",
         "1",  # 2 cores: one worker serves a test's few requests
     ]
-    return local_server(command, port, cwd.parent / "mlflow_server.log", cwd=cwd)
+    # MLflow 3's job runner (GenAI scorers, trace roll-ups: 8 more processes) serves nothing the sweep logs;
+    # off, as the team server has it (tracking.team_server's mlflow_jobs).
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return local_server(command, port, cwd.parent / "mlflow_server.log", env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,15 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, small_mirror: Path) -
             download={"sources": ["mirror"], "mirror_dir": str(small_mirror)},
             validate={f"{split}_images": size for split, size in SMALL_MIRROR_SIZES.items()},
             preprocess={"max_train_images": 1100, "val_size": 100, "max_test_images": 300},
-            train={"epochs": 4, "batch_size": 100, "whiten_bias_epochs": 1, "tta_level": 1},
+            # [64, 128, 128]: the default net's training was most of this module's time; this one still
+            # learns (35% test accuracy on the 2-core Xeon, test_metrics_are_real's bound is 25%)
+            train={
+                "epochs": 4,
+                "batch_size": 100,
+                "whiten_bias_epochs": 1,
+                "tta_level": 1,
+                "widths": [64, 128, 128],
+            },
             evaluate={"robustness_images": 100, "batch_size": 300},
         )
         for stage in (download, validate, preprocess, train, evaluate, emissions, model_card):

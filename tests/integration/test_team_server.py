@@ -46,6 +46,7 @@ TINY = {
     "preprocess.val_size": "100",
     "preprocess.max_test_images": "300",
     "train.epochs": "1",
+    "train.widths": "[16,32,32]",  # a narrow net: what is checked is where the results go, not accuracy
     "evaluate.robustness_images": "100",
     "download.sources": "[mirror]",
 }

@@ -20,7 +20,7 @@ from ..conftest import PROJECT_ROOT
 
 def copy_project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
-    for relative in (*docs.DOCUMENTS, docs.BENCHMARK_REPORT, docs.RELIABILITY_REPORT, Path("params.yaml")):
+    for relative in (*docs.DOCUMENTS, docs.BENCHMARK_REPORT, Path("params.yaml")):
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(PROJECT_ROOT / relative, root / relative)
     shutil.copytree(PROJECT_ROOT / "metrics", root / "metrics")

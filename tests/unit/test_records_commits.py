@@ -89,7 +89,7 @@ def quoted_commits(text: str) -> set[str]:
 
 
 def documents() -> list[Path]:
-    reports = [docs.BENCHMARK_REPORT, docs.RELIABILITY_REPORT, Path("reports/serving_benchmark.md")]
+    reports = [docs.BENCHMARK_REPORT, Path("reports/reliability.md"), Path("reports/serving_benchmark.md")]
     pages = sorted(p.relative_to(PROJECT_ROOT) for p in (PROJECT_ROOT / "docs").glob("*.md"))
     return [*docs.DOCUMENTS, *pages, *reports, Path("records/README.md")]
 

@@ -1,7 +1,9 @@
-"""reports/reliability.md is rendered from the suite's record, which the plugin writes only when asked."""
+"""reports/reliability.md is rendered from the suite's record (scripts/reliability_report.py), which the
+plugin writes only when asked."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,12 +11,17 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jinja2
 import pytest
 
-from cifar10_pipeline.reporting import docs
-
 from ..conftest import PROJECT_ROOT
-from .test_docs import copy_project
+
+# scripts/ is not a package: the script loaded from its file, as it runs
+_spec = importlib.util.spec_from_file_location(
+    "reliability_report", PROJECT_ROOT / "scripts" / "reliability_report.py"
+)
+reliability_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reliability_report)
 
 RECORD = {
     "date": "2026-01-02 03:04 UTC",
@@ -58,38 +65,47 @@ RECORD = {
 }
 
 
-def with_record(tmp_path: Path, record: dict) -> Path:
-    root = copy_project(tmp_path)
-    (root / "records" / docs.RELIABILITY_RECORD).write_text(json.dumps(record))
-    return root
+def with_record(tmp_path: Path, record: dict) -> tuple[Path, Path]:
+    """A record file, and where its report goes."""
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    return tmp_path / "record.json", tmp_path / "reports" / "reliability.md"
+
+
+def test_the_committed_report_is_the_committed_records_rendering() -> None:
+    assert reliability_report.main(["--check"]) == 0, "run `python scripts/reliability_report.py` and commit"
 
 
 def test_the_report_is_rendered_from_the_record(tmp_path: Path) -> None:
-    root = with_record(tmp_path, RECORD)
-    assert (root / docs.RELIABILITY_REPORT) in [root / s.document for s in docs.render_all(root, write=True)]
-    report = (root / docs.RELIABILITY_REPORT).read_text()
+    record, path = with_record(tmp_path, RECORD)
+    assert reliability_report.main([str(record), str(path), "--check"]) == 1  # no report yet
+    assert reliability_report.main([str(record), str(path)]) == 0
+    report = path.read_text()
     assert "**1 of 3 cases passed**, **1 FAILED**, 1 skipped" in report
     assert "| SIGKILL mid-epoch | no output looks complete | passed | `test_faults.py::test_kill` |" in report
     assert "| a \\| in a case | escaped | **FAILED**: assert 1 == 2 |" in report
     assert "skipped: not root" in report
     assert "2026-01-02 03:04 UTC (AMD EPYC, 2 cores" in report
-    assert docs.render_all(root, write=False) == []  # rendered once, now current
+    assert reliability_report.main([str(record), str(path), "--check"]) == 0  # rendered once, now current
 
 
 def test_a_hand_edited_report_is_caught(tmp_path: Path) -> None:
-    root = with_record(tmp_path, RECORD)
-    docs.render_all(root, write=True)
-    report = root / docs.RELIABILITY_REPORT
-    report.write_text(report.read_text().replace("**FAILED**", "passed"))
-    assert [(s.document, s.block) for s in docs.render_all(root, write=False)] == [
-        (docs.RELIABILITY_REPORT, "(whole file)")
-    ]
+    record, path = with_record(tmp_path, RECORD)
+    reliability_report.main([str(record), str(path)])
+    path.write_text(path.read_text().replace("**FAILED**", "passed"))
+    assert reliability_report.main([str(record), str(path), "--check"]) == 1
 
 
 def test_a_sample_says_so(tmp_path: Path) -> None:
-    root = with_record(tmp_path, {**RECORD, "deselected": 4})
-    docs.render_all(root, write=True)
-    assert "A sample: 4 marked case(s) were deselected" in (root / docs.RELIABILITY_REPORT).read_text()
+    record, path = with_record(tmp_path, {**RECORD, "deselected": 4})
+    reliability_report.main([str(record), str(path)])
+    assert "A sample: 4 marked case(s) were deselected" in path.read_text()
+
+
+def test_a_record_missing_a_field_is_an_error_not_an_empty_cell(tmp_path: Path) -> None:
+    record, path = with_record(tmp_path, {key: value for key, value in RECORD.items() if key != "date"})
+    with pytest.raises(jinja2.UndefinedError, match="date"):
+        reliability_report.main([str(record), str(path)])
+    assert not path.exists()
 
 
 INNER_TESTS = textwrap.dedent(

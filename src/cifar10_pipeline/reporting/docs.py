@@ -8,9 +8,9 @@ A block is the text between ``<!-- generated:NAME ... -->`` and ``<!-- /generate
 document listed in ``DOCUMENTS``; it is rendered from ``templates/NAME.md.j2`` with every file in
 ``metrics/`` (what ``dvc repro`` writes) and in ``records/`` (records/README.md: each with the command that
 rewrites it) as context (``tests/unit/test_docs.py`` fails when a committed block differs from its rendering).
-Whole reports rendered the same way: reports/benchmark.md from records/benchmark.json, and
-reports/reliability.md from records/reliability_suite.json (written by the test suite run with
-``--reliability-report``, see tests/reliability.py).
+A whole report rendered the same way: reports/benchmark.md from records/benchmark.json. (The test suite's
+own report, reports/reliability.md, is rendered by scripts/reliability_report.py: the package ships without
+the tests.)
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from cifar10_pipeline.reporting.templating import template_environment
 
 DOCUMENTS = (Path("README.md"), Path("docs/gpu.md"), Path("docs/team.md"))
 BENCHMARK_REPORT = Path("reports/benchmark.md")
-RELIABILITY_RECORD = Path("reliability_suite.json")  # in records/
-RELIABILITY_REPORT = Path("reports/reliability.md")
 BLOCK = re.compile(
     r"(?P<open><!-- generated:(?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)"
     r"(?P<close><!-- /generated:(?P=name) -->)",
@@ -148,8 +146,6 @@ def render_all(root: Path = Path("."), write: bool = True) -> list[Stale]:
         if write and changed:
             write_text_atomic(path, rendered)
     reports = {BENCHMARK_REPORT: render_benchmark_report(context["benchmark"])}
-    if (root / RECORDS_DIR / RELIABILITY_RECORD).is_file():
-        reports[RELIABILITY_REPORT] = render_reliability(context["reliability_suite"])
     for relative, report in reports.items():
         path = root / relative
         if not path.is_file() or path.read_text() != report:
@@ -159,28 +155,12 @@ def render_all(root: Path = Path("."), write: bool = True) -> list[Stale]:
     return stale
 
 
-def render_reliability(suite: dict[str, Any]) -> str:
-    """reports/reliability.md from the reliability suite's record (records/reliability_suite.json)."""
-    return render_template("reliability.md.j2", suite=suite)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--check", action="store_true", help="only report stale blocks (exit 1 if any)")
-    parser.add_argument(
-        "--reliability",
-        nargs=2,
-        metavar=("RECORD", "REPORT"),
-        help="only render REPORT from the reliability record RECORD (CI's own run, kept out of records/)",
-    )
     args = parser.parse_args(argv)
-    if args.reliability:
-        record, report = map(Path, args.reliability)
-        write_text_atomic(report, render_reliability(json.loads(record.read_text())))
-        print(f"{report}: rendered from {record}")
-        return
     stale = render_all(write=not args.check)
     for item in stale:
         verb = "is stale" if args.check else "re-rendered"
