@@ -41,14 +41,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 from benchmarks.serving import CpuMeter, load_images, machine_info  # noqa: E402
 from cifar10_pipeline.core.provenance import tree_provenance  # noqa: E402
-from tests.hostile_images import (  # noqa: E402
+from tests.support.hostile_images import (  # noqa: E402
     blank_png,
     corrupt_payloads,
     noisy_png,
     png_declaring,
     sixteen_bit_copies,
 )
-from tests.localserver import model_server  # noqa: E402
+from tests.support.localserver import model_server  # noqa: E402
 
 VALID_IMAGES = 32  # distinct CIFAR-10 test images cycled through by the valid requests
 # The bounds the service is held to under the flood (2-core machine, default limits; docs/serving.md).

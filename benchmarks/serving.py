@@ -40,10 +40,11 @@ import httpx
 import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# The loopback server harness is shared with the tests (tests/localserver.py), not shipped in the package.
+# The loopback server harness is shared with the tests (tests/support/localserver.py), not shipped in the
+# package.
 sys.path.insert(0, str(PROJECT_ROOT))
 from cifar10_pipeline.core.provenance import tree_provenance  # noqa: E402
-from tests.localserver import model_server  # noqa: E402
+from tests.support.localserver import model_server  # noqa: E402
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 IMAGE_POOL = 256  # distinct images cycled through by the clients

@@ -266,7 +266,7 @@ def concurrent_writers(
 def started_server(home: Path):
     """A team server in ``home`` on free loopback ports (the package's own supervisor)."""
     from cifar10_pipeline.tracking.team_server import DEFAULT_PORTS, Config, TeamServer
-    from tests.localserver import free_port
+    from tests.support.localserver import free_port
 
     server = TeamServer(home)
     config = Config(ports={name: free_port() for name in DEFAULT_PORTS})

@@ -1,6 +1,6 @@
 """reports/reliability.md from the record the test suite writes when run with ``--reliability-report``
-(tests/reliability.py: every test marked ``reliability(case, outcome)`` and its result). The suite's own
-report, so it is rendered here and not by the package (which ships without the tests).
+(tests/support/reliability.py: every test marked ``reliability(case, outcome)`` and its result). The
+suite's own report, so it is rendered here and not by the package (which ships without the tests).
 
     python scripts/reliability_report.py                # records/reliability_suite.json -> reports/
     python scripts/reliability_report.py --check        # exit 1 if the report is not its rendering

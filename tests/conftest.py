@@ -15,7 +15,7 @@ from cifar10_pipeline.core.params import load_params
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # --reliability-report: the results of the tests marked reliability(case, outcome), for reports/reliability.md
-pytest_plugins = ("tests.reliability",)
+pytest_plugins = ("tests.support.reliability",)
 
 
 def mirror_dir() -> Path | None:
@@ -116,7 +116,7 @@ def real_quick_model(real_mirror: Path, tmp_path_factory: pytest.TempPathFactory
     from cifar10_pipeline.modeling.architectures import build_model
     from cifar10_pipeline.training.loop import train_classifier
 
-    from .helpers import train_params  # helpers imports this module: import it late
+    from .support.helpers import train_params  # helpers imports this module: import it late
 
     train_images, train_labels = decode_split(
         read_raw_split(real_mirror, "train").slice(0, QUICK_TRAIN_IMAGES), "train"

@@ -14,10 +14,10 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from tests.localserver import model_server
+from tests.support.localserver import model_server
 
 from ..conftest import PROJECT_ROOT, mirror_dir
-from ..helpers import headless_chrome, save_tiny_convnet
+from ..support.helpers import headless_chrome, save_tiny_convnet
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 

@@ -27,8 +27,8 @@ from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.stages.download import download, load_cifar_batch
 
 from ..conftest import PROJECT_ROOT, synthetic_images
-from ..hubserver import HubRepo, serve_hub
-from ..localserver import free_port
+from ..support.hubserver import HubRepo, serve_hub
+from ..support.localserver import free_port
 
 
 def _params(project: Path, **changes):

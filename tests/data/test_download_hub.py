@@ -1,6 +1,6 @@
 """The Hub source (``download.sources: [hub]``, what the GitHub workflow uses) against a loopback Hub.
 
-The real huggingface_hub client talks to tests/hubserver.py through its own setting, HF_ENDPOINT (with
+The real huggingface_hub client talks to tests/support/hubserver.py through its own setting, HF_ENDPOINT (with
 HF_HOME in the test's folder, so its cache and token file are the test's). The client reads its settings
 when ``huggingface_hub.constants`` is imported; the fixture sets them and re-reads that module, and puts
 it back afterwards.
@@ -22,8 +22,8 @@ from cifar10_pipeline.core.data import DataError, read_checksums, verify_checksu
 from cifar10_pipeline.core.params import load_params
 from cifar10_pipeline.stages.download import download
 
-from ..hubserver import HubRepo, serve_hub
-from ..localserver import free_port
+from ..support.hubserver import HubRepo, serve_hub
+from ..support.localserver import free_port
 
 REPO = "uoft-cs/cifar10"
 

@@ -16,7 +16,7 @@ from cifar10_pipeline.core.params import ParamsError, PreprocessParams
 from cifar10_pipeline.stages.preprocess import split_arrays, stratified_subset
 
 from ..conftest import synthetic_images
-from ..helpers import train_params
+from ..support.helpers import train_params
 
 
 def _split(n: int = 30, seed: int = 0) -> ArraySplit:

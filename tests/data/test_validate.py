@@ -29,7 +29,7 @@ from cifar10_pipeline.validation.processed import check_processed_splits
 from cifar10_pipeline.validation.raw import DATA_CARD_CHANNEL_STATS
 
 from ..conftest import PROJECT_ROOT
-from ..helpers import write_params
+from ..support.helpers import write_params
 
 SIZES = {"train": 20, "test": 10}
 PARAMS = ValidateParams(

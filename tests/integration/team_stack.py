@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.localserver import free_port
+from tests.support.localserver import free_port
 
 from .test_team_server import PORT_NAMES, Team
 

@@ -16,7 +16,7 @@ import pytest
 from cifar10_pipeline.core.paths import MODEL_DIR, STAGE_EMISSIONS_DIR, TRAIN_CHECKPOINT_DIR, TRAIN_METRICS
 from cifar10_pipeline.modeling.model import load_model
 
-from ..helpers import save_tiny_vit_checkpoint, write_params
+from ..support.helpers import save_tiny_vit_checkpoint, write_params
 from .test_train_stage import TINY_TRAIN, stage_runs, write_processed
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from cifar10_pipeline.modeling.inference import set_calibration_temperature
 from cifar10_pipeline.stages import evaluate as evaluate_stage
 
 from ..conftest import PROJECT_ROOT, synthetic_images
-from ..helpers import fresh_and_history_stores, tiny_convnet, write_params
+from ..support.helpers import fresh_and_history_stores, tiny_convnet, write_params
 
 SMALL_EVALUATE = {"batch_size": 40, "robustness_images": 20, "gallery_per_class": 1}
 # What registry.log_and_register answers; it depends on the store's history.

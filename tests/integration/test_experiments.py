@@ -31,10 +31,10 @@ import pytest
 import yaml
 
 from cifar10_pipeline.core.params import ParamsError, compose, validate_params
-from tests.localserver import free_port, local_server
+from tests.support.localserver import free_port, local_server
 
 from ..conftest import PROJECT_ROOT
-from ..helpers import default_raw_params, headless_chrome, run_checked
+from ..support.helpers import default_raw_params, headless_chrome, run_checked
 from ..support.mirrors import SMALL_MIRROR_PARAMS
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ at once, a full disk. Each test is one case of reports/reliability.md (the ``rel
 The kill cases run the real pipeline with ``dvc repro`` on a small real mirror (tests/support/mirrors.py).
 One checkout is prepared per session: a clone of the committed project whose tiny run is complete (the
 uninterrupted baseline). Each case copies it, deletes one stage's outputs and lock entry, runs it with
-``dvc repro --single-item`` while tests/fault_injection/sitecustomize.py kills it (or the whole ``dvc repro``
-process group) with SIGKILL at its point of ``KILLS``, mostly while it writes half of an output, and checks
-that each output the pipeline declares is either absent or complete (equal to the baseline's). The
+``dvc repro --single-item`` while tests/support/fault_injection/sitecustomize.py kills it (or the whole ``dvc
+repro`` process group) with SIGKILL at its point of ``KILLS``, mostly while it writes half of an output, and
+checks that each output the pipeline declares is either absent or complete (equal to the baseline's). The
 stage's next run (``dvc repro --single-item``) then finishes it: its outputs equal the baseline's, byte for
 byte except the measured ones (``MEASURED``: timings, energy, Great Expectations' run timestamps), DVC sees
 the stage done and no MLflow run is left RUNNING. The cases are independent, so xdist runs them side by
@@ -33,7 +33,6 @@ import yaml
 from filelock import FileLock
 
 from ..conftest import PROJECT_ROOT
-from ..localserver import free_port
 from ..support.faults import (
     INJECTION,
     KILLS,
@@ -51,6 +50,7 @@ from ..support.faults import (
     mlflow_statuses,
     scratch_leftovers,
 )
+from ..support.localserver import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -184,7 +184,7 @@ def small_project(root: Path, **sections: dict) -> Path:
     from cifar10_pipeline.core.data import ArraySplit, save_split
 
     from ..conftest import synthetic_images
-    from ..helpers import write_params
+    from ..support.helpers import write_params
 
     root.mkdir(parents=True, exist_ok=True)
     (root / ".dvc").mkdir(exist_ok=True)

@@ -1,12 +1,13 @@
-"""A model published to a Hub and used from it, end to end against the loopback Hub (tests/hubserver.py) with
-the real huggingface_hub client: ``cifar10 publish`` (create_repo, preupload, LFS upload, commit, tag), then
-``cifar10 predict --model owner/name@revision`` in a fresh process, ``transformers.pipeline`` through
-``saved_model_dir`` and ``cifar10 serve``'s app, each giving the local folder's probabilities.
+"""A model published to a Hub and used from it, end to end against the loopback Hub
+(tests/support/hubserver.py) with the real huggingface_hub client: ``cifar10 publish`` (create_repo,
+preupload, LFS upload, commit, tag), then ``cifar10 predict --model owner/name@revision`` in a fresh process,
+``transformers.pipeline`` through ``saved_model_dir`` and ``cifar10 serve``'s app, each giving the local
+folder's probabilities.
 
 Every client runs with its own HF_HOME (its cache and token file in the test's folder) and HF_ENDPOINT at the
 loopback Hub; HF_HUB_DISABLE_XET=1 because the loopback Hub speaks the LFS protocol, not Xet storage (see
-tests/hubserver.py). The in-process client reads its settings when ``huggingface_hub.constants`` is imported:
-the ``consumer`` fixture sets them and re-reads that module, and puts it back afterwards.
+tests/support/hubserver.py). The in-process client reads its settings when ``huggingface_hub.constants`` is
+imported: the ``consumer`` fixture sets them and re-reads that module, and puts it back afterwards.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from cifar10_pipeline.serving.serve import create_app
 from cifar10_pipeline.serving.settings import ServeSettings
 
 from ..conftest import synthetic_images
-from ..helpers import run_checked, tiny_convnet
-from ..hubserver import LoopbackHub, serve_hub
+from ..support.helpers import run_checked, tiny_convnet
+from ..support.hubserver import LoopbackHub, serve_hub
 
 TOKEN = "hf_loopback_write_token"
 REPO = "loopback-user/cifar10-tiny"

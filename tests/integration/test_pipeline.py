@@ -16,7 +16,7 @@ import pytest
 from cifar10_pipeline import CLASS_NAMES
 
 from ..conftest import PROJECT_ROOT
-from ..helpers import write_params
+from ..support.helpers import write_params
 from ..support.mirrors import SMALL_MIRROR_SIZES
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import pytest
 from cifar10_pipeline.tracking import model_registry as registry
 
 from ..conftest import synthetic_images
-from ..helpers import save_tiny_convnet
+from ..support.helpers import save_tiny_convnet
 
 NAME = "cifar10-test-classifier"
 

@@ -16,7 +16,7 @@ from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.tracking import model_registry as registry
 
 from ..conftest import synthetic_images
-from ..helpers import save_tiny_convnet
+from ..support.helpers import save_tiny_convnet
 
 NAME = "cifar10-code-model"
 

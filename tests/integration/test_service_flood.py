@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ..conftest import PROJECT_ROOT
-from ..helpers import save_tiny_convnet
+from ..support.helpers import save_tiny_convnet
 
 sys.path.insert(0, str(PROJECT_ROOT))
 from benchmarks.service_flood import HEALTH_BOUND_MS, RSS_BOUND_MB, run_flood

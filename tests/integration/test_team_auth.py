@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.localserver import free_port
+from tests.support.localserver import free_port
 
 from ..conftest import PROJECT_ROOT
 from ..support.mirrors import SMALL_MIRROR_PARAMS

@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.team_concurrency import concurrent_writers
 
-from ..helpers import save_tiny_convnet
+from ..support.helpers import save_tiny_convnet
 from .team_stack import team_stack
 from .test_team_server import Team, tracking_at
 

@@ -40,7 +40,7 @@ import pytest
 from cifar10_pipeline.tracking.runs import OUTAGE_BOUND_S
 
 from ..conftest import PROJECT_ROOT
-from ..localserver import free_port
+from ..support.localserver import free_port
 from .test_team_server import PORT_NAMES, Team, clean_env, git_clone, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

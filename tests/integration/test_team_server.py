@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.localserver import free_port
+from tests.support.localserver import free_port
 
 from ..conftest import PROJECT_ROOT
-from ..helpers import run_checked
+from ..support.helpers import run_checked
 from ..support.mirrors import SMALL_MIRROR_PARAMS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

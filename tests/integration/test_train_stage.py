@@ -15,7 +15,7 @@ from cifar10_pipeline.modeling.inference import resolve_precision
 from cifar10_pipeline.stages import train as train_stage
 
 from ..conftest import synthetic_images
-from ..helpers import write_params, write_train_val
+from ..support.helpers import write_params, write_train_val
 
 TINY_TRAIN = {"widths": [8, 16, 16], "epochs": 3, "batch_size": 50, "device": "cpu", "tta_level": 0}
 

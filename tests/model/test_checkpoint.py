@@ -14,8 +14,8 @@ from cifar10_pipeline.training.loop import train_classifier
 from cifar10_pipeline.training.state import EpochRecord
 
 from ..conftest import synthetic_images
-from ..helpers import train_params
 from ..integration.test_train_stage import write_processed
+from ..support.helpers import train_params
 
 TINY = {"widths": [8, 16, 16], "epochs": 4, "batch_size": 50, "device": "cpu", "tta_level": 0, "seed": 3}
 

@@ -34,7 +34,7 @@ from cifar10_pipeline.modeling.processor import CifarImageProcessor
 from cifar10_pipeline.training.loop import train_classifier
 
 from ..conftest import synthetic_images
-from ..helpers import save_tiny_vit_checkpoint, train_params, write_train_val
+from ..support.helpers import save_tiny_vit_checkpoint, train_params, write_train_val
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 TRAIN_SHARD = "train-00000-of-00002.parquet"

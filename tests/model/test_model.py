@@ -35,7 +35,7 @@ from cifar10_pipeline.training.loop import train_classifier
 from cifar10_pipeline.training.optim import make_optimizers
 
 from ..conftest import synthetic_images
-from ..helpers import save_tiny_vit_checkpoint, tiny_convnet, train_params
+from ..support.helpers import save_tiny_vit_checkpoint, tiny_convnet, train_params
 
 
 def test_save_and_load_through_auto_classes(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from cifar10_pipeline.modeling.architectures import save_model
 from cifar10_pipeline.modeling.inference import predict_logits
 from cifar10_pipeline.modeling.model import build_finetune_model, load_model
 
-from ..helpers import save_tiny_vit_checkpoint, tiny_convnet
+from ..support.helpers import save_tiny_vit_checkpoint, tiny_convnet
 
 UNPRIVILEGED_USER = "nobody"  # present on every Debian/Ubuntu image; the Dockerfile's user is uid 10001
 

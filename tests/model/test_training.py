@@ -12,7 +12,7 @@ from cifar10_pipeline.training.loop import augment, lr_factor, train_classifier
 from cifar10_pipeline.training.optim import Muon, make_optimizers, orthogonalise
 
 from ..conftest import synthetic_images
-from ..helpers import train_params
+from ..support.helpers import train_params
 
 
 @pytest.fixture(scope="module")

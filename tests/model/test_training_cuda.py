@@ -11,7 +11,7 @@ from cifar10_pipeline.modeling.architectures import build_model
 from cifar10_pipeline.training.loop import train_classifier
 
 from ..conftest import synthetic_images
-from ..helpers import train_params
+from ..support.helpers import train_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

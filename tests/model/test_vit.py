@@ -15,7 +15,7 @@ from cifar10_pipeline.modeling.inference import predict_logits
 from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.modeling.vit import CifarViTForImageClassification, flops_split
 
-from ..helpers import train_params
+from ..support.helpers import train_params
 
 
 def tiny_vit(**changes) -> CifarViTForImageClassification:

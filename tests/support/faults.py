@@ -24,7 +24,7 @@ from .mirrors import SMALL_MIRROR_PARAMS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-INJECTION = PROJECT_ROOT / "tests" / "fault_injection"
+INJECTION = PROJECT_ROOT / "tests" / "support" / "fault_injection"
 
 # A tiny real run on the small mirror (tests/support/mirrors.py): seconds per stage.
 TINY = (
@@ -48,7 +48,7 @@ STEPS_PER_EPOCH = 6  # 300 training images (400 less the 100 held out) in batche
 @dataclass(frozen=True)
 class Kill:
     stage: str
-    point: str  # tests/fault_injection/sitecustomize.py's point
+    point: str  # tests/support/fault_injection/sitecustomize.py's point
     case: str  # for reports/reliability.md
     group: bool = False  # the whole `dvc repro` process group dies, not the stage alone
     prepare: tuple[str, ...] = ()  # outputs deleted first, so that DVC runs a stage whose lock entry holds

@@ -14,7 +14,7 @@ from cifar10_pipeline.serving.batching import MicroBatcher
 from cifar10_pipeline.serving.guards import Ticket, Traffic
 from cifar10_pipeline.serving.serve import probabilities_of
 
-from ..helpers import tiny_convnet
+from ..support.helpers import tiny_convnet
 
 # Scheduling slack on a shared 2-core machine: a wait may overrun its bound by this much, never more.
 SLACK_S = 0.25

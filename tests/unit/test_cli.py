@@ -19,10 +19,10 @@ from cifar10_pipeline.modeling.inference import predict_logits
 from cifar10_pipeline.modeling.model import load_model
 from cifar10_pipeline.serving.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, build_parser, main
 from cifar10_pipeline.serving.settings import ServeSettings, env_var_name, flag_name, settings_from_args
-from tests.hostile_images import sixteen_bit_copies
+from tests.support.hostile_images import sixteen_bit_copies
 
 from ..conftest import mirror_dir
-from ..helpers import save_tiny_convnet
+from ..support.helpers import save_tiny_convnet
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 

@@ -18,7 +18,7 @@ from cifar10_pipeline.core.params import ParamsError
 from cifar10_pipeline.core.paths import MODEL_DIR, PROCESSED_DIR
 
 from ..conftest import PROJECT_ROOT
-from ..helpers import write_params
+from ..support.helpers import write_params
 
 
 def _fails(error: Exception):

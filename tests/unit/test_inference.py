@@ -27,8 +27,8 @@ from cifar10_pipeline.modeling.inference import (
 )
 
 from ..conftest import synthetic_images
-from ..helpers import tiny_convnet
-from ..hostile_images import jpeg_declaring, photo_jpeg
+from ..support.helpers import tiny_convnet
+from ..support.hostile_images import jpeg_declaring, photo_jpeg
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:

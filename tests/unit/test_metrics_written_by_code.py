@@ -28,8 +28,9 @@ COMMAND_WRITERS = {
     "records/service_reliability.json": [BENCHMARKS / name for name in ("service_flood.py", "serving.py")]
     + [PACKAGE / "serving" / "schemas.py", PROVENANCE],  # /health's limits and load, copied in
     "records/ci_quick_baseline.json": [PROJECT_ROOT / "scripts" / "ci_gates.py", PROVENANCE],
-    # `python -m pytest -m reliability --reliability-report`: the pytest plugin in tests/reliability.py
-    "records/reliability_suite.json": [PROJECT_ROOT / "tests" / "reliability.py", PROVENANCE],
+    # `python -m pytest -m reliability --reliability-report`: the pytest plugin in
+    # tests/support/reliability.py
+    "records/reliability_suite.json": [PROJECT_ROOT / "tests" / "support" / "reliability.py", PROVENANCE],
     # benchmarks/torchrun.py (machine() from cold_start.py): train.json and eval.json of each run inside
     "records/torchrun/runs.json": [BENCHMARKS / "torchrun.py", BENCHMARKS / "cold_start.py", PROVENANCE]
     + [PACKAGE / "stages" / f"{stage}.py" for stage in ("train", "evaluate")],

@@ -40,7 +40,7 @@ from cifar10_pipeline.reporting.templating import template_environment
 from cifar10_pipeline.stages import model_card
 
 from ..conftest import PROJECT_ROOT
-from ..helpers import default_raw_params, fresh_and_history_stores
+from ..support.helpers import default_raw_params, fresh_and_history_stores
 
 TRAIN_SPLIT_IMAGES = 50_000  # the raw training split, as metrics/validation.json records it
 TEMPERATURE = 0.52

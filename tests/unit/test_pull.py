@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cifar10_pipeline.serving import cli
-from tests.localserver import free_port
+from tests.support.localserver import free_port
 
 
 def _dvc(project: Path, *args: str) -> None:

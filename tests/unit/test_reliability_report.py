@@ -138,7 +138,14 @@ def inner_pytest(tmp_path: Path, *args: str, source: str = INNER_TESTS) -> subpr
     """pytest on one test file in ``tmp_path``, with the project's markers and the reliability plugin."""
     (tmp_path / "test_inner.py").write_text(source)
     env = {**os.environ, "PYTHONPATH": f"{PROJECT_ROOT}{os.pathsep}{PROJECT_ROOT / 'src'}"}
-    command = [sys.executable, "-m", "pytest", str(tmp_path / "test_inner.py"), "-p", "tests.reliability"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(tmp_path / "test_inner.py"),
+        "-p",
+        "tests.support.reliability",
+    ]
     command += ["-c", str(PROJECT_ROOT / "pyproject.toml"), "--rootdir", str(tmp_path)]
     command += ["-p", "no:cacheprovider", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

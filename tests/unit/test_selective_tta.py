@@ -19,7 +19,7 @@ from cifar10_pipeline.modeling.inference import (
 )
 
 from ..conftest import synthetic_images
-from ..helpers import tiny_convnet
+from ..support.helpers import tiny_convnet
 
 
 @pytest.fixture(scope="module")

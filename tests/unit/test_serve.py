@@ -40,7 +40,7 @@ from cifar10_pipeline.serving.settings import (
     parse_settings,
     settings_from_args,
 )
-from tests.hostile_images import (
+from tests.support.hostile_images import (
     blank_png,
     corrupt_payloads,
     jpeg_declaring,
@@ -49,10 +49,10 @@ from tests.hostile_images import (
     png_declaring,
     sixteen_bit_copies,
 )
-from tests.localserver import model_server
+from tests.support.localserver import model_server
 
 from ..conftest import PROJECT_ROOT, mirror_dir
-from ..helpers import save_tiny_convnet
+from ..support.helpers import save_tiny_convnet
 
 TEST_SHARD = "test-00000-of-00001.parquet"
 MAX_UPLOAD_BYTES = 300_000

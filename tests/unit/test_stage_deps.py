@@ -1,7 +1,7 @@
 """dvc.yaml declares, for every stage, each project module the stage's code can execute, each path it reads or
 writes and each params key it reads (else DVC would not re-run a stage whose inputs changed, and `dvc status`
-would lie). The facts come from a static scan (tests/stage_scan.py: ast, nothing imported), so imports inside
-functions count; the mutation tests below prove on in-memory copies of dvc.yaml that dropping any one
+would lie). The facts come from a static scan (tests/support/stage_scan.py: ast, nothing imported), so imports
+inside functions count; the mutation tests below prove on in-memory copies of dvc.yaml that dropping any one
 declared code dep, params entry or path makes the check fail.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from ..conftest import PROJECT_ROOT
-from ..stage_scan import (
+from ..support.stage_scan import (
     CODE_MISSING,
     CODE_STALE,
     NOT_A_RESULT_DEP,

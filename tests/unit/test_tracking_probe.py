@@ -11,7 +11,7 @@ import pytest
 from cifar10_pipeline.tracking import offline
 from cifar10_pipeline.tracking.runs import StageLocked, stage_lock, unreachable_reason
 
-from ..localserver import free_port
+from ..support.localserver import free_port
 
 
 def test_a_closed_port_is_unreachable_at_once() -> None:

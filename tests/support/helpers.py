@@ -19,7 +19,7 @@ from cifar10_pipeline.core.data import ArraySplit, save_split
 from cifar10_pipeline.core.params import TrainParams, validate_params
 from cifar10_pipeline.modeling.convnet import build_cifar_convnet
 
-from .conftest import PROJECT_ROOT
+from ..conftest import PROJECT_ROOT
 
 
 def default_raw_params() -> dict:
@@ -146,7 +146,7 @@ def register_history(tmp_path: Path, versions: int, name: str = "cifar10-classif
 
     from cifar10_pipeline.tracking import model_registry
 
-    from .conftest import synthetic_images
+    from ..conftest import synthetic_images
 
     client = MlflowClient()
     experiment_id = client.create_experiment("history", artifact_location=(tmp_path / "art").as_uri())

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RECORD = PROJECT_ROOT / "records" / "reliability_suite.json"
 MARKER = "reliability"
 
