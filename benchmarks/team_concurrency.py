@@ -115,7 +115,7 @@ def save_small_model(directory: Path) -> Path:
     """A small conv net saved the way the train stage saves one (the registered model's artifact)."""
     import torch
 
-    from cifar10_pipeline.modeling.model import build_cifar_convnet
+    from cifar10_pipeline.modeling.convnet import build_cifar_convnet
 
     torch.manual_seed(0)
     model = build_cifar_convnet([16, 32, 32], tta_level=0)
