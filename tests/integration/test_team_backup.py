@@ -6,8 +6,9 @@ experiments, runs, params, metric histories, artifact bytes (sha256), versions, 
 
 The logins: a reader made on the source with ``users add`` logs in on the restored stack with its source
 password and reads the same runs, and the restored stack's own ``users add`` (its admin) works: the backup
-carries the login passwords that go with the restored permission store (mutation: restore not installing
-them -> the target keeps its own admin and editor passwords, which the restored store does not know: 401).
+carries the login passwords that go with the restored permission store. Mutations seen failing: restore not
+installing them (the target keeps its own admin and editor passwords, which the restored store does not
+know: 401, and no secrets/users/sam); installing all but the admin's (the target's `users add` gets 401).
 
 A damaged backup (a flipped byte, a missing dump) is refused before anything is written, a non-empty stack
 is refused unless ``--force``.
