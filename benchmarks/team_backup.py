@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     from benchmarks.serving import machine_info
     from benchmarks.team_concurrency import started_server
-    from cifar10_pipeline.core.data import write_json_atomic
+    from cifar10_pipeline.core.io import write_json_atomic
     from cifar10_pipeline.core.provenance import tree_provenance
     from tests.integration.team_stack import logged_in, snapshot
     from tests.integration.test_team_server import Team

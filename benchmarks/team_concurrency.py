@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from benchmarks.serving import machine_info
-    from cifar10_pipeline.core.data import write_json_atomic
+    from cifar10_pipeline.core.io import write_json_atomic
     from cifar10_pipeline.core.provenance import tree_provenance
 
     provenance = tree_provenance(PROJECT_ROOT)
