@@ -73,9 +73,9 @@ def main() -> None:
     args = parser.parse_args()
     from benchmarks.serving import machine_info
     from benchmarks.team_concurrency import started_server
-    from cifar10_pipeline.core.data import write_json_atomic
+    from cifar10_pipeline.core.io import write_json_atomic
     from cifar10_pipeline.core.provenance import tree_provenance
-    from tests.integration.team_stack import snapshot
+    from tests.integration.team_stack import logged_in, snapshot
     from tests.integration.test_team_server import Team
 
     provenance = tree_provenance(PROJECT_ROOT)
@@ -93,8 +93,9 @@ def main() -> None:
         source, target = teams
         try:
             started = time.monotonic()
-            populate(source.tracking_uri, source.s3(), source.config["dvc_bucket"], args.runs,
-                     args.artifact_kib * 1024, base)  # fmt: skip
+            with logged_in(source, "admin"):  # no editor made here: the stack's admin writes
+                populate(source.tracking_uri, source.s3(), source.config["dvc_bucket"], args.runs,
+                         args.artifact_kib * 1024, base)  # fmt: skip
             populate_seconds = time.monotonic() - started
             folder = base / "backup"
             backup_seconds = team_server(source.home, "backup", str(folder))

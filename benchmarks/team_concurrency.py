@@ -21,6 +21,7 @@ Two forms of writer:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ REGISTERED_MODEL = "cifar10-classifier"  # params.yaml's mlflow.registered_model
 EXPERIMENT = "cifar10"  # params.yaml's mlflow.experiment
 TEST_SET = "concurrency-test-set"  # one test set for every registration writer: accuracies compare by tag
 HISTORY_STEPS = 5
+WRITER_LOGIN = "bench-writer"  # the editor login the benchmark makes with `users add` (one for all writers)
 TINY = {
     "profile": "quick",
     "preprocess.max_train_images": "1000",
@@ -112,7 +115,7 @@ def save_small_model(directory: Path) -> Path:
     """A small conv net saved the way the train stage saves one (the registered model's artifact)."""
     import torch
 
-    from cifar10_pipeline.modeling.model import build_cifar_convnet
+    from cifar10_pipeline.modeling.convnet import build_cifar_convnet
 
     torch.manual_seed(0)
     model = build_cifar_convnet([16, 32, 32], tta_level=0)
@@ -121,21 +124,37 @@ def save_small_model(directory: Path) -> Path:
     return directory
 
 
-def client_env(tracking_uri: str, src: Path, name: str) -> dict[str, str]:
-    """The writer's environment: the server's URI and its own experiment name (its parent run), no keys."""
+def client_env(tracking_uri: str, login: dict[str, str], src: Path, name: str) -> dict[str, str]:
+    """The writer's environment: the server's URI, the MLflow login (MLFLOW_TRACKING_USERNAME and
+    _PASSWORD) and its own experiment name (its parent run), no S3 keys."""
     prefixes = ("DVC_", "GIT_", "MLFLOW_", "AWS_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         PYTHONPATH=str(src), MLFLOW_TRACKING_URI=tracking_uri, MPLBACKEND="Agg", DVC_NO_ANALYTICS="1",
-        HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **login,
     )  # fmt: skip
     if name:
         env["DVC_EXP_NAME"] = name  # what `dvc exp run -n` sets: the parent run's name
     return env
 
 
-def registration_writers(tracking_uri: str, base: Path, writers: int) -> list[Writer]:
+@contextlib.contextmanager
+def logged_in(login: dict[str, str]) -> Iterator[None]:
+    """This process's MLflow clients log in with ``login`` (read from the environment at each request)."""
+    before = {name: os.environ.get(name) for name in login}
+    os.environ.update(login)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def registration_writers(tracking_uri: str, login: dict[str, str], base: Path, writers: int) -> list[Writer]:
     model_dir = save_small_model(base / "model")
     out = []
     for index in range(writers):
@@ -145,12 +164,14 @@ def registration_writers(tracking_uri: str, base: Path, writers: int) -> list[Wr
         accuracy = writer_accuracy(index, writers)
         command = [sys.executable, str(Path(__file__).resolve()), "writer", "--model-dir", str(model_dir),
                    "--accuracy", str(accuracy)]  # fmt: skip
-        env = client_env(tracking_uri, PROJECT_ROOT / "src", f"writer-{index}")
+        env = client_env(tracking_uri, login, PROJECT_ROOT / "src", f"writer-{index}")
         out.append(Writer(index, folder, command, env, accuracy))
     return out
 
 
-def pipeline_writers(tracking_uri: str, base: Path, writers: int, mirror: Path) -> list[Writer]:
+def pipeline_writers(
+    tracking_uri: str, login: dict[str, str], base: Path, writers: int, mirror: Path
+) -> list[Writer]:
     settings = [arg for key, value in TINY.items() for arg in ("-S", f"{key}={value}")]
     settings += ["-S", f"download.mirror_dir={mirror}"]
     from tests.support.mirrors import SMALL_MIRROR_PARAMS
@@ -161,7 +182,7 @@ def pipeline_writers(tracking_uri: str, base: Path, writers: int, mirror: Path) 
         clone = base / f"clone-{index}"
         subprocess.run(["git", "clone", "--quiet", str(PROJECT_ROOT), str(clone)], check=True, timeout=120)
         command = [sys.executable, "-m", "dvc", "exp", "run", *settings, "-n", f"writer-{index}"]
-        out.append(Writer(index, clone, command, client_env(tracking_uri, clone / "src", "")))
+        out.append(Writer(index, clone, command, client_env(tracking_uri, login, clone / "src", "")))
     return out
 
 
@@ -243,17 +264,25 @@ def check(tracking_uri: str, writers: list[Writer], form: str) -> dict[str, Any]
 
 
 def concurrent_writers(
-    tracking_uri: str, base: Path, writers: int, form: str, deadline_s: float, mirror: Path | None = None
+    tracking_uri: str,
+    login: dict[str, str],
+    base: Path,
+    writers: int,
+    form: str,
+    deadline_s: float,
+    mirror: Path | None = None,
 ) -> dict[str, Any]:
-    """Prepare, run and check ``writers`` writers of ``form`` against the server at ``tracking_uri``."""
+    """Prepare, run and check ``writers`` writers of ``form`` against the server at ``tracking_uri``, all
+    with the MLflow ``login`` (an editor's MLFLOW_TRACKING_USERNAME and _PASSWORD)."""
     base.mkdir(parents=True, exist_ok=True)
     if form == "registration":
-        prepared = registration_writers(tracking_uri, base, writers)
+        prepared = registration_writers(tracking_uri, login, base, writers)
     else:
         assert mirror is not None, "the pipeline form needs the small mirror"
-        prepared = pipeline_writers(tracking_uri, base, writers, mirror)
+        prepared = pipeline_writers(tracking_uri, login, base, writers, mirror)
     wall = run_all(prepared, deadline_s)
-    result = check(tracking_uri, prepared, form)
+    with logged_in(login):
+        result = check(tracking_uri, prepared, form)
     result.update(
         wall_seconds=round(wall, 2),
         runs_per_minute=round(writers * 60 / wall, 2),
@@ -293,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from benchmarks.serving import machine_info
-    from cifar10_pipeline.core.data import write_json_atomic
+    from cifar10_pipeline.core.io import write_json_atomic
     from cifar10_pipeline.core.provenance import tree_provenance
 
     provenance = tree_provenance(PROJECT_ROOT)
@@ -308,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
             mirror = write_small_mirror(args.mirror, base / "small-mirror")
         server, config = started_server(base / "home")
         try:
-            result = concurrent_writers(config.tracking_uri, base / "writers", args.writers, args.form,
-                                        args.deadline, mirror)  # fmt: skip
+            server.add_user(config, WRITER_LOGIN, "editor")
+            login = {"MLFLOW_TRACKING_USERNAME": WRITER_LOGIN,
+                     "MLFLOW_TRACKING_PASSWORD": server.password_of(WRITER_LOGIN)}  # fmt: skip
+            result = concurrent_writers(config.tracking_uri, login, base / "writers", args.writers,
+                                        args.form, args.deadline, mirror)  # fmt: skip
         finally:
             server.stop(config)
     entry = {

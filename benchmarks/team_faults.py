@@ -91,7 +91,7 @@ def main() -> None:
     )
     parser.add_argument("--record", type=Path, default=PROJECT_ROOT / "records" / "team_faults.json")
     args = parser.parse_args()
-    from cifar10_pipeline.core.data import write_json_atomic
+    from cifar10_pipeline.core.io import write_json_atomic
 
     record = measure()
     write_json_atomic(args.record, record)

@@ -1,5 +1,6 @@
 """Team stacks for the backup and concurrency tests: started with ``team_server start`` on free loopback ports
-in a temporary home (as tests/integration/test_team_server.py's fixture does), and a snapshot of everything a
+in a temporary home (as tests/integration/test_team_server.py's fixture does, its editor login made by
+``users add``), and a snapshot of everything a
 stack holds, read back through the MLflow client and S3, for comparing two stacks."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 
 from tests.support.localserver import free_port
 
-from .test_team_server import PORT_NAMES, Team
+from .test_team_server import EDITOR, PORT_NAMES, Team
 
 
 def require_postgres() -> None:
@@ -43,6 +44,7 @@ def team_stack(prefix: str = "team-server-") -> Iterator[Team]:
         team.config = json.loads((home / "config.json").read_text())
         team.tracking_uri = f"http://127.0.0.1:{team.config['ports']['mlflow']}"
         team.s3_endpoint = f"http://127.0.0.1:{team.config['ports']['s3']}"
+        team.cli("users", "add", EDITOR, "--role", "editor")
         yield team
     finally:
         failure = ""
@@ -53,6 +55,17 @@ def team_stack(prefix: str = "team-server-") -> Iterator[Team]:
             failure = str(error)
         shutil.rmtree(home, ignore_errors=True)
         assert not failure, failure
+
+
+@contextlib.contextmanager
+def logged_in(team: Team, user: str = EDITOR) -> Iterator[None]:
+    """In-process MLflow clients log in to ``team`` as ``user``, the MLflow way (MLFLOW_TRACKING_USERNAME
+    and _PASSWORD, read at each request); the environment as it was afterwards. One stack at a time: two
+    stacks have two logins."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in team.login(user).items():
+            patch.setenv(name, value)
+        yield
 
 
 def discard_seaweedfs(home: Path) -> None:
@@ -87,9 +100,15 @@ def _artifacts(client: Any, run_id: str, scratch: Path, path: str | None = None)
     return out
 
 
-def snapshot(team: Team, scratch: Path) -> dict[str, Any]:
-    """Everything a stack holds, as its clients see it: experiments, runs (params, tags, every metric's full
-    history, the sha256 of every artifact), registered models (versions, tags, aliases) and both buckets."""
+def snapshot(team: Team, scratch: Path, user: str = "admin") -> dict[str, Any]:
+    """Everything a stack holds, as ``user`` sees it (the admin by default: it sees everything):
+    experiments, runs (params, tags, every metric's full history, the sha256 of every artifact), registered
+    models (versions, tags, aliases) and both buckets."""
+    with logged_in(team, user):
+        return _snapshot(team, scratch)
+
+
+def _snapshot(team: Team, scratch: Path) -> dict[str, Any]:
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 

@@ -4,6 +4,12 @@ several steps, an artifact, a registered version under ``champion``) and an obje
 backup restored into the second, fresh stack, and both compared through the MLflow client and S3: the same
 experiments, runs, params, metric histories, artifact bytes (sha256), versions, aliases and bucket objects.
 
+The logins: a reader made on the source with ``users add`` logs in on the restored stack with its source
+password and reads the same runs, and the restored stack's own ``users add`` (its admin) works: the backup
+carries the login passwords that go with the restored permission store. Mutations seen failing: restore not
+installing them (the target keeps its own admin and editor passwords, which the restored store does not
+know: 401, and no secrets/users/sam); installing all but the admin's (the target's `users add` gets 401).
+
 A damaged backup (a flipped byte, a missing dump) is refused before anything is written, a non-empty stack
 is refused unless ``--force``.
 """
@@ -23,12 +29,13 @@ from pathlib import Path
 import pytest
 
 from ..conftest import PROJECT_ROOT
-from .team_stack import bucket_objects, snapshot, team_stack
-from .test_team_server import Team, clean_env
+from .team_stack import bucket_objects, logged_in, snapshot, team_stack
+from .test_team_server import EDITOR, Team, clean_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "cifar10-classifier"
+READER = "sam"  # made on the source only
 DVC_OBJECT = "files/md5/3b/5d5c3712955042212316173ccf37be"  # where DVC 3 keeps a cached file's bytes
 
 
@@ -62,6 +69,11 @@ def backup_cli(team: Team, *args: str) -> subprocess.CompletedProcess[str]:
 
 def populate(team: Team, scratch: Path) -> None:
     """What a pipeline run leaves, written through the MLflow client, and a DVC object through S3."""
+    with logged_in(team):  # the editor `team_stack` made
+        _populate(team, scratch)
+
+
+def _populate(team: Team, scratch: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=team.tracking_uri, registry_uri=team.tracking_uri)
@@ -85,6 +97,7 @@ def populate(team: Team, scratch: Path) -> None:
     client.set_model_version_tag(MODEL, version.version, "test_accuracy", "0.610000")
     client.set_registered_model_alias(MODEL, "champion", version.version)
     team.s3().put_object(Bucket=team.config["dvc_bucket"], Key=DVC_OBJECT, Body=b"a DVC-tracked file\n")
+    team.cli("users", "add", READER, "--role", "reader")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +135,8 @@ def test_the_manifest_names_every_object_and_dump_with_its_checksum(source: Team
 
     manifest = json.loads((backup / "manifest.json").read_text())
     assert manifest["mlflow_version"] == version("mlflow") and manifest["created"]
-    assert "mlflow" in {entry["name"] for entry in manifest["databases"]}
+    # MLflow's store and its auth app's (users, roles, permissions).
+    assert {"mlflow", "mlflow_auth"} <= {entry["name"] for entry in manifest["databases"]}
     for entry in manifest["databases"]:
         assert sha256(backup / entry["file"]) == entry["sha256"], entry["name"]
     for role, field in (("artifacts", "artifact_bucket"), ("dvc", "dvc_bucket")):
@@ -131,6 +145,18 @@ def test_the_manifest_names_every_object_and_dump_with_its_checksum(source: Team
         for obj in manifest["buckets"][role]["objects"]:
             assert (backup / "objects" / obj["sha256"]).stat().st_size == obj["size"], obj["key"]
     assert DVC_OBJECT in {o["key"] for o in manifest["buckets"]["dvc"]["objects"]}
+    # The logins' passwords, private as in the stack's own secrets/.
+    logins = {entry["file"]: entry["sha256"] for entry in manifest["secrets"]}
+    assert set(logins) == {
+        "secrets/mlflow_admin_password",
+        f"secrets/users/{EDITOR}",
+        f"secrets/users/{READER}",
+    }
+    for file, digest in logins.items():
+        copy = backup / file
+        assert sha256(copy) == digest and copy.read_text() == (source.home / file).read_text(), file
+        assert copy.stat().st_mode & 0o777 == 0o600, file
+    assert (backup / "secrets").stat().st_mode & 0o777 == 0o700
     assert any(k.endswith("model/weights.bin") for k in listed) or any(
         o["key"].endswith("model/weights.bin") for o in manifest["buckets"]["artifacts"]["objects"]
     )
@@ -179,6 +205,20 @@ def test_restore_into_a_fresh_stack_gives_the_same_runs_models_and_objects(
         assert got[part] == expected[part], f"{part} differ after the restore"
 
 
+def test_the_source_logins_work_on_the_restored_stack(source: Team, restored: Team, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    # The reader made on the source only: its source password, the same runs.
+    password = source.login(READER)["MLFLOW_TRACKING_PASSWORD"]
+    assert restored.login(READER)["MLFLOW_TRACKING_PASSWORD"] == password
+    seen = snapshot(restored, tmp_path / "restored", user=READER)
+    assert seen["runs"] and seen["runs"] == snapshot(source, tmp_path / "source", user=READER)["runs"]
+    # The restored stack's own commands: `users add` as its (restored) admin, and the new editor writes.
+    restored.cli("users", "add", "newcomer", "--role", "editor")
+    with logged_in(restored, "newcomer"):
+        MlflowClient(tracking_uri=restored.tracking_uri).create_experiment("made-by-a-new-user")
+
+
 def rows(team: Team) -> dict[str, list[tuple]]:
     """The store's rows that a forced restore must bring back, read in PostgreSQL."""
     return {
@@ -198,7 +238,8 @@ def test_a_non_empty_stack_is_refused_unless_forced(source: Team, restored: Team
     assert "is not empty" in refused.stderr and "--force" in refused.stderr, refused.stderr
     # What the stack gained since: an experiment and an object, both gone after a forced restore. MLflow is
     # stopped first (restore then leaves it stopped: no restart to wait for), so the check reads PostgreSQL.
-    MlflowClient(tracking_uri=restored.tracking_uri).create_experiment("made-after-the-restore")
+    with logged_in(restored):
+        MlflowClient(tracking_uri=restored.tracking_uri).create_experiment("made-after-the-restore")
     restored.s3().put_object(Bucket=restored.config["dvc_bucket"], Key="files/md5/00/extra", Body=b"x")
     assert rows(restored) != rows(source)
     restored.cli("stop", "mlflow")

@@ -22,7 +22,7 @@ import pytest
 from benchmarks.team_concurrency import concurrent_writers
 
 from ..support.helpers import save_tiny_convnet
-from .team_stack import team_stack
+from .team_stack import logged_in, team_stack
 from .test_team_server import Team, tracking_at
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,13 +33,14 @@ DEADLINE_S = 300  # all eight together; a deadlock shows as writers killed at th
 
 @pytest.fixture(scope="module")
 def team() -> Iterator[Team]:
-    with team_stack("team-concurrency-") as started:
+    # The in-process clients log in as the editor `team_stack` made; the writers get its login too.
+    with team_stack("team-concurrency-") as started, logged_in(started):
         yield started
 
 
 def test_eight_writers_at_once_lose_nothing(team: Team, tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp("writers")
-    result = concurrent_writers(team.tracking_uri, base, WRITERS, "registration", DEADLINE_S)
+    result = concurrent_writers(team.tracking_uri, team.login(), base, WRITERS, "registration", DEADLINE_S)
     print(f"{WRITERS} writers: {result['wall_seconds']} s, {result['runs_per_minute']} runs/min")
     assert result["problems"] == [], "\n".join(result["problems"])
     assert result["versions"] == list(range(1, WRITERS + 1))

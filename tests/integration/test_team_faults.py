@@ -19,6 +19,7 @@ metrics and an artifact) run in a clone of the project against it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -41,7 +42,8 @@ from cifar10_pipeline.tracking.runs import OUTAGE_BOUND_S
 
 from ..conftest import PROJECT_ROOT
 from ..support.localserver import free_port
-from .test_team_server import PORT_NAMES, Team, clean_env, git_clone, run
+from .team_stack import logged_in
+from .test_team_server import EDITOR, PORT_NAMES, Team, clean_env, git_clone, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -76,7 +78,9 @@ def stack() -> Iterator[Team]:
         team.config = json.loads((home / "config.json").read_text())
         team.tracking_uri = f"http://127.0.0.1:{team.config['ports']['mlflow']}"
         team.s3_endpoint = f"http://127.0.0.1:{team.config['ports']['s3']}"
-        yield team
+        team.cli("users", "add", EDITOR, "--role", "editor")
+        with logged_in(team):  # the in-process MLflow clients, as the editor
+            yield team
     finally:
         with contextlib.suppress(AssertionError):
             team.cli("stop", timeout=120)
@@ -100,8 +104,13 @@ def status(team: Team) -> tuple[int, dict]:
 def api_status(team: Team, host: str) -> int:
     """The HTTP status of an MLflow API call sent with ``Host: host``."""
     port = team.config["ports"]["mlflow"]
+    login = team.login()
+    basic = base64.b64encode(
+        f"{login['MLFLOW_TRACKING_USERNAME']}:{login['MLFLOW_TRACKING_PASSWORD']}".encode()
+    ).decode()
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host}
+        f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1",
+        headers={"Host": host, "Authorization": f"Basic {basic}"},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -126,7 +135,8 @@ def test_mlflow_answers_the_listed_names_and_the_machines_addresses(stack: Team)
             if entry.family.name == "AF_INET":
                 assert api_status(stack, f"{entry.address}:{port}") == 200, entry.address
     # What `env` hands out is a URL the server accepts.
-    exported = stack.cli("env").strip().rsplit("=", 1)[-1]
+    # (Its URI line; a comment about the login follows it since the auth app.)
+    exported = re.search(r"MLFLOW_TRACKING_URI=(\S+)", stack.cli("env")).group(1)
     assert api_status(stack, exported.removeprefix("http://")) == 200, exported
 
 
@@ -239,7 +249,10 @@ def stage_env(clone: Path, team: Team, name: str) -> dict[str, str]:
     # This tree's package (the harness under test) runs the clone's stage; DVC_EXP_NAME names the
     # pipeline run (its parent): each test has its own.
     return clean_env(
-        PYTHONPATH=str(PROJECT_ROOT / "src"), MLFLOW_TRACKING_URI=team.tracking_uri, DVC_EXP_NAME=name
+        PYTHONPATH=str(PROJECT_ROOT / "src"),
+        MLFLOW_TRACKING_URI=team.tracking_uri,
+        DVC_EXP_NAME=name,
+        **team.login(),
     )
 
 

@@ -101,10 +101,11 @@ class Team:
         path = os.pathsep.join(filter(None, [str(PROJECT_ROOT / "src"), os.environ.get("PYTHONPATH")]))
         return run([*command, *args], PROJECT_ROOT, clean_env(PYTHONPATH=path), timeout)
 
-    def login(self) -> dict[str, str]:
-        """The MLflow login of the editor the fixture made (the server runs MLflow's auth app)."""
-        password = self.secret(f"users/{EDITOR}")
-        return {"MLFLOW_TRACKING_USERNAME": EDITOR, "MLFLOW_TRACKING_PASSWORD": password}
+    def login(self, user: str = EDITOR) -> dict[str, str]:
+        """An MLflow login of this stack (the server runs MLflow's auth app), the MLflow way: by default
+        the editor the fixture made; ``admin``: the stack's admin."""
+        password = self.secret("mlflow_admin_password" if user == "admin" else f"users/{user}")
+        return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
 
     def secret(self, name: str) -> str:
         return (self.home / "secrets" / name).read_text().strip()

@@ -121,6 +121,9 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, requests.exceptions.RequestException):
         return True
     if isinstance(exc, MlflowException):
+        if exc.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            # 403/401 also read "API request to ...": the server answered and refused this login.
+            return False
         return str(exc.message).startswith("API request to") or exc.error_code in (
             "INTERNAL_ERROR",
             "TEMPORARILY_UNAVAILABLE",

@@ -9,6 +9,10 @@ store), ``databases/globals.sql`` (``pg_dumpall --globals-only --no-role-passwor
 reference; the restoring stack keeps its own) and ``objects/<sha256>``: every object of the artifact bucket
 and the DVC bucket, stored once per content. The manifest lists each bucket's keys with their size and
 sha256, each dump with its sha256, the MLflow and PostgreSQL versions and the time the backup was made.
+``secrets/`` (0700, each file 0600) holds the stack's MLflow logins, the admin's password and each ``users
+add`` user's: the restored permission store keeps their password hashes, so the restoring stack takes these
+files over and every login, the admin's included, works there with its old password (the stack's database
+password and S3 keys stay its own).
 
 The database is dumped before the buckets are copied: objects are only ever added while a server runs, so
 every artifact a dumped row points at is in the copy (the copy may hold a few objects no row names yet).
@@ -41,7 +45,14 @@ from pathlib import Path
 from typing import Any
 
 from cifar10_pipeline.core.errors import PipelineError
-from cifar10_pipeline.tracking.team_server import DB_USER, Config, TeamServer, TeamServerError, pg_binary
+from cifar10_pipeline.tracking.team_server import (
+    ADMIN_USER,
+    DB_USER,
+    Config,
+    TeamServer,
+    TeamServerError,
+    pg_binary,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -153,6 +164,16 @@ class Stack:
         for page in self.s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket(role)):
             yield from page.get("Contents", [])
 
+    # --- MLflow logins -------------------------------------------------------------------------------
+
+    def login_files(self) -> dict[str, Path]:
+        """secrets/-relative name -> file of every MLflow login's password: the admin's and the users'."""
+        files = {f"users/{path.name}": path for path in sorted((self.server.secrets / "users").glob("*"))}
+        admin = self.server.password_file(ADMIN_USER)
+        if admin.is_file():
+            files[admin.relative_to(self.server.secrets).as_posix()] = admin
+        return files
+
     # --- MLflow --------------------------------------------------------------------------------------
 
     def mlflow_running(self) -> bool:
@@ -244,6 +265,7 @@ def _write_backup(stack: Stack, folder: Path) -> dict[str, Any]:
                           "sha256": sha256_file(dump)})  # fmt: skip
     if not databases:
         raise BackupError(f"the stack in {stack.home} has no database to back up", "start it once: `start`")
+    logins = _copy_logins(stack, folder / "secrets")
     globals_sql = folder / "databases" / "globals.sql"
     stack.pg_tool("pg_dumpall", "--globals-only", "--no-role-passwords", "-f", str(globals_sql))
     buckets = {}
@@ -266,8 +288,19 @@ def _write_backup(stack: Stack, folder: Path) -> dict[str, Any]:
         "source_home": str(stack.home),
         "databases": databases,
         "globals": {"file": "databases/globals.sql", "sha256": sha256_file(globals_sql)},
+        "secrets": logins,
         "buckets": buckets,
     }
+
+
+def _copy_logins(stack: Stack, folder: Path) -> list[dict[str, str]]:
+    """The stack's MLflow login passwords into ``folder`` (0700, files 0600): the manifest's entries."""
+    folder.mkdir(mode=0o700)
+    entries = []
+    for name, path in stack.login_files().items():
+        copy = stack.server._write_private(folder / name, path.read_text())
+        entries.append({"file": f"secrets/{name}", "sha256": sha256_file(copy)})
+    return entries
 
 
 def read_manifest(source: Path) -> dict[str, Any]:
@@ -296,6 +329,7 @@ def read_manifest(source: Path) -> dict[str, Any]:
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 DATABASE_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
+LOGIN_FILE = re.compile(r"secrets/(mlflow_admin_password|users/[A-Za-z0-9_-][A-Za-z0-9._-]*)")
 
 
 def _check_shape(manifest: dict[str, Any]) -> None:
@@ -305,6 +339,9 @@ def _check_shape(manifest: dict[str, Any]) -> None:
             raise ValueError(f"database entry {entry!r}")
         if not SHA256.fullmatch(entry["sha256"]):
             raise ValueError(f"sha256 {entry['sha256']!r}")
+    for entry in manifest["secrets"]:
+        if not LOGIN_FILE.fullmatch(entry["file"]) or not SHA256.fullmatch(entry["sha256"]):
+            raise ValueError(f"secrets entry {entry!r}")
     if manifest["globals"]["file"] != "databases/globals.sql":
         raise ValueError(f"globals file {manifest['globals']['file']!r}")
     for listing in manifest["buckets"].values():
@@ -319,6 +356,7 @@ def verify(source: Path, manifest: dict[str, Any]) -> list[str]:
     source = Path(source)
     expected = [(entry["file"], entry["sha256"], entry.get("size")) for entry in manifest["databases"]]
     expected.append((manifest["globals"]["file"], manifest["globals"]["sha256"], None))
+    expected += [(entry["file"], entry["sha256"], None) for entry in manifest["secrets"]]
     for listing in manifest["buckets"].values():
         expected += [(f"objects/{o['sha256']}", o["sha256"], o["size"]) for o in listing["objects"]]
     problems, checked = [], set()
@@ -378,6 +416,8 @@ def _restore(
         for name, staging in staged.items():
             stack.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             stack.sql(f'ALTER DATABASE "{staging}" RENAME TO "{name}"')
+        # The permission store now holds the backup's users and password hashes: their passwords with it.
+        logins = _install_logins(stack, source, manifest)
         if force:  # the stack now holds what the backup holds, nothing more
             _delete_objects(stack, _objects_not_in(stack, manifest))
     finally:
@@ -386,6 +426,7 @@ def _restore(
             stack.server.start(stack.config, ("mlflow",))
     summary: dict[str, Any] = {
         "databases": sorted(staged),
+        "logins": logins,
         "objects": {role: len(manifest["buckets"][role]["objects"]) for role in BUCKET_ROLES},
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -395,6 +436,20 @@ def _restore(
             "MLflow is left stopped; run `upgrade`, then `start`"
         )
     return summary
+
+
+def _install_logins(stack: Stack, source: Path, manifest: dict[str, Any]) -> list[str]:
+    """The backup's login passwords into the stack's secrets/ (0600), replacing its own; a user file the
+    backup lacks is removed (the restored store has no such user). Returns the users' names."""
+    secrets = stack.server.secrets
+    keep = {entry["file"].removeprefix("secrets/") for entry in manifest["secrets"]}
+    for name, path in stack.login_files().items():
+        if name not in keep:
+            path.unlink()
+    for entry in manifest["secrets"]:
+        stack.server._write_private(secrets / entry["file"].removeprefix("secrets/"),
+                                    (source / entry["file"]).read_text())  # fmt: skip
+    return sorted(name.removeprefix("users/") for name in keep if name.startswith("users/"))
 
 
 def _upload_objects(stack: Stack, source: Path, manifest: dict[str, Any]) -> list[tuple[str, str]]:
@@ -473,8 +528,9 @@ def run_command(args: argparse.Namespace) -> int:
                   f"{manifest['seconds']:.1f} s")  # fmt: skip
         else:
             summary = restore(args.home, args.source, force=args.force)
-            print(f"restored database(s) {', '.join(summary['databases'])} and "
-                  f"{sum(summary['objects'].values())} object(s) in {summary['seconds']:.1f} s")  # fmt: skip
+            print(f"restored database(s) {', '.join(summary['databases'])}, "
+                  f"{sum(summary['objects'].values())} object(s) and the admin's and "
+                  f"{len(summary['logins'])} user(s)' logins in {summary['seconds']:.1f} s")  # fmt: skip
             if "note" in summary:
                 print(f"note: {summary['note']}")
         return 0

@@ -215,9 +215,13 @@ class TeamServer:
     def user_password_file(self, name: str) -> Path:
         return self.secrets / "users" / name
 
+    def password_file(self, name: str) -> Path:
+        """Where an MLflow login's password is kept (0600): the admin's or one `users add` made."""
+        return self.secrets / "mlflow_admin_password" if name == ADMIN_USER else self.user_password_file(name)
+
     def password_of(self, name: str) -> str:
         """An MLflow login's password, from its 0600 file (the admin's or one `users add` made)."""
-        path = self.secrets / "mlflow_admin_password" if name == ADMIN_USER else self.user_password_file(name)
+        path = self.password_file(name)
         if not path.is_file():
             raise TeamServerError(
                 f"no MLflow user {name!r} made here ({path} is missing): `users add {name}`"
