@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +15,23 @@ import pytest
 from cifar10_pipeline import NUM_CLASSES
 from cifar10_pipeline.core.data import ArraySplit, write_checksums, write_parquet_split
 from cifar10_pipeline.core.params import load_params
+
+
+def _registry_uri_setting() -> tuple[str | None, str | None]:
+    """MLFLOW_REGISTRY_URI and MLflow's own module setting (None while mlflow is not imported)."""
+    module = sys.modules.get("mlflow.tracking._model_registry.utils")
+    return os.environ.get("MLFLOW_REGISTRY_URI"), getattr(module, "_registry_uri", None)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_registry_uri() -> Iterator[None]:
+    """A test (or a stage called in-process) that points MLflow's registry somewhere must put it back: the
+    setting outlives the test in its xdist worker, and later tests then register into that store."""
+    before = _registry_uri_setting()
+    yield
+    after = _registry_uri_setting()
+    assert after == before, f"the test left MLflow's registry URI set: {after} (was {before})"
+
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # --reliability-report: the results of the tests marked reliability(case, outcome), for reports/reliability.md

@@ -122,6 +122,9 @@ ALTERNATIVE: dict[str, str] = {
     "train.compile": "max-autotune-no-cudagraphs",
     "train.filter_optimizer": "sgd",
     "train.lookahead": "true",
+    "train.model": "cifar_vit",
+    "train.warmup_fraction": "0.2",
+    "evaluate.batch_size": "250",
 }
 
 

@@ -246,14 +246,18 @@ def tracking_at(uri: str) -> Iterator[None]:
     registry URI, which would otherwise default to a local sqlite:///mlflow.db), restored afterwards."""
     import mlflow
 
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # As the environment had them: get_registry_uri() would return a derived URI, and setting it back would
+    # pin every later registration of this worker's tests to this store (MLFLOW_REGISTRY_URI is exported).
+    before = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before[0])
+        mlflow.set_tracking_uri(before[0])  # None unsets MLFLOW_TRACKING_URI
         mlflow.set_registry_uri(before[1])
+        if before[1] is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def check_tracking(team: Team, pipeline: Pipeline, scratch: Path) -> None:

@@ -91,6 +91,8 @@ KILLS = (
 TIMING_KEYS = {
     "train_seconds",
     "train_images_per_second",
+    "train_images_per_second_after_first_epoch",
+    "train_peak_gpu_memory_gib",
     "stage_wall_seconds",
     "seconds",
     "images_per_second",

@@ -167,6 +167,7 @@ def _unreachable_message(stage: str, uri: str, reason: str) -> str:
 
 
 USERNAME_VAR, PASSWORD_VAR = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+REGISTRY_URI_VAR = "MLFLOW_REGISTRY_URI"
 LOGIN_HINT = (
     f"export {USERNAME_VAR} and {PASSWORD_VAR} with your login on that server (on the team server, its "
     "operator makes one with `python -m cifar10_pipeline.tracking.team_server users add NAME --role "
@@ -551,6 +552,34 @@ def _open_stage_run(
     return run
 
 
+def _point_at_store(uri: str) -> Any:
+    """A client on ``uri``, with the fluent API's tracking and registry URIs moved there too (the evaluate
+    stage's model logging and registration use them); ``_registry_uri_restored`` undoes the registry's."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def _registry_uri_restored() -> Iterator[None]:
+    """Put the fluent registry URI (and MLFLOW_REGISTRY_URI, which mlflow.set_registry_uri exports) back as
+    they were when the block ends: a stage called in-process (tests, a notebook) that fell back to the local
+    store must not leave the caller's later registrations there."""
+    before = os.environ.get(REGISTRY_URI_VAR)
+    try:
+        yield
+    finally:
+        if os.environ.get(REGISTRY_URI_VAR) != before:
+            import mlflow
+
+            mlflow.set_registry_uri(before)  # None clears the module's own setting
+            if before is None:
+                os.environ.pop(REGISTRY_URI_VAR, None)
+
+
 def _move_offline(
     stage: str, params: Params, server_uri: str
 ) -> Callable[[StageRun, BaseException, float], None]:
@@ -559,9 +588,6 @@ def _move_offline(
     and the run's later writes go there."""
 
     def move(run: StageRun, exc: BaseException, waited: float) -> None:
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
         local = local_store_uri()
         reason = str(getattr(exc, "message", exc)).splitlines()[0][:300]
         print(
@@ -570,10 +596,7 @@ def _move_offline(
             f"store {local}.",
             flush=True,
         )
-        # Also the fluent API's URIs (the evaluate stage's model logging and registration use them).
-        mlflow.set_tracking_uri(local)
-        mlflow.set_registry_uri(local)
-        client = MlflowClient(tracking_uri=local, registry_uri=local)
+        client = _point_at_store(local)
         experiment_id = _experiment_id(client, params.mlflow.experiment, default_store=True)
         key = pipeline_key()
         parent_id = _parent_run_id(client, experiment_id, key, params, offline_for=server_uri)
@@ -605,7 +628,7 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
     docstring) within ``OUTAGE_BOUND_S``.
     """
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    with stage_lock(stage), _sigterm_raises(), bounded_http():
+    with stage_lock(stage), _sigterm_raises(), bounded_http(), _registry_uri_restored():
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -641,9 +664,7 @@ def stage_run(stage: str, params: Params, outputs: Sequence[Path] = ()) -> Itera
                     f"this stage logs to the local store {uri}.",
                     flush=True,
                 )
-                mlflow.set_tracking_uri(uri)
-                mlflow.set_registry_uri(uri)
-                client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                client = _point_at_store(uri)
                 run = _open_stage_run(client, stage, params, True, offline_for)
             if run.offline_for is None:
                 run.offline_for = offline_for
