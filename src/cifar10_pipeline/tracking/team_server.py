@@ -778,21 +778,25 @@ class TeamServer:
         if access not in DVC_ACCESS:
             raise TeamServerError(f"--access {access!r}: pick one of {', '.join(DVC_ACCESS)}")
         access, secret = self.s3_keys(DVC_ACCESS[access])
-        for args in (
-            ("modify", "--local", remote, "endpointurl", config.s3_endpoint),
-            ("modify", "--local", remote, "access_key_id", access),
-            ("modify", "--local", remote, "secret_access_key", secret),
-            ("default", "--local", remote),
-        ):
-            done = subprocess.run(
-                [sys.executable, "-m", "dvc", "remote", *args],
-                cwd=project, capture_output=True, text=True, timeout=120, check=False,
-            )  # fmt: skip
-            if done.returncode != 0:
-                raise TeamServerError(
-                    f"dvc remote {args[0]} {args[2]} failed in {project} (is it a DVC project whose "
-                    f".dvc/config defines remote {remote!r}?):\n{done.stdout}{done.stderr}"
+        # Through DVC's config API, not `dvc remote modify`: a key never on a command line (ps shows those),
+        # and one that starts with "-" (token_urlsafe makes such keys) is not read as an option.
+        from dvc.config import Config as DvcConfig
+        from dvc.config import ConfigError
+
+        try:
+            dvc_config = DvcConfig(dvc_dir=project / ".dvc")
+            if remote not in dvc_config["remote"]:
+                raise ConfigError(f"no remote {remote!r}")
+            with dvc_config.edit("local") as local:
+                local.setdefault("remote", {}).setdefault(remote, {}).update(
+                    endpointurl=config.s3_endpoint, access_key_id=access, secret_access_key=secret
                 )
+                local.setdefault("core", {})["remote"] = remote
+        except ConfigError as exc:
+            raise TeamServerError(
+                f"could not set remote {remote!r} in {project}/.dvc/config.local (is it a DVC project whose "
+                f".dvc/config defines remote {remote!r}?): {exc}"
+            ) from None
 
 
 def push_with_run_cache(project: Path, remote: str | None = None) -> int:
