@@ -819,7 +819,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    report = args.report if str(args.report) not in ("", ".") else None
+    report = getattr(args, "report", None)  # parent-checkpoint writes no record
+    report = report if str(report) not in ("", ".", "None") else None
     if args.verb == "merge":
         entries: dict[str, Entry] = {}
         for path in args.files:
