@@ -46,6 +46,17 @@ start)
   shift
   rm -rf "$JOB/repo/.devrun" && cd "$JOB/repo"
   mkdir -p ../shared/data && ln -sfn /tmp/mirror ../shared/data/cifar10
+  # The project's metadata without its code (the tree's src/ runs, from PYTHONPATH): importlib.metadata
+  # then answers as in an installed checkout (core/provenance.pinned_requirement reads the pins there).
+  python3 - <<'PY'
+import pathlib, tomllib
+project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+info = pathlib.Path("/tmp/site") / f"{project['name'].replace('-', '_')}-{project.get('version', '0')}.dist-info"
+info.mkdir(parents=True, exist_ok=True)
+lines = ["Metadata-Version: 2.1", f"Name: {project['name']}", f"Version: {project.get('version', '0')}"]
+lines += [f"Requires-Dist: {r}" for r in project.get("dependencies", [])]
+(info / "METADATA").write_text("\n".join(lines) + "\n")
+PY
   git init -q . && git add -A > /dev/null
   git -c user.name=device -c user.email=device@localhost commit -qm "snapshot of $commit"
   {
