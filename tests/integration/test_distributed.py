@@ -1,19 +1,19 @@
 """The train stage as DVC runs it, in real subprocesses: `train.nproc: 2` starts itself under torchrun (2 CPU
-processes, gloo), and a SIGKILLed run with checkpoints resumes to the uninterrupted run's exact model."""
+processes, gloo). A SIGKILLed stage with checkpoints resuming to the uninterrupted run's exact model is
+tests/release/test_train_resume.py (`make test-release`); tests/model/test_checkpoint.py checks the same
+resume in-process, which `make test` runs."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from cifar10_pipeline.core.paths import MODEL_DIR, STAGE_EMISSIONS_DIR, TRAIN_CHECKPOINT_DIR, TRAIN_METRICS
+from cifar10_pipeline.core.paths import MODEL_DIR, STAGE_EMISSIONS_DIR, TRAIN_METRICS
 from cifar10_pipeline.modeling.model import load_model
 
 from ..support.helpers import save_tiny_vit_checkpoint, write_params
@@ -58,39 +58,6 @@ def test_a_batch_that_does_not_split_between_processes_is_refused(project: Path)
     assert done.returncode != 0
     assert "train.batch_size (51) is the global batch and must divide evenly" in done.stdout + done.stderr
     assert not (project / MODEL_DIR).exists()
-
-
-@pytest.mark.reliability(
-    "train stage SIGKILLed mid-run (checkpoint_every: 1), then run again",
-    "resumes from the last checkpoint; the saved model is byte-identical to an uninterrupted run's",
-)
-def test_a_killed_run_resumes_to_the_same_model(project: Path, tmp_path: Path) -> None:
-    write_processed(project, train_size=400, val_size=100)
-    write_params(project, train={**TINY_TRAIN, "epochs": 8, "checkpoint_every": 1})
-    assert run_stage(project).returncode == 0
-    reference = {p.name: p.read_bytes() for p in (project / MODEL_DIR).iterdir()}
-    assert not (project / TRAIN_CHECKPOINT_DIR / "last.pt").exists()  # deleted once the model is saved
-    for path in (project / MODEL_DIR).iterdir():
-        path.unlink()
-    (project / MODEL_DIR).rmdir()
-
-    process = subprocess.Popen(STAGE, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = project / TRAIN_CHECKPOINT_DIR / "last.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert checkpoint.exists(), "no checkpoint appeared"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (project / MODEL_DIR).exists()  # no model that looks complete
-
-    done = run_stage(project)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "resuming from" in done.stdout
-    resumed = {p.name: p.read_bytes() for p in (project / MODEL_DIR).iterdir()}
-    assert resumed.keys() == reference.keys()
-    for name, content in reference.items():
-        assert resumed[name] == content, name
 
 
 def test_a_hub_checkpoint_fine_tunes_on_two_processes(project: Path, tmp_path: Path) -> None:
