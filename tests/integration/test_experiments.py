@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from cifar10_pipeline.core.params import ParamsError, compose, validate_params
-from tests.support.localserver import free_port, local_server
+from tests.support.localserver import mlflow_server
 
 from ..conftest import PROJECT_ROOT
 from ..support.helpers import default_raw_params, headless_chrome, run_checked
@@ -354,32 +354,9 @@ def test_dvc_exp_show_lists_the_sweep(sweep: Sweep) -> None:
     assert sweep.seconds, "no experiment ran"
 
 
-def mlflow_server(store_uri: str, cwd: Path):
-    """``mlflow server`` (this venv's) on a free local port; yields its URL once /health answers."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        store_uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",  # 2 cores: one worker serves a test's few requests
-    ]
-    # MLflow 3's job runner (GenAI scorers, trace roll-ups: 8 more processes) serves nothing the sweep logs;
-    # off, as the team server has it (tracking.team_server's mlflow_jobs).
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return local_server(command, port, cwd.parent / "mlflow_server.log", env=env, cwd=cwd)
-
-
 @pytest.fixture(scope="module")
 def server(sweep: Sweep) -> Iterator[str]:
-    with mlflow_server(sweep.store_uri, sweep.clone) as url:
+    with mlflow_server(sweep.store_uri, sweep.clone, sweep.clone.parent / "mlflow_server.log") as url:
         yield url
 
 

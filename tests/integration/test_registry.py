@@ -1,19 +1,27 @@
 """The champion alias moves only to a model that beats the current champion on the same test set.
 
-Runs against a real MLflow SQLite store and registry.
+Runs against a real MLflow SQLite store and registry, and against a real ``mlflow server`` killed before the
+evaluate stage registers its model: the stage registers in the local store instead of failing.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cifar10_pipeline.core.data import ArraySplit
+from cifar10_pipeline.core.params import load_params
+from cifar10_pipeline.stages import evaluate
 from cifar10_pipeline.tracking import model_registry as registry
+from cifar10_pipeline.tracking.runs import RESUMES_TAG, stage_run
 
 from ..conftest import synthetic_images
 from ..support.helpers import save_tiny_convnet
+from ..support.localserver import mlflow_server
 
 NAME = "cifar10-test-classifier"
 
@@ -115,3 +123,40 @@ def test_fingerprint_names_the_exact_test_set() -> None:
     assert fingerprint == registry.test_set_fingerprint(images.copy(), labels.copy())
     labels[0] = (labels[0] + 1) % 10
     assert fingerprint != registry.test_set_fingerprint(images, labels)
+
+
+def test_a_server_lost_before_registration_registers_in_the_local_store(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The evaluate stage's registration, the server SIGKILLed (with its worker) after the stage's run
+    opened: the stage moves to the local store, registers there, and ends FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    save_tiny_convnet(project / evaluate.MODEL_DIR)
+    images, labels = synthetic_images(8, seed=0)
+    evaluation = evaluate.Evaluation(
+        metrics={"accuracy": 0.5},
+        test=ArraySplit(images, labels, np.arange(len(labels))),
+        probabilities=np.full((len(labels), 10), 0.1),
+        confusion=np.zeros((10, 10), dtype=np.int64),
+        reliability_bins=[],
+        mistakes=None,
+    )
+    server_store = f"sqlite:///{project.parent / 'server.db'}"
+    with mlflow_server(server_store, project.parent, project.parent / "server.log") as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        with stage_run("evaluate", load_params()) as run:
+            server_run = run.run_id
+            os.killpg(url.pid, signal.SIGKILL)
+            outcome = evaluate.register(run, evaluation, NAME)
+    out = capsys.readouterr().out
+    assert "stopped answering mid-stage" in out, out
+    assert "copy the runs to it with" in out, out
+    assert outcome["version"] == outcome["champion_version"] == "1" and outcome["promoted"], outcome
+    local = MlflowClient(
+        tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}"
+    )
+    version = local.get_model_version_by_alias(NAME, registry.CHAMPION)
+    child = local.get_run(version.run_id)
+    assert child.info.status == "FINISHED" and child.data.tags[RESUMES_TAG] == server_run
+    assert child.data.tags["registry.version"] == "1"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,11 +41,17 @@ def local_server(
     cwd: Path | None = None,
 ) -> Iterator[ServerURL]:
     """Start ``command`` (which must listen on 127.0.0.1:``port``); yield its base URL once healthy (a
-    ``ServerURL``: a str that also carries the process id)."""
+    ``ServerURL``: a str that also carries the process id). The server leads its own process group, so a
+    test can kill it with its workers (``os.killpg(url.pid, ...)``)."""
     log_path = Path(log_path)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            list(command), env={**os.environ, **(env or {})}, cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+            list(command),
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = ServerURL(f"http://127.0.0.1:{port}")
     url.pid = process.pid
@@ -63,12 +70,39 @@ def local_server(
             time.sleep(0.2)
         yield url
     finally:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # workers that outlived their parent
+
+
+def mlflow_server(store_uri: str, cwd: Path, log_path: Path) -> contextlib.AbstractContextManager[ServerURL]:
+    """``mlflow server`` (this venv's) on ``store_uri`` and a free local port; yields its URL once /health
+    answers."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        store_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",  # 2 cores: one worker serves a test's few requests
+    ]
+    # MLflow 3's job runner (GenAI scorers, trace roll-ups: 8 more processes) serves nothing the tests log;
+    # off, as the team server has it (tracking.team_server's mlflow_jobs).
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return local_server(command, port, log_path, env=env, cwd=cwd)
 
 
 def model_server(

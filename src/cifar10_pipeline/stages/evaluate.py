@@ -278,15 +278,19 @@ def register(run: StageRun, evaluation: Evaluation, registered_model: str) -> di
         champion = mlflow.pyfunc.load_model(model_uri)
         return float((champion.predict(test.images).argmax(1) == test.labels).mean())
 
-    outcome = registry.log_and_register(
-        run.run_id,
-        MODEL_DIR,
-        registered_model,
-        example_images=test.images[:8],
-        example_probabilities=evaluation.probabilities[:8],
-        accuracy=evaluation.metrics["accuracy"],
-        test_set=registry.test_set_fingerprint(test.images, test.labels),
-        evaluate_champion=champion_accuracy,
+    # A server lost mid-registration: the stage moves to the local store and registers there. A version the
+    # server created before it went stays there; without its accuracy tag the champion rule never picks it.
+    outcome = run.tracked(
+        lambda: registry.log_and_register(
+            run.run_id,
+            MODEL_DIR,
+            registered_model,
+            example_images=test.images[:8],
+            example_probabilities=evaluation.probabilities[:8],
+            accuracy=evaluation.metrics["accuracy"],
+            test_set=registry.test_set_fingerprint(test.images, test.labels),
+            evaluate_champion=champion_accuracy,
+        )
     )
     run.set_tags({f"registry.{k}": str(v) for k, v in outcome.items()}, to_parent=True)
     return outcome

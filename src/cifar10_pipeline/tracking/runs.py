@@ -285,7 +285,7 @@ T = TypeVar("T")
 class StageRun:
     """A stage's child run, with its parent, both written through one MlflowClient.
 
-    Every write goes through ``_tracked``: when the tracking server stops answering (``is_outage``), the
+    Every write goes through ``tracked``: when the tracking server stops answering (``is_outage``), the
     run moves to the local store (``fallback``, set by ``stage_run``) and the write is done there."""
 
     def __init__(self, client: Any, run_id: str, parent_id: str, experiment_id: str):
@@ -296,7 +296,9 @@ class StageRun:
         self.offline_for: str | None = None  # the server it stopped logging to, once moved
         self.fallback: Callable[[StageRun, BaseException, float], None] | None = None
 
-    def _tracked(self, operation: Callable[[], T]) -> T:
+    def tracked(self, operation: Callable[[], T]) -> T:
+        """``operation()``; when the server stops answering inside it, the run moves to the local store and
+        ``operation`` runs again there, from the start (it reads ``self``'s run ids when it runs)."""
         started = time.monotonic()
         try:
             return operation()
@@ -319,7 +321,7 @@ class StageRun:
                 if fresh:
                     self.client.log_batch(run_id, params=fresh)
 
-        self._tracked(write)
+        self.tracked(write)
 
     def log_metrics(
         self, metrics: dict[str, float], step: int | None = None, to_parent: bool = False
@@ -334,7 +336,7 @@ class StageRun:
             for run_id in (self.run_id, self.parent_id) if to_parent else (self.run_id,):
                 self.client.log_batch(run_id, metrics=entries)
 
-        self._tracked(write)
+        self.tracked(write)
 
     def set_tags(self, tags: dict[str, str], to_parent: bool = False) -> None:
         def write() -> None:
@@ -342,7 +344,7 @@ class StageRun:
                 for key, value in tags.items():
                     self.client.set_tag(run_id, key, value)
 
-        self._tracked(write)
+        self.tracked(write)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -353,12 +355,12 @@ class StageRun:
             elif path.is_file():
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-        self._tracked(write)
+        self.tracked(write)
 
     def close(self, status: str, error: BaseException | None) -> None:
         """Close the child and its parent with ``status`` (see ``_terminate``)."""
         try:
-            self._tracked(lambda: _terminate(self.client, (self.run_id, self.parent_id), status, None))
+            self.tracked(lambda: _terminate(self.client, (self.run_id, self.parent_id), status, None))
         except Exception as exc:
             if error is None:
                 raise
