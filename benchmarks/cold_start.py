@@ -8,7 +8,10 @@ given. It sets params.yaml to the profile, brings preprocess up to date (``dvc r
 ``python -m cifar10_pipeline.stages.train`` twice: 'cold' after dropping the page cache (where the process
 may: as root) and deleting the Triton and Inductor caches, 'warm' straight after. Each run: its exit status,
 seconds from process start to exit (timed here), to the model saved and of training (its metrics/train.json).
-Then ``python -X importtime -c "import cifar10_pipeline.stages.train"``. Issue 18's target for this row:
+Then a third run, 'profiled' (warm, under cProfile), gives where the main thread's time goes: its self time
+summed by area (compiling, MLflow, codecarbon, imports, ...; a C function's time goes to the area of the
+Python code that called it) and the largest cumulative times of our own functions. Then
+``python -X importtime -c "import cifar10_pipeline.stages.train"``. Issue 18's target for this row:
 process start to exit <= 20 s on a machine's first run.
 """
 
@@ -19,6 +22,7 @@ import datetime
 import glob
 import json
 import os
+import pstats
 import re
 import shlex
 import shutil
@@ -115,6 +119,64 @@ def largest_imports(text: str, count: int = 10) -> list[dict]:
     return [{**row, "cumulative_seconds": round(row["cumulative_seconds"], 2)} for row in rows[:count]]
 
 
+# Areas of the profile, by the path of a function's file (first match wins).
+AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "compiling (Dynamo, Inductor, FX, Triton)",
+        ("torch/_dynamo", "torch/_inductor", "torch/fx", "torch/_functorch", "/triton/"),
+    ),
+    ("MLflow (store, runs, artifacts)", ("/mlflow/", "/sqlalchemy/", "/alembic/")),
+    ("codecarbon", ("/codecarbon/",)),
+    ("transformers, huggingface_hub, safetensors", ("/transformers/", "/huggingface_hub/", "/safetensors/")),
+    ("our code", ("cifar10_pipeline",)),
+    ("torch (other)", ("/torch/",)),
+)
+OTHER_AREA = "other libraries and the standard library (numpy, scipy, pydantic, ...)"
+
+
+IMPORTING = "importing modules (importlib, module top-level code)"
+
+
+def area_of(filename: str, name: str) -> str:
+    if name == "<module>" or filename.startswith("<frozen importlib"):
+        return IMPORTING
+    for area, markers in AREAS:
+        if any(marker in filename for marker in markers):
+            return area
+    return OTHER_AREA
+
+
+def profile_breakdown(profile: Path, count: int = 12) -> dict[str, Any]:
+    """The main thread's self time summed by area (a built-in's time split over its callers' areas, by the
+    time spent in it from each), and our own functions with the largest cumulative time."""
+    stats = pstats.Stats(str(profile)).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    areas: dict[str, float] = {}
+    for (filename, _, name), (_, _, tottime, _, callers) in stats.items():
+        if filename != "~" or not callers:  # "~": a C function; its time is charged to its callers
+            area = area_of(filename, name) if filename != "~" else OTHER_AREA
+            areas[area] = areas.get(area, 0.0) + tottime
+            continue
+        for caller, (_, _, from_caller, _) in callers.items():
+            area = area_of(caller[0], caller[2])
+            areas[area] = areas.get(area, 0.0) + from_caller
+    ours = sorted(
+        (
+            (f"{Path(f).name}:{name}", entry[3])
+            for (f, _, name), entry in stats.items()
+            if "cifar10_pipeline" in f
+        ),
+        key=lambda row: -row[1],
+    )
+    return {
+        "main_thread_seconds_by_area": {
+            k: round(v, 2) for k, v in sorted(areas.items(), key=lambda kv: -kv[1])
+        },
+        "our_largest_cumulative": [
+            {"function": f, "cumulative_seconds": round(t, 2)} for f, t in ours[:count]
+        ],
+    }
+
+
 def record(
     runs: dict[str, dict], importtime: str, command: str, page_cache_dropped: bool, found: dict[str, str]
 ) -> dict[str, Any]:
@@ -159,10 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     preprocess(args.logs / "preprocess.log")
     runs: dict[str, dict] = {}
     dropped = False
-    for name in RUNS:
+    profile = args.logs / "stage_profiled.prof"
+    for name in (*RUNS, "profiled"):
         if name == "cold":
             dropped = drop_caches()
-        status, seconds = timed([sys.executable, "-m", STAGE_MODULE], args.logs / f"stage_{name}.log")
+        python = (
+            [sys.executable, "-m", "cProfile", "-o", str(profile)] if name == "profiled" else [sys.executable]
+        )
+        status, seconds = timed([*python, "-m", STAGE_MODULE], args.logs / f"stage_{name}.log")
         train = json.loads(Path("metrics/train.json").read_text())
         runs[name] = {
             "exit_code": status,
@@ -172,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
             "training_seconds": train["train_seconds"],
             "device": train["device"],
         }
+        if name == "profiled" and status == 0:
+            runs[name].update(profile_breakdown(profile))
         print(f"{name}: exit {status} after {seconds} s", file=sys.stderr)
     importtime = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {STAGE_MODULE}"], capture_output=True, text=True
