@@ -1,5 +1,6 @@
-"""The team server's faults, timed: runs tests/integration/test_team_faults.py (one real stack; the MLflow
-server, PostgreSQL and the S3 gateway each killed with SIGKILL while a real stage runs) and records how long
+"""The team server's faults, timed: runs tests/integration/test_team_faults.py and its release form
+tests/release/test_team_faults_s3.py (a real stack each; the MLflow server, PostgreSQL and the S3 gateway
+each killed with SIGKILL while a real stage runs) and records how long
 the stage waited on the dead server before it went on with the local store, against the bound the stage
 harness states (tracking/runs.py: OUTAGE_BOUND_S, from MLflow's own HTTP settings), and the module's wall
 time.
@@ -25,7 +26,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 from benchmarks.serving import machine_info  # noqa: E402
 
-TEST_MODULE = "tests/integration/test_team_faults.py"
+TEST_MODULES = ("tests/integration/test_team_faults.py", "tests/release/test_team_faults_s3.py")
 # printed by test_team_faults.check_offline_then_synced, one line per fault (after pytest's progress dots)
 FAULT_LINE = re.compile(
     r"(fault-[\w-]+): gave up on the server after ([\d.]+) s; stage exit ([\d.]+) s after"
@@ -41,7 +42,7 @@ def measure() -> dict[str, Any]:
         sys.executable,
         "-m",
         "pytest",
-        TEST_MODULE,
+        *TEST_MODULES,
         "-q",
         "-s",
         "-p",

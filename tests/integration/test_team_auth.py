@@ -2,12 +2,15 @@
 ``basic-auth`` app) started by ``team_server start`` on free loopback ports in a temporary home, an editor
 and a reader made by ``team_server users add``, and the real clients.
 
-MLflow: anonymous requests get 401; an editor runs a tiny ``dvc exp run`` of the pipeline; a reader
-searches its runs and downloads its artifacts but gets 403 on creating a run, registering a version and
-moving ``champion``; a stage started without a login, or with a wrong one, stops before any compute with one
-``error:`` line naming the variable. S3: the DVC reader's key pulls but cannot push, neither DVC key reads
-the artifact bucket, and anonymous requests are refused. Secrets: no password or secret key in any server
-process's command line or in the stack's logs.
+MLflow: anonymous requests get 401; an editor runs a stage (``emissions``, the cheapest that logs params,
+metrics and an artifact) and the evaluate stage's tracking and registration path (as
+``benchmarks/team_concurrency.py``'s registration writer runs it, in its own process), moving ``champion``;
+a reader searches those runs and downloads their artifacts but gets 403 on creating a run, registering a
+version and moving ``champion``; a stage started without a login, or with a wrong one, stops before any
+compute with one ``error:`` line naming the variable. (The whole pipeline run as an editor is
+tests/integration/test_team_server.py's.) S3: the DVC reader's key pulls what the writer's key pushed but
+cannot push, neither DVC key reads the artifact bucket, and anonymous requests are refused. Secrets: no
+password or secret key in any server process's command line or in the stack's logs.
 
 Each check was seen failing once with its guard removed: `mlflow server` without ``--app-name basic-auth``
 (anonymous gets 200); ``default_permission = EDIT`` (the reader creates a run, and its train stage trains);
@@ -36,11 +39,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.team_concurrency import save_small_model
 from tests.support.localserver import free_port
 
 from ..conftest import PROJECT_ROOT
-from ..support.mirrors import SMALL_MIRROR_PARAMS
-from .test_team_server import PORT_NAMES, TINY, clean_env, git_clone, run
+from .test_team_server import PORT_NAMES, clean_env, git_clone, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -140,14 +143,17 @@ def clone(users: Stack, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
 
 
 @pytest.fixture(scope="module")
-def pipeline(clone: Pipeline, small_mirror: Path) -> Pipeline:
-    """A tiny ``dvc exp run`` in the clone, logged in as the editor: what an editor can do."""
-    settings = [arg for key, value in TINY.items() for arg in ("-S", f"{key}={value}")]
-    settings += ["-S", f"download.mirror_dir={small_mirror}"]
-    settings += [arg for override in SMALL_MIRROR_PARAMS for arg in ("-S", override)]
+def pipeline(clone: Pipeline) -> Pipeline:
+    """What an editor does, logged in, in the clone: the ``emissions`` stage, then the evaluate stage's
+    tracking and registration (its own process: ``benchmarks/team_concurrency.py writer``), which registers
+    a small model and moves ``champion``; both under one pipeline run (``DVC_EXP_NAME``)."""
+    env = {**clone.env, "DVC_EXP_NAME": EXPERIMENT}
     started = time.monotonic()
-    run([sys.executable, "-m", "dvc", "exp", "run", *settings, "-n", EXPERIMENT], clone.clone, clone.env, 900)
-    print(f"tiny dvc exp run as the editor: {time.monotonic() - started:.0f} s")
+    run([sys.executable, "-m", "cifar10_pipeline.stages.emissions"], clone.clone, env)
+    model = save_small_model(clone.clone.parent / "small-model")
+    writer = [sys.executable, str(PROJECT_ROOT / "benchmarks/team_concurrency.py"), "writer"]
+    run([*writer, "--model-dir", str(model), "--accuracy", "0.5"], clone.clone, env)
+    print(f"the editor's stage and registration: {time.monotonic() - started:.0f} s")
     return clone
 
 
@@ -214,20 +220,22 @@ def test_users_role_makes_a_reader_an_editor_and_back(users: Stack, monkeypatch:
     assert not may_create_a_run()
 
 
-def test_an_editor_runs_the_pipeline_and_a_reader_only_reads(
+def test_an_editor_logs_and_registers_and_a_reader_only_reads(
     stack: Stack, pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    # The editor's run: every stage FINISHED, the evaluate stage registered the model and moved champion.
+    # The editor's runs: every one FINISHED, the evaluate stage registered the model and moved champion.
     for name, value in stack.login(READER).items():
         monkeypatch.setenv(name, value)
     client = MlflowClient(tracking_uri=stack.uri, registry_uri=stack.uri)
     experiment = client.get_experiment_by_name("cifar10")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
-    assert runs and all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    stages = sorted(r.data.tags.get("stage") for r in runs if r.data.tags.get("pipeline.role") == "stage")
+    assert stages == ["emissions", "evaluate"], stages
     evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert champion.run_id == evaluate.info.run_id
@@ -236,7 +244,12 @@ def test_an_editor_runs_the_pipeline_and_a_reader_only_reads(
     got = mlflow.artifacts.download_artifacts(
         run_id=evaluate.info.run_id, artifact_path="eval.json", dst_path=str(tmp_path), tracking_uri=stack.uri
     )
-    assert Path(got).read_bytes() == (pipeline.clone / "metrics/eval.json").read_bytes()
+    assert Path(got).read_bytes() == (pipeline.clone / "eval.json").read_bytes()
+    emissions = next(r for r in runs if r.data.tags.get("stage") == "emissions")
+    got = mlflow.artifacts.download_artifacts(
+        run_id=emissions.info.run_id, dst_path=str(tmp_path / "emissions"), tracking_uri=stack.uri
+    )
+    assert (Path(got) / "emissions.md").read_bytes() == (pipeline.clone / "reports/emissions.md").read_bytes()
 
     # ...and is refused every write the pipeline makes (403, PERMISSION_DENIED), nothing changed.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -320,23 +333,26 @@ def s3_code(call, **kwargs: object) -> str:
     return "ok"
 
 
-def test_dvc_read_key_pulls_but_cannot_push(stack: Stack, pipeline: Pipeline, tmp_path: Path) -> None:
-    first = pipeline.clone
+def test_dvc_read_key_pulls_but_cannot_push(stack: Stack, clone: Pipeline, tmp_path: Path) -> None:
+    first = clone.clone
     stack.cli("dvc-remote", "--project", str(first), "--access", "write")
-    run([sys.executable, "-m", "dvc", "push"], first, pipeline.env, 600)
+    shared = "models/shared.bin"  # a DVC-tracked file the writer pushes
+    (first / shared).parent.mkdir(parents=True, exist_ok=True)
+    (first / shared).write_bytes(os.urandom(256 * 1024))
+    run([sys.executable, "-m", "dvc", "add", shared], first, clone.env)
+    run([sys.executable, "-m", "dvc", "push", f"{shared}.dvc"], first, clone.env, 600)
     writer_key = stack.s3_keys("dvc_write")[1]
     assert writer_key in (first / ".dvc/config.local").read_text()
-    run(["git", "add", "-A"], first, pipeline.env)
-    run(["git", "commit", "--quiet", "-m", "results"], first, pipeline.env)
+    run(["git", "add", f"{shared}.dvc", "models/.gitignore"], first, clone.env)
+    run(["git", "commit", "--quiet", "-m", "a shared file"], first, clone.env)
 
     second = git_clone(first, tmp_path / "reader")
     env = clean_env(PYTHONPATH=str(second / "src"))
     stack.cli("dvc-remote", "--project", str(second))  # the default: the DVC reader's key
     local = (second / ".dvc/config.local").read_text()
     assert stack.s3_keys("dvc_read")[1] in local and writer_key not in local
-    run([sys.executable, "-m", "dvc", "pull"], second, env, 600)
-    model = "models/cifar10/model.safetensors"
-    assert (second / model).read_bytes() == (first / model).read_bytes()
+    run([sys.executable, "-m", "dvc", "pull", f"{shared}.dvc"], second, env, 600)
+    assert (second / shared).read_bytes() == (first / shared).read_bytes()
 
     # Something new to push: the reader's key is refused, and the object is not in the bucket.
     (second / "note.txt").write_text("a reader's note\n")

@@ -9,8 +9,9 @@ metrics and an artifact) run in a clone of the project against it.
   to pass ``--home``.
 - SIGKILL of the pid in ``mlflow.pid``: ``status`` names the orphaned worker, ``start`` replaces it, ``stop``
   reaches every process of the group; a foreign process on the port makes ``start`` fail with a clear error.
-- A stage whose tracking server dies mid-stage (the MLflow server, its PostgreSQL, or the S3 gateway
-  killed with SIGKILL while the stage is held with SIGSTOP just after its run opened): the stage gives up on
+- A stage whose tracking server dies mid-stage (the MLflow server or its PostgreSQL killed with SIGKILL
+  while the stage is held with SIGSTOP just after its run opened; the S3 gateway's case, about 50 s, is
+  tests/release/test_team_faults_s3.py's, `make test-release`): the stage gives up on
   the server within seconds, finishes on the local store with its outputs complete and prints the sync
   command; after the restart and the sync, the server's runs are closed and hold every metric and the
   artifact's exact bytes, one run per stage.
@@ -403,13 +404,6 @@ def test_postgresql_killed_mid_stage(stack: Team, clone: Path, tmp_path: Path) -
     result = stage_with_fault(stack, clone, "fault-postgres", kill_postgres)
     # The MLflow server answers 500 at once without its database.
     check_offline_then_synced(stack, clone, "fault-postgres", result, tmp_path, bound=DEAD_SERVER_S)
-
-
-def test_the_s3_gateway_killed_mid_stage(stack: Team, clone: Path, tmp_path: Path) -> None:
-    result = stage_with_fault(stack, clone, "fault-s3", lambda: kill_group(stack.home / "seaweedfs.pid"))
-    # The artifact upload fails: the MLflow server retries the S3 gateway (boto3's retries) before it
-    # answers 500, so each of the client's tries takes seconds; the bound holds all the same.
-    check_offline_then_synced(stack, clone, "fault-s3", result, tmp_path)
 
 
 def test_a_sigkilled_stage_has_its_parent_closed_by_the_next_stage(stack: Team, clone: Path) -> None:

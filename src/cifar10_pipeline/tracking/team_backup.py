@@ -19,9 +19,11 @@ every artifact a dumped row points at is in the copy (the copy may hold a few ob
 
 ``restore`` checks every checksum of the backup before it writes anything; refuses a stack that already
 holds runs, models or objects unless ``--force``; restores each database into a staging database first and
-swaps it in only once all of them restored and all objects were uploaded (objects uploaded before a failure
-are deleted again), so a bad backup leaves the stack as it was. The MLflow server is stopped for the swap and
-started again afterwards.
+swaps them in only once all of them restored and all objects were uploaded (objects uploaded before a failure
+are deleted again), so a bad backup leaves the stack as it was. The swap is one transaction (every live
+database renamed aside and every staging one renamed into its place, then committed), so a failure or a
+crash during it leaves every database as it was, never one of them gone. The MLflow server is stopped for
+the swap and started again afterwards.
 
 Database objects are restored owned by the stack's own database user (``--no-owner --no-acl``) and the S3
 objects written with the stack's own keys, so a backup restores into a stack with other passwords and keys.
@@ -40,7 +42,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ FORMAT = 1
 BUCKET_ROLES = {"artifacts": "artifact_bucket", "dvc": "dvc_bucket"}
 SKIPPED_DATABASES = ("postgres",)  # initdb's maintenance database: nothing of the stack lives there
 STAGING_PREFIX = "restore_staging_"
+RETIRED_PREFIX = "restore_replaced_"  # a live database renamed aside by the swap, dropped once it committed
 CHUNK = 1 << 20
 
 
@@ -119,7 +122,9 @@ class Stack:
     def databases(self) -> list[str]:
         rows = self.sql("SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY datname")
         return [
-            name for (name,) in rows if name not in SKIPPED_DATABASES and not name.startswith(STAGING_PREFIX)
+            name
+            for (name,) in rows
+            if name not in SKIPPED_DATABASES and not name.startswith((STAGING_PREFIX, RETIRED_PREFIX))
         ]
 
     def pg_env(self) -> dict[str, str]:
@@ -413,9 +418,13 @@ def _restore(
     if mlflow_was_running:  # nothing may hold a connection to the databases being swapped
         stack.server.stop(stack.config, ("mlflow",))
     try:
-        for name, staging in staged.items():
-            stack.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            stack.sql(f'ALTER DATABASE "{staging}" RENAME TO "{name}"')
+        try:
+            replaced = swap_databases(stack, staged)
+        except BaseException:
+            _drop_databases(stack, staged.values())
+            _delete_objects(stack, uploaded)
+            raise
+        _drop_databases(stack, replaced)
         # The permission store now holds the backup's users and password hashes: their passwords with it.
         logins = _install_logins(stack, source, manifest)
         if force:  # the stack now holds what the backup holds, nothing more
@@ -484,9 +493,59 @@ def _delete_objects(stack: Stack, objects: list[tuple[str, str]]) -> None:
         client.delete_object(Bucket=bucket, Key=key)
 
 
+def _retired(name: str) -> str:
+    return f"{RETIRED_PREFIX}{name}"[:63]  # PostgreSQL's longest name
+
+
+def _drop_databases(stack: Stack, names: Iterable[str]) -> None:
+    for name in names:
+        stack.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def swap_databases(stack: Stack, staged: dict[str, str]) -> list[str]:
+    """Put each staging database of ``staged`` (name -> staging name) in its live database's place, all or
+    none: one transaction renames every live database aside and every staging one into its place
+    (PostgreSQL runs ALTER DATABASE RENAME in a transaction, unlike DROP), so an error or a crash before
+    the commit leaves the live databases as they were. Returns the renamed-aside databases, for the caller
+    to drop (a crash before it does leaves them to the next restore, which drops them first)."""
+    import psycopg2
+
+    replaced = sorted(set(stack.databases()) & set(staged))
+    if replaced:  # renaming needs a database nobody is connected to: end the sessions left on the live ones
+        stack.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
+            args=(replaced,),
+        )
+    connection = stack.connect()
+    connection.autocommit = False
+    try:
+        with connection.cursor() as cursor:
+            for name, staging in staged.items():
+                if name in replaced:
+                    cursor.execute(f'ALTER DATABASE "{name}" RENAME TO "{_retired(name)}"')
+                cursor.execute(f'ALTER DATABASE "{staging}" RENAME TO "{name}"')
+        connection.commit()
+    except psycopg2.Error as error:
+        connection.rollback()
+        raise BackupError(
+            f"the restored databases could not be swapped in ({str(error).strip()}); the stack's databases "
+            "are as they were and nothing of the backup was kept",
+            "close the sessions connected to the stack's databases (psql, a server), then restore again",
+        ) from None
+    finally:
+        connection.close()
+    return [_retired(name) for name in replaced]
+
+
 def _stage_databases(stack: Stack, source: Path, manifest: dict[str, Any]) -> dict[str, str]:
     """pg_restore each dump into a fresh staging database: name -> staging name. Dropped again on failure."""
     staged: dict[str, str] = {}
+    # Left by a restore interrupted after its swap committed: the databases it replaced.
+    leftovers = stack.sql(
+        "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", args=(RETIRED_PREFIX,)
+    )
+    _drop_databases(stack, (name for (name,) in leftovers))
     try:
         for entry in manifest["databases"]:
             staging = f"{STAGING_PREFIX}{entry['name']}"[:63]  # PostgreSQL's longest name
