@@ -55,6 +55,10 @@ from pathlib import Path
 DEFAULT_HOME = Path(".team-server")
 DATABASE = "mlflow"
 AUTH_DATABASE = "mlflow_auth"  # MLflow's auth app: users, roles, permissions
+# MLflow's auth app checks each request's password against its scrypt hash (tens of milliseconds of CPU by
+# design) unless a check is cached: with the cache, a login is hashed once a minute per worker. A password
+# changed outside the HTTP API is accepted up to this long after (roles and permissions are not cached).
+AUTH_CACHE_TTL_S = 60
 ADMIN_USER = "admin"
 ROLES = ("reader", "editor")
 EDITOR_GRANTS = (("experiment", "EDIT"), ("registered_model", "EDIT"))  # on "*": every one of them
@@ -246,8 +250,9 @@ class TeamServer:
 
     def auth_config_file(self, config: Config) -> Path:
         """MLflow's basic_auth.ini (MLFLOW_AUTH_CONFIG_PATH): users start as readers, the store is on
-        PostgreSQL, and the admin's password is read from here (0600) when the auth app first creates the
-        admin, so it is never on a command line or in the environment."""
+        PostgreSQL, the admin's password is read from here (0600) when the auth app first creates the
+        admin, so it is never on a command line or in the environment, and checked logins are cached for
+        ``AUTH_CACHE_TTL_S``."""
         text = (
             "[mlflow]\n"
             "default_permission = READ\n"
@@ -255,6 +260,7 @@ class TeamServer:
             f"admin_username = {ADMIN_USER}\n"
             f"admin_password = {self.admin_password()}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n"
         )
         return self._write_private(self.secrets / "basic_auth.ini", text)
 
